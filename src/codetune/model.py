@@ -1,0 +1,273 @@
+"""Models and tokenizers: the hub/local loaders, and the tiny Phi-3 that codetune builds itself.
+
+``builtin:tiny-phi3`` is a Phi-3-architecture model of a few hundred thousand parameters with
+a byte-level BPE tokenizer trained on the spot on the starter set. It is built once into the
+codetune cache (``$CODETUNE_HOME``, default ``~/.cache/codetune``) and lets the whole pipeline
+run offline on a laptop CPU in minutes. Everything else is a hub id or a local folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .recipe import LoraConfig as LoraSection
+from .recipe import Recipe, RecipeError
+from .templates import PHI3, resolve_template
+
+TINY_MODEL = "builtin:tiny-phi3"
+# Bump when the tiny model's recipe below changes, so stale caches are never reused.
+_TINY_VERSION = "v1"
+# The Phi-3 special tokens, in Phi-3's order; the tiny tokenizer gives them the first ids.
+PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+
+
+def codetune_home() -> Path:
+    return Path(os.environ.get("CODETUNE_HOME") or Path.home() / ".cache" / "codetune")
+
+
+def phi3_mini_config(**overrides):
+    """The Phi-3-mini-4k-instruct architecture (hidden 3072, 32 layers, MLP 8192, vocab 32064)."""
+    from transformers import Phi3Config
+
+    base = dict(
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=4096,
+        sliding_window=2047,
+        bos_token_id=1,
+        eos_token_id=32000,
+        pad_token_id=32000,
+        tie_word_embeddings=False,
+    )
+    base.update(overrides)
+    return Phi3Config(**base)
+
+
+# ---------------------------------------------------------------------------------------
+# The tiny model
+
+
+def _starter_corpus() -> list[str]:
+    from .starter import load_starter
+
+    texts = []
+    for row in load_starter():
+        texts.extend([row["instruction"], row["input"], row["output"], *row["test_list"]])
+    return [t for t in texts if t]
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer with Phi-3's special tokens and chat template, trained on the starter set."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=PHI3_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_starter_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        chat_template=PHI3,
+        model_max_length=1024,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(out_dir: Path, *, hidden_size: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """Build the tiny Phi-3 (random weights, fixed seed) and its tokenizer into ``out_dir``."""
+    import torch
+    from transformers import GenerationConfig, Phi3ForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    config = phi3_mini_config(
+        vocab_size=((len(tokenizer) + 63) // 64) * 64,  # padded like Phi-3's 32011 -> 32064
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=1024,
+        sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, end_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def ensure_tiny_model() -> Path:
+    """The cached tiny model's folder, building it on first use (atomically: a crash leaves no half model)."""
+    target = codetune_home() / "models" / f"tiny-phi3-{_TINY_VERSION}"
+    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-phi3-", dir=target.parent))
+    try:
+        build_tiny_model(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """builtin:* -> a local folder; an existing local path stays; anything else is a hub id."""
+    if name_or_path == TINY_MODEL:
+        return str(ensure_tiny_model())
+    if name_or_path.startswith("builtin:"):
+        raise RecipeError(f"model.name_or_path: unknown builtin model {name_or_path!r}; available: {TINY_MODEL}")
+    return name_or_path
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def check_model_source(name_or_path: str, field: str) -> None:
+    """Fail early, naming the field, when a local-looking path does not exist."""
+    if name_or_path.startswith("builtin:"):
+        return
+    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise RecipeError(f"{field}: local path {name_or_path!r} does not exist")
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(recipe: Recipe):
+    """The recipe's tokenizer with its chat template, pad token, padding side and length applied."""
+    from transformers import AutoTokenizer
+
+    field = "tokenizer.name_or_path" if recipe.tokenizer.name_or_path else "model.name_or_path"
+    check_model_source(recipe.tokenizer_path, field)
+    path = resolve_model_path(recipe.tokenizer_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=recipe.tokenizer_revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+    except OSError as exc:
+        raise RecipeError(f"{field}: cannot load a tokenizer from {path!r}: {exc}") from None
+    cfg = recipe.tokenizer
+    template = resolve_template(cfg.chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
+    if not tokenizer.chat_template:
+        raise RecipeError(f"tokenizer.chat_template: the tokenizer at {path!r} has no chat template; name one")
+    if cfg.pad_token is not None:
+        if cfg.pad_token not in tokenizer.get_vocab():
+            raise RecipeError(f"tokenizer.pad_token: {cfg.pad_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.pad_token = cfg.pad_token
+    if tokenizer.pad_token is None:
+        raise RecipeError("tokenizer.pad_token: the tokenizer has no pad token; set one (e.g. <|endoftext|>)")
+    tokenizer.padding_side = cfg.padding_side
+    if cfg.model_max_length:
+        tokenizer.model_max_length = cfg.model_max_length
+    return tokenizer
+
+
+def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
+    ids = []
+    for token in stop_tokens:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise RecipeError(f"generation.stop_tokens: {token!r} is not a single token of this tokenizer")
+        ids.append(tid)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA
+
+
+def peft_lora_config(lora: LoraSection):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def linear_module_names(model) -> list[str]:
+    """Distinct leaf names of the model's linear layers (what LoRA can target)."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_lora_targets(model, lora: LoraSection) -> None:
+    if lora.target_modules == "all-linear":
+        return
+    available = linear_module_names(model)
+    missing = [m for m in lora.target_modules if m not in available]
+    # PEFT matches a target against any suffix of a module name, so a name can still match
+    # nothing; the reference recipe names q/k/v_proj on a model that fuses them, which is a
+    # known and reproduced fault, so only a recipe matching nothing at all is an error.
+    if len(missing) == len(lora.target_modules):
+        raise RecipeError(
+            f"lora.target_modules: none of {missing} is a linear layer of this model; it has {available}"
+        )
+
+
+def count_trainable_lora_params(config, lora: LoraSection) -> tuple[int, int]:
+    """(trainable, total) parameters of ``config``'s model with LoRA attached, built on the meta device."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    check_lora_targets(model, lora)
+    model = get_peft_model(model, peft_lora_config(lora))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+

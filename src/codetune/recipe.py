@@ -1,0 +1,332 @@
+"""The recipe: one typed object that names every knob of a run.
+
+A recipe is YAML on disk and a pydantic model in memory. Every stage reads it, and the
+resolved copy saved as ``recipe.yaml`` in a run directory is what that run actually did.
+Unknown fields, wrong types and bad combinations fail here, before any work, with a
+message that names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used, with a message meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(description="Hub id, local folder, or builtin:tiny-phi3")
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch)")
+    trust_remote_code: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+
+
+class TokenizerConfig(_Section):
+    name_or_path: str | None = Field(None, description="Defaults to the model's")
+    revision: str | None = Field(None, description="Defaults to the model's revision")
+    chat_template: str | None = Field(
+        None, description="None = the tokenizer's own; a builtin name (see codetune.templates) or a Jinja string"
+    )
+    pad_token: str | None = Field(None, description="None = the tokenizer's own pad token")
+    padding_side: Literal["left", "right"] = "right"
+    model_max_length: int | None = Field(None, gt=0)
+    # Special tokens added around the rendered chat text when it is tokenized, the way a
+    # tokenizer's post-processor does with add_special_tokens=True.
+    add_bos_token: bool = False
+    add_eos_token: bool = False
+
+
+class QuantizationConfig(_Section):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+
+    @model_validator(mode="after")
+    def _storage_only_with_4bit(self) -> QuantizationConfig:
+        if not self.load_in_4bit and self.quant_storage != "uint8":
+            raise ValueError("quant_storage only applies with load_in_4bit: true")
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @model_validator(mode="after")
+    def _targets_not_empty(self) -> LoraConfig:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError('target_modules is empty: name modules (e.g. ["qkv_proj", "o_proj"]) or use "all-linear"')
+        return self
+
+
+class SplitConfig(_Section):
+    test_size: float = Field(0.05, gt=0.0, lt=1.0)
+    seed: int = 1234
+
+
+class DataConfig(_Section):
+    source: str = Field(description="Hub dataset id, local .jsonl/.json/.parquet/.csv file, or 'starter'")
+    revision: str | None = None
+    hub_split: str = "train"
+    format: Literal["alpaca", "chat"] = "alpaca"
+    # reference: user = instruction + "\n Input: " + input, exactly as the reference notebook joined them.
+    # clean: the input is appended only when it is non-empty, so no dangling "Input:" is trained on.
+    formatting: Literal["reference", "clean"] = "clean"
+    split: SplitConfig = SplitConfig()
+    max_length: int = Field(512, gt=8)
+    too_long: Literal["truncate", "drop", "error"] = "error"
+    packing: bool = False
+    loss_on: Literal["all", "answer"] = "answer"
+    dedupe: bool = True
+    decontaminate: list[Literal["test", "humaneval", "mbpp"]] = ["test", "humaneval", "mbpp"]
+    decontamination_ngram: int = Field(
+        13, ge=4, description="Word n-gram length that counts as overlap (13, as GPT-3's decontamination)"
+    )
+
+
+class TrainingConfig(_Section):
+    optimizer: str = "paged_adamw_8bit"
+    learning_rate: float = Field(1e-4, gt=0.0)
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    epochs: float = Field(3.0, ge=0.0)
+    max_steps: int = Field(-1, description="> 0 overrides epochs")
+    batch_size: int = Field(4, gt=0)
+    eval_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(8, gt=0)
+    eval_steps: int | None = Field(100, gt=0, description="None = no evaluation during training")
+    save_strategy: Literal["steps", "epoch", "no"] = "epoch"
+    save_steps: int | None = Field(None, gt=0)
+    save_total_limit: int | None = Field(None, gt=0)
+    logging_steps: int = Field(100, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+
+    @model_validator(mode="after")
+    def _length_and_cadence(self) -> TrainingConfig:
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0: as written the run would train for no steps")
+        if self.save_strategy == "steps" and self.save_steps is None:
+            raise ValueError('save_strategy "steps" needs save_steps')
+        return self
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(256, gt=0)
+    do_sample: bool = True
+    temperature: float = Field(0.3, gt=0.0, le=5.0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    num_beams: int = Field(1, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop_tokens: list[str] = ["<|end|>", "<|endoftext|>"]
+    seed: int = 0
+
+
+class EvaluationConfig(_Section):
+    samples: int = Field(500, gt=0, description="Test rows scored with ROUGE (the first N)")
+    suites: list[Literal["rouge", "humaneval", "mbpp", "starter"]] = ["rouge"]
+    n_samples: int = Field(1, gt=0, description="Completions per task for pass@k")
+    k: list[int] = [1]
+    mbpp_source: str = Field(
+        "google-research-datasets/mbpp", description="Hub id (config 'full') or a local mbpp.jsonl"
+    )
+
+    @model_validator(mode="after")
+    def _k_fits_n(self) -> EvaluationConfig:
+        too_big = [k for k in self.k if k > self.n_samples or k <= 0]
+        if too_big:
+            raise ValueError(f"k={too_big} needs 0 < k <= n_samples ({self.n_samples}) to estimate pass@k")
+        return self
+
+
+class Recipe(_Section):
+    name: str
+    description: str = ""
+    model: ModelConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    generation: GenerationConfig = GenerationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        q, t, d = self.quantization, self.training, self.data
+        if q.load_in_4bit and q.compute_dtype == "float16" and t.precision == "bf16":
+            raise ValueError(
+                "quantization.compute_dtype float16 with training.precision bf16 mixes two half types; "
+                "set both to bfloat16 (or both to float16)"
+            )
+        if d.packing and d.too_long == "truncate" and d.loss_on == "answer":
+            # A truncated answer-only row can lose every trained token; packing then hides it silently.
+            raise ValueError(
+                'data.packing with data.loss_on "answer" needs data.too_long "drop" or "error", '
+                'not "truncate": a truncated row may keep no answer tokens'
+            )
+        if self.tokenizer.model_max_length and d.max_length > self.tokenizer.model_max_length:
+            raise ValueError(
+                f"data.max_length ({d.max_length}) exceeds tokenizer.model_max_length "
+                f"({self.tokenizer.model_max_length})"
+            )
+        return self
+
+    # Convenience accessors that resolve defaults which depend on other sections.
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer.name_or_path or self.model.name_or_path
+
+    @property
+    def tokenizer_revision(self) -> str | None:
+        if self.tokenizer.name_or_path is None:
+            return self.tokenizer.revision or self.model.revision
+        return self.tokenizer.revision
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overriding and error messages
+
+
+def shipped_recipes() -> dict[str, str]:
+    """Name -> one-line description of each recipe that ships with codetune."""
+    out = {}
+    for entry in sorted(resources.files("codetune.recipes").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            raw = yaml.safe_load(entry.read_text())
+            out[entry.name[: -len(".yaml")]] = (raw.get("description") or "").strip().splitlines()[0]
+    return out
+
+
+def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        text, where = path.read_text(), str(path)
+    else:
+        entry = resources.files("codetune.recipes") / f"{name_or_path}.yaml"
+        if not entry.is_file():
+            known = ", ".join(shipped_recipes())
+            raise RecipeError(f"unknown recipe {name_or_path!r}: shipped recipes are {known}, or give a .yaml path")
+        text, where = entry.read_text(), f"shipped recipe {name_or_path}"
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where} must be a YAML mapping of sections (model, data, training, ...)")
+    return raw, where
+
+
+_SCI_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``training.learning_rate=2e-4`` -> (["training", "learning_rate"], 2e-4).
+
+    Values are read as YAML, so numbers, booleans, null and [lists] work as typed.
+    """
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected FIELD=VALUE, e.g. training.learning_rate=2e-4")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {item!r}: field path {key!r} is malformed")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    # YAML 1.1 reads 2e-4 (no dot) as a string; a number is what anyone typing it means.
+    if isinstance(parsed, str) and _SCI_NUMBER.fullmatch(parsed.strip()):
+        parsed = float(parsed)
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names allowed at a location in the recipe, for 'unknown field' messages."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        info = model.model_fields.get(str(part))
+        ann = getattr(info, "annotation", None) if info else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    lines = [f"{where}: {exc.error_count()} problem(s)"]
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        field = ".".join(str(p) for p in loc) or "(recipe)"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_fields_at(loc))
+            lines.append(f"  {field}: unknown field; allowed here: {allowed}")
+        elif err["type"] == "missing":
+            lines.append(f"  {field}: required field is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {field}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a shipped recipe by name or a YAML file, apply ``--set`` overrides, validate."""
+    raw, where = _read_recipe_yaml(str(name_or_path))
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, where)) from None
+
+
+def save_recipe(recipe: Recipe, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "recipe.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(recipe.to_yaml())
+    tmp.replace(path)
+    return path
