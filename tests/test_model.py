@@ -1,0 +1,37 @@
+import pytest
+
+from codetune.model import PHI3_SPECIAL_TOKENS, ensure_tiny_model, load_tokenizer, resolve_model_path
+from codetune.recipe import RecipeError, load_recipe
+
+
+def test_tiny_model_is_a_phi3_with_phi3_special_tokens(tiny_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    assert config.model_type == "phi3" and config.vocab_size % 64 == 0
+    tok = load_tokenizer(load_recipe("tiny-cpu"))
+    for token in PHI3_SPECIAL_TOKENS:
+        assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x = 1"}],
+                                   tokenize=False)
+    assert text == "<|user|>\nhi<|end|>\n<|assistant|>\nx = 1<|end|>\n<|endoftext|>"
+    code = "def add(a, b):\n    return a + b\n"
+    assert tok.decode(tok(code, add_special_tokens=False)["input_ids"]) == code
+
+
+def test_tiny_model_is_cached_and_rebuilt_identically(tiny_dir, tmp_path, monkeypatch):
+    assert ensure_tiny_model() == tiny_dir  # second call reuses the cache
+    monkeypatch.setenv("CODETUNE_HOME", str(tmp_path))
+    again = ensure_tiny_model()
+    assert again != tiny_dir
+    assert (again / "tokenizer.json").read_text() == (tiny_dir / "tokenizer.json").read_text()
+    assert (again / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+
+
+def test_model_sources_fail_clearly(tmp_path):
+    with pytest.raises(RecipeError, match="unknown builtin model"):
+        resolve_model_path("builtin:huge")
+    with pytest.raises(RecipeError, match="tokenizer.name_or_path: local path .* does not exist"):
+        load_tokenizer(load_recipe("tiny-cpu", [f"tokenizer.name_or_path={tmp_path}/nope"]))
+    with pytest.raises(RecipeError, match="tokenizer.pad_token: '<pad>' is not in the tokenizer's vocabulary"):
+        load_tokenizer(load_recipe("tiny-cpu", ["tokenizer.pad_token=<pad>"]))
