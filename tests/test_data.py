@@ -19,9 +19,11 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def alpaca_rows(n: int):
     return [
-        {"instruction": f"Write a function number {i} that returns {i} squared plus {i % 7}.",
-         "input": "" if i % 2 else f"x = {i}",
-         "output": f"def f{i}(x):\n    return x * x + {i % 7}"}
+        {
+            "instruction": f"Write a function number {i} that returns {i} squared plus {i % 7}.",
+            "input": "" if i % 2 else f"x = {i}",
+            "output": f"def f{i}(x):\n    return x * x + {i % 7}",
+        }
         for i in range(n)
     ]
 
@@ -85,13 +87,18 @@ def test_loss_on_all_trains_every_token(tmp_path, tiny_dir):
 
 
 def test_chat_rows_train_every_assistant_turn(tmp_path, tiny_dir):
-    rows = [{"messages": [
-        {"role": "system", "content": "You write Python."},
-        {"role": "user", "content": f"first question {i}"},
-        {"role": "assistant", "content": f"first answer {i}"},
-        {"role": "user", "content": f"second question {i}"},
-        {"role": "assistant", "content": f"second answer {i}"},
-    ]} for i in range(20)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "You write Python."},
+                {"role": "user", "content": f"first question {i}"},
+                {"role": "assistant", "content": f"first answer {i}"},
+                {"role": "user", "content": f"second question {i}"},
+                {"role": "assistant", "content": f"second answer {i}"},
+            ]
+        }
+        for i in range(20)
+    ]
     src = write_jsonl(tmp_path / "chat.jsonl", rows)
     recipe = tiny(tmp_path, src, "data.format=chat")
     prepare(recipe, tmp_path / "run", log=quiet)
@@ -143,8 +150,7 @@ def test_too_long_rows_error_or_drop_or_truncate(tmp_path, tiny_dir):
         prepare(tiny(tmp_path, src, "data.too_long=error"), tmp_path / "a", log=quiet)
     dropped = prepare(tiny(tmp_path, src, "data.too_long=drop"), tmp_path / "b", log=quiet).stats
     assert dropped["rows"]["too_long_dropped"] == 1 and dropped["rows"]["train_final"] == len(split["train"]) - 1
-    kept = prepare(tiny(tmp_path, src, "data.too_long=truncate", "data.packing=false"), tmp_path / "c",
-                   log=quiet).stats
+    kept = prepare(tiny(tmp_path, src, "data.too_long=truncate", "data.packing=false"), tmp_path / "c", log=quiet).stats
     assert kept["rows"]["train_final"] == len(split["train"]) and kept["truncated_share"]["train"] > 0
     assert kept["tokens"]["train"]["max"] == 512
 
@@ -154,8 +160,10 @@ def test_skip_invalid_sets_rows_aside_with_reasons(tmp_path, tiny_dir):
     rows[3] = {"instruction": "", "input": "", "output": "x"}
     rows[7] = {"instruction": "Do it", "output": 3}
     src = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    res = runner.invoke(app, ["prepare", "tiny-cpu", "--run-dir", str(tmp_path / "run"),
-                              "--set", f"data.source={src}", "--skip-invalid"])
+    res = runner.invoke(
+        app,
+        ["prepare", "tiny-cpu", "--run-dir", str(tmp_path / "run"), "--set", f"data.source={src}", "--skip-invalid"],
+    )
     assert res.exit_code == 0, res.output
     rejected = [json.loads(x) for x in (tmp_path / "run/data/rejected.jsonl").read_text().splitlines()]
     assert [(r["row"], r["field"]) for r in rejected] == [(4, "instruction"), (8, "output")]
@@ -207,8 +215,13 @@ def test_decontamination_against_humaneval_and_test_split(tmp_path, tiny_dir):
     src = write_jsonl(tmp_path / "d.jsonl", rows)
     split = datasets.Dataset.from_list(rows).train_test_split(test_size=0.1, seed=1234)
     leaked_test = split["test"][0]
-    rows.append({"instruction": leaked_test["instruction"] + " Be quick.", "input": leaked_test["input"],
-                 "output": "def g():\n    return 0"})
+    rows.append(
+        {
+            "instruction": leaked_test["instruction"] + " Be quick.",
+            "input": leaked_test["input"],
+            "output": "def g():\n    return 0",
+        }
+    )
     src = write_jsonl(tmp_path / "d.jsonl", rows)
     split = datasets.Dataset.from_list(rows).train_test_split(test_size=0.1, seed=1234)
     n_he = sum(r["output"] == "pass" or r["output"].endswith("    return 1") for r in split["train"])

@@ -12,8 +12,9 @@ def test_tiny_model_is_a_phi3_with_phi3_special_tokens(tiny_dir):
     tok = load_tokenizer(load_recipe("tiny-cpu"))
     for token in PHI3_SPECIAL_TOKENS:
         assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x = 1"}],
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x = 1"}], tokenize=False
+    )
     assert text == "<|user|>\nhi<|end|>\n<|assistant|>\nx = 1<|end|>\n<|endoftext|>"
     code = "def add(a, b):\n    return a + b\n"
     assert tok.decode(tok(code, add_special_tokens=False)["input_ids"]) == code

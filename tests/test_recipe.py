@@ -27,8 +27,19 @@ def test_seed_recipe_is_the_reference_run():
     assert (q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype) == (True, "nf4", True, "bfloat16")
     t = r.training
     assert (t.optimizer, t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.epochs) == (
-        "paged_adamw_8bit", 1e-4, "linear", 0.1, 3)
-    assert (t.batch_size, t.gradient_accumulation_steps, t.eval_steps, t.save_strategy, t.seed) == (4, 8, 100, "epoch", 42)
+        "paged_adamw_8bit",
+        1e-4,
+        "linear",
+        0.1,
+        3,
+    )
+    assert (t.batch_size, t.gradient_accumulation_steps, t.eval_steps, t.save_strategy, t.seed) == (
+        4,
+        8,
+        100,
+        "epoch",
+        42,
+    )
     g = r.generation
     assert (g.max_new_tokens, g.do_sample, g.temperature, g.top_k, g.top_p) == (256, True, 0.3, 50, 0.95)
     assert r.evaluation.samples == 500
@@ -75,8 +86,8 @@ def test_overrides_apply_and_are_validated():
         (["evaluation.k=[1, 10]"], "k=[10] needs 0 < k <= n_samples"),
         (["lora.target_modules=[]"], "target_modules is empty"),
         (["quantization.load_in_4bit=false", "quantization.quant_storage=bfloat16"], "quant_storage only applies"),
-        (["data.too_long=truncate"], "data.packing with data.loss_on \"answer\" needs data.too_long"),
-        (["training.save_strategy=steps", "training.save_steps=null"], "save_strategy \"steps\" needs save_steps"),
+        (["data.too_long=truncate"], 'data.packing with data.loss_on "answer" needs data.too_long'),
+        (["training.save_strategy=steps", "training.save_steps=null"], 'save_strategy "steps" needs save_steps'),
         (["bogus=1"], "bogus: unknown field; allowed here: name, description, model"),
         (["data.max_length=5000"], "exceeds tokenizer.model_max_length"),
     ],

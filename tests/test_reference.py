@@ -11,8 +11,16 @@ from codetune.recipe import load_recipe
 
 from .conftest import MBPP_JSONL, PHI3_TOKENIZER, PHI3_TOKENIZER_2024_05, needs_mbpp, needs_phi3_tokenizer
 
-SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|endoftext|>": 32000, "<|assistant|>": 32001,
-           "<|system|>": 32006, "<|end|>": 32007, "<|user|>": 32010}
+SPECIAL = {
+    "<unk>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<|endoftext|>": 32000,
+    "<|assistant|>": 32001,
+    "<|system|>": 32006,
+    "<|end|>": 32007,
+    "<|user|>": 32010,
+}
 
 
 def quiet(*_):
@@ -26,13 +34,22 @@ def mbpp_as_alpaca(tmp_path_factory):
     with out.open("w") as fh:
         for line in MBPP_JSONL.read_text().splitlines():
             r = json.loads(line)
-            fh.write(json.dumps({"instruction": r["text"], "input": "", "output": r["code"].replace("\r\n", "\n")}) + "\n")
+            fh.write(
+                json.dumps({"instruction": r["text"], "input": "", "output": r["code"].replace("\r\n", "\n")}) + "\n"
+            )
     return out
 
 
 def recipe_for(name, tokenizer_dir, source, *extra):
-    return load_recipe(name, [f"tokenizer.name_or_path={tokenizer_dir}", f"data.source={source}",
-                              f"evaluation.mbpp_source={MBPP_JSONL}", *extra])
+    return load_recipe(
+        name,
+        [
+            f"tokenizer.name_or_path={tokenizer_dir}",
+            f"data.source={source}",
+            f"evaluation.mbpp_source={MBPP_JSONL}",
+            *extra,
+        ],
+    )
 
 
 @needs_phi3_tokenizer
@@ -49,8 +66,11 @@ def test_special_tokens_are_single_ids(tokenizer_dir):
 @needs_mbpp
 @pytest.mark.parametrize(
     "name, tokenizer_dir",
-    [("phi3-mini-python-seed", PHI3_TOKENIZER_2024_05), ("phi3-mini-python", PHI3_TOKENIZER),
-     ("phi3-mini-python", PHI3_TOKENIZER_2024_05)],
+    [
+        ("phi3-mini-python-seed", PHI3_TOKENIZER_2024_05),
+        ("phi3-mini-python", PHI3_TOKENIZER),
+        ("phi3-mini-python", PHI3_TOKENIZER_2024_05),
+    ],
 )
 def test_prepared_text_is_the_tokenizers_own_chat_template(tmp_path, mbpp_as_alpaca, name, tokenizer_dir):
     recipe = recipe_for(name, tokenizer_dir, mbpp_as_alpaca, "data.decontaminate=[]")
@@ -96,8 +116,9 @@ def test_full_size_phi3_lora_parameter_counts():
 
 @needs_phi3_tokenizer
 @needs_mbpp
-@pytest.mark.parametrize("name, tokenizer_dir", [("phi3-mini-python-seed", PHI3_TOKENIZER_2024_05),
-                                                 ("phi3-mini-python", PHI3_TOKENIZER)])
+@pytest.mark.parametrize(
+    "name, tokenizer_dir", [("phi3-mini-python-seed", PHI3_TOKENIZER_2024_05), ("phi3-mini-python", PHI3_TOKENIZER)]
+)
 def test_prepare_on_mbpp_is_sane(tmp_path, mbpp_as_alpaca, name, tokenizer_dir):
     extra = ["data.decontaminate=[test, humaneval]"] if name == "phi3-mini-python" else []
     s = prepare(recipe_for(name, tokenizer_dir, mbpp_as_alpaca, *extra), tmp_path / "run", log=quiet).stats
@@ -117,7 +138,9 @@ def test_prepare_on_mbpp_is_sane(tmp_path, mbpp_as_alpaca, name, tokenizer_dir):
 @needs_mbpp
 def test_mbpp_decontaminates_itself(tmp_path, mbpp_as_alpaca, tiny_dir):
     # Training on MBPP with MBPP decontamination on leaves nothing: every row is an MBPP task.
-    recipe = load_recipe("tiny-cpu", [f"data.source={mbpp_as_alpaca}", f"evaluation.mbpp_source={MBPP_JSONL}",
-                                      "data.decontaminate=[mbpp]"])
+    recipe = load_recipe(
+        "tiny-cpu",
+        [f"data.source={mbpp_as_alpaca}", f"evaluation.mbpp_source={MBPP_JSONL}", "data.decontaminate=[mbpp]"],
+    )
     with pytest.raises(Exception, match="training split is empty"):
         prepare(recipe, tmp_path / "run", log=quiet)

@@ -29,8 +29,11 @@ def test_every_reference_solution_passes_its_tests():
     rows = load_starter()
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda r: run_program(program(r["output"], r["test_list"])), rows))
-    failures = [(r["task_id"], res.stderr[-300:]) for r, res in zip(rows, results, strict=True)
-                if res.returncode != 0 or "ALL-TESTS-RAN" not in res.stdout]
+    failures = [
+        (r["task_id"], res.stderr[-300:])
+        for r, res in zip(rows, results, strict=True)
+        if res.returncode != 0 or "ALL-TESTS-RAN" not in res.stdout
+    ]
     assert failures == []
 
 

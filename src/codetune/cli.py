@@ -80,12 +80,16 @@ def _prepare(recipe: Recipe, run_dir: Path, skip_invalid: bool) -> None:
     if "decontaminated" in rows:
         table.add_row("decontaminated", ", ".join(f"{k} {v}" for k, v in rows["decontaminated"].items()))
     table.add_row("train / test rows written", f"{rows['train_final']} / {rows['test_final']}")
-    table.add_row("train tokens min / median / p95 / max",
-                  f"{tokens['min']} / {tokens['median']} / {tokens['p95']} / {tokens['max']}")
+    table.add_row(
+        "train tokens min / median / p95 / max",
+        f"{tokens['min']} / {tokens['median']} / {tokens['p95']} / {tokens['max']}",
+    )
     table.add_row("truncated (train)", f"{s['truncated_share']['train']:.1%}")
     table.add_row("tokens that carry loss", f"{s['trained_token_share']:.1%}")
-    table.add_row(f"padding: batches of {pad['batch_size']} / packed",
-                  f"{pad['padded_batches_share']:.1%} / {pad['packed_share']:.1%}")
+    table.add_row(
+        f"padding: batches of {pad['batch_size']} / packed",
+        f"{pad['padded_batches_share']:.1%} / {pad['packed_share']:.1%}",
+    )
     out.print(table)
     out.print(f"data  -> {result.data_dir}")
 
@@ -118,4 +122,3 @@ def run_cmd(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
-

@@ -105,8 +105,10 @@ def read_source(source: str, *, revision: str | None = None, hub_split: str = "t
                 return _read_jsonl(path), str(path)  # JSON lines saved as .json
             if not isinstance(obj, list):
                 raise DataError(f"{path}: expected a JSON list of row objects")
-            return [dict(r, __row__=i) if isinstance(r, dict) else {"__not_an_object__": r, "__row__": i}
-                    for i, r in enumerate(obj, start=1)], str(path)
+            return [
+                dict(r, __row__=i) if isinstance(r, dict) else {"__not_an_object__": r, "__row__": i}
+                for i, r in enumerate(obj, start=1)
+            ], str(path)
         if path.suffix in (".parquet", ".csv"):
             return _read_table(path, path.suffix[1:]), str(path)
         raise RecipeError(f"data.source: {source} has an unsupported suffix; use one of {_LOCAL_SUFFIXES}")
@@ -438,8 +440,14 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
             problem = RowProblem(row["__row__"], bad.field, bad.reason)
             if not skip_invalid:
                 raise DataError(problem.message(where) + " (use --skip-invalid to set such rows aside)") from None
-            rejected.append({"row": problem.row, "field": problem.field, "reason": problem.reason,
-                             "data": {k: v for k, v in row.items() if k != "__row__"}})
+            rejected.append(
+                {
+                    "row": problem.row,
+                    "field": problem.field,
+                    "reason": problem.reason,
+                    "data": {k: v for k, v in row.items() if k != "__row__"},
+                }
+            )
     if not examples:
         raise DataError(f"{where}: no usable rows")
 
@@ -450,8 +458,13 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
     )
     train = [examples[i] for i in split["train"]["i"]]
     test = [examples[i] for i in split["test"]["i"]]
-    counts: dict[str, Any] = {"read": len(rows), "invalid": len(rejected), "valid": len(examples),
-                              "train_split": len(train), "test_split": len(test)}
+    counts: dict[str, Any] = {
+        "read": len(rows),
+        "invalid": len(rejected),
+        "valid": len(examples),
+        "train_split": len(train),
+        "test_split": len(test),
+    }
 
     if d.dedupe:
         seen: set[str] = set()
@@ -494,8 +507,10 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
         if tok.truncated and d.too_long != "truncate":
             reason = f"{tok.full_length} tokens, longer than data.max_length {d.max_length}"
             if d.too_long == "error" and not skip_invalid:
-                raise DataError(f"{where}, row {ex.row}, field 'text': {reason} "
-                                "(set data.too_long to truncate or drop, or use --skip-invalid)")
+                raise DataError(
+                    f"{where}, row {ex.row}, field 'text': {reason} "
+                    "(set data.too_long to truncate or drop, or use --skip-invalid)"
+                )
             if d.too_long == "error":
                 rejected.append({"row": ex.row, "field": "text", "reason": reason})
             dropped += 1
@@ -513,8 +528,12 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
         test_records.append(_example_record(ex, tok, text))
     if not train_records:
         raise DataError(f"{where}: the training split is empty after filtering ({counts})")
-    counts.update(too_long_dropped=dropped, no_trained_tokens=untrained,
-                  train_final=len(train_records), test_final=len(test_records))
+    counts.update(
+        too_long_dropped=dropped,
+        no_trained_tokens=untrained,
+        train_final=len(train_records),
+        test_final=len(test_records),
+    )
 
     train_lengths = [r["n_tokens"] for r in train_records]
     trained_tokens = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in train_records)
@@ -523,14 +542,17 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
         "recipe": recipe.name,
         "source": where,
         "rows": counts,
-        "tokens": {"train": length_summary(train_lengths),
-                   "test": length_summary([r["n_tokens"] for r in test_records])},
+        "tokens": {
+            "train": length_summary(train_lengths),
+            "test": length_summary([r["n_tokens"] for r in test_records]),
+        },
         "truncated_share": {"train": truncated / len(train_records), "test": test_truncated / max(1, len(test))},
         "trained_token_share": trained_tokens / sum(train_lengths),
         "padding": {
             "batch_size": recipe.training.batch_size,
-            "padded_batches_share": round(padded_batch_share(train_lengths, recipe.training.batch_size,
-                                                             recipe.training.seed), 4),
+            "padded_batches_share": round(
+                padded_batch_share(train_lengths, recipe.training.batch_size, recipe.training.seed), 4
+            ),
             "packed_share": round(pack_share, 4),
             "packed_rows": pack_rows,
         },

@@ -251,9 +251,7 @@ def check_lora_targets(model, lora: LoraSection) -> None:
     # nothing; the reference recipe names q/k/v_proj on a model that fuses them, which is a
     # known and reproduced fault, so only a recipe matching nothing at all is an error.
     if len(missing) == len(lora.target_modules):
-        raise RecipeError(
-            f"lora.target_modules: none of {missing} is a linear layer of this model; it has {available}"
-        )
+        raise RecipeError(f"lora.target_modules: none of {missing} is a linear layer of this model; it has {available}")
 
 
 def count_trainable_lora_params(config, lora: LoraSection) -> tuple[int, int]:
@@ -269,5 +267,3 @@ def count_trainable_lora_params(config, lora: LoraSection) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
