@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
 recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.")
 app.add_typer(recipe_app, name="recipe")
 console = Console(stderr=True)
@@ -23,6 +23,9 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a field: --set training.learning_rate=2e-4 (repeatable)"),
 ]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", "-o", help="Default: runs/<recipe name>")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue from the run directory's last complete checkpoint")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Delete the run directory's earlier training and start over")]
+SkipOpt = Annotated[bool, typer.Option(help="Set bad rows aside in data/rejected.jsonl")]
 
 
 def _fail(message: str) -> None:
@@ -99,11 +102,60 @@ def prepare_cmd(
     recipe: RecipeArg,
     run_dir: RunDirOpt = None,
     set_: SetOpt = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Set bad rows aside in data/rejected.jsonl")] = False,
+    skip_invalid: SkipOpt = False,
 ) -> None:
     """Check, format, split, deduplicate, decontaminate and tokenize the recipe's data."""
     r = _load(recipe, set_)
     _prepare(r, _run_dir(r, run_dir), skip_invalid)
+
+
+def _train(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool, skip_invalid: bool):
+    from .data import DataError
+    from .train import NonFiniteLossError, train
+
+    try:
+        result = train(recipe, run_dir, resume=resume, overwrite=overwrite, console=console, skip_invalid=skip_invalid)
+    except (RecipeError, DataError, NonFiniteLossError) as exc:
+        _fail(str(exc))
+        return None
+    s = result.summary
+    if s["world_size"] > 1 and not _is_main():
+        return result
+    table = Table("", "", title=f"trained {recipe.name}", show_header=False)
+    table.add_row("optimizer steps", str(s["global_step"]))
+    table.add_row("last training / validation loss", f"{_f(s['last_train_loss'])} / {_f(s['last_eval_loss'])}")
+    table.add_row("tokens seen", f"{s['tokens']:,}")
+    table.add_row("trainable parameters", f"{s['trainable_parameters']:,}")
+    table.add_row("wall time", f"{s['wall_s_this_session']:.1f} s")
+    out.print(table)
+    out.print(f"adapter  -> {result.adapter_dir}")
+    out.print(f"metrics  -> {run_dir / 'metrics.jsonl'}")
+    out.print(f"loss     -> {run_dir / 'loss_table.md'}, {run_dir / 'loss.png'}")
+    return result
+
+
+def _f(x) -> str:
+    return f"{x:.4f}" if x is not None else "-"
+
+
+def _is_main() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+@app.command("train")
+def train_cmd(
+    recipe: RecipeArg,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    skip_invalid: SkipOpt = False,
+) -> None:
+    """Fine-tune with QLoRA (prepares the data first when the run directory has none)."""
+    r = _load(recipe, set_)
+    _train(r, _run_dir(r, run_dir), resume, overwrite, skip_invalid)
 
 
 @app.command("run")
@@ -111,13 +163,23 @@ def run_cmd(
     recipe: RecipeArg,
     run_dir: RunDirOpt = None,
     set_: SetOpt = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Set bad rows aside in data/rejected.jsonl")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    skip_invalid: SkipOpt = False,
 ) -> None:
-    """Run every stage that exists in one go (today: prepare)."""
+    """Run every stage in one go: prepare, then train."""
     r = _load(recipe, set_)
     rd = _run_dir(r, run_dir)
-    _prepare(r, rd, skip_invalid)
-    out.print(f"run   -> {rd}")
+    if not resume:
+        from .train import check_fresh
+
+        try:
+            check_fresh(rd, overwrite)  # before prepare touches data/ of an earlier run
+        except RecipeError as exc:
+            _fail(str(exc))
+        _prepare(r, rd, skip_invalid)
+    _train(r, rd, resume, overwrite, skip_invalid)
+    out.print(f"run      -> {rd}")
 
 
 if __name__ == "__main__":  # pragma: no cover

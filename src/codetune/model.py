@@ -19,7 +19,7 @@ from .templates import PHI3, resolve_template
 
 TINY_MODEL = "builtin:tiny-phi3"
 # Bump when the tiny model's recipe below changes, so stale caches are never reused.
-_TINY_VERSION = "v1"
+_TINY_VERSION = "v2"
 # The Phi-3 special tokens, in Phi-3's order; the tiny tokenizer gives them the first ids.
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 
@@ -92,7 +92,39 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
     )
 
 
-def build_tiny_model(out_dir: Path, *, hidden_size: int = 128, layers: int = 2, seed: int = 0) -> Path:
+def pretrain_tiny(model, tokenizer, *, steps: int, block: int = 128, batch: int = 16, lr: float = 3e-3) -> None:
+    """A short full-parameter pre-training on the starter set's plain text (no chat format).
+
+    A frozen random base is a poor stand-in for a pretrained one: LoRA on top of it barely moves
+    the loss. After this the tiny base knows the tokens and shapes of Python, and fine-tuning has
+    what a real fine-tune has to do: learn to answer an instruction in the chat format, and stop.
+    """
+    import torch
+
+    if steps <= 0:
+        return
+    ids: list[int] = []
+    for text in _starter_corpus():
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    data = torch.tensor(ids[: (len(ids) // block) * block]).view(-1, block)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    model.train()
+    for _ in range(steps):
+        rows = data[torch.randint(len(data), (batch,), generator=gen)]
+        loss = model(input_ids=rows, labels=rows).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def build_tiny_model(
+    out_dir: Path, *, hidden_size: int = 128, layers: int = 2, seed: int = 0, pretrain_steps: int = 300
+) -> Path:
     """Build the tiny Phi-3 (random weights, fixed seed) and its tokenizer into ``out_dir``."""
     import torch
     from transformers import GenerationConfig, Phi3ForCausalLM
@@ -118,6 +150,7 @@ def build_tiny_model(out_dir: Path, *, hidden_size: int = 128, layers: int = 2, 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config)
+    pretrain_tiny(model, tokenizer, steps=pretrain_steps)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, end_id],
@@ -267,3 +300,103 @@ def count_trainable_lora_params(config, lora: LoraSection) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+# ---------------------------------------------------------------------------------------
+# Loading the base model (quantized or not) and attaching LoRA
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[name]
+
+
+def disable_avx512_bf16_path(model) -> int:
+    """Switch off bitsandbytes' AVX512-BF16 CPU path on every 4-bit layer; returns how many were switched.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight for that path on the first eval-mode forward
+    on such a CPU; afterwards LoRA gradients and merges come out wrong, silently. The plain path
+    is correct on every CPU, so codetune always takes it.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def quantization_config(recipe: Recipe):
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    if not q.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(q.quant_storage),
+    )
+
+
+def check_lora_targets_from_config(recipe: Recipe, model_path: str) -> None:
+    """Check LoRA targets against the architecture built on the meta device: no weights are read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(
+            model_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+    except OSError as exc:
+        raise RecipeError(f"model.name_or_path: cannot read the configuration of {model_path!r}: {exc}") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    check_lora_targets(skeleton, recipe.lora)
+
+
+def load_base_model(recipe: Recipe, *, device_map=None, quantize: bool | None = None):
+    """The base model as the recipe asks: 4-bit NF4 through bitsandbytes, or unquantized in the compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(recipe.model.name_or_path, "model.name_or_path")
+    path = resolve_model_path(recipe.model.name_or_path)
+    quantize = recipe.quantization.load_in_4bit if quantize is None else quantize
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+            attn_implementation=recipe.model.attn_implementation,
+            dtype=torch_dtype(recipe.quantization.compute_dtype),
+            quantization_config=quantization_config(recipe) if quantize else None,
+            device_map=device_map,
+        )
+    except OSError as exc:
+        raise RecipeError(f"model.name_or_path: cannot load {path!r}: {exc}") from None
+    disable_avx512_bf16_path(model)
+    return model
+
+
+def attach_lora(model, recipe: Recipe, *, gradient_checkpointing: bool):
+    """Freeze the base, make it trainable in k-bit where quantized, attach fresh LoRA weights."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_lora_targets(model, recipe.lora)
+    # With a KV cache the model skips packed-sequence detection, and packed examples would attend
+    # to each other; training never needs the cache. generate() turns it back on for itself.
+    model.config.use_cache = False
+    gc_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks with frozen inputs and DDP
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    torch.manual_seed(recipe.training.seed)  # LoRA's A matrices are random: same seed, same start
+    return get_peft_model(model, peft_lora_config(recipe.lora))

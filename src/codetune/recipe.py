@@ -18,6 +18,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """YAML as YAML 1.2 reads booleans: only true/false. (1.1 reads `save_strategy: no` as False.)"""
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be used, with a message meant for the user."""
 
@@ -77,8 +94,14 @@ class LoraConfig(_Section):
 
 
 class SplitConfig(_Section):
-    test_size: float = Field(0.05, gt=0.0, lt=1.0)
+    test_size: float | int = Field(0.05, gt=0, description="A share below 1, or a row count (as datasets takes it)")
     seed: int = 1234
+
+    @model_validator(mode="after")
+    def _share_or_count(self) -> SplitConfig:
+        if isinstance(self.test_size, float) and not self.test_size < 1:
+            raise ValueError(f"test_size {self.test_size} must be a share below 1.0 or a whole number of rows")
+        return self
 
 
 class DataConfig(_Section):
@@ -218,7 +241,7 @@ def shipped_recipes() -> dict[str, str]:
     out = {}
     for entry in sorted(resources.files("codetune.recipes").iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".yaml"):
-            raw = yaml.safe_load(entry.read_text())
+            raw = yaml_load(entry.read_text())
             out[entry.name[: -len(".yaml")]] = (raw.get("description") or "").strip().splitlines()[0]
     return out
 
@@ -236,7 +259,7 @@ def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
             raise RecipeError(f"unknown recipe {name_or_path!r}: shipped recipes are {known}, or give a .yaml path")
         text, where = entry.read_text(), f"shipped recipe {name_or_path}"
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{where} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -259,7 +282,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set {item!r}: field path {key!r} is malformed")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     # YAML 1.1 reads 2e-4 (no dot) as a string; a number is what anyone typing it means.

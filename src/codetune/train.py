@@ -1,0 +1,490 @@
+"""``codetune train``: QLoRA fine-tuning with the HF Trainer, on a CUDA GPU or a CPU.
+
+The stage reads like a torchtune recipe: ``setup`` (checks, data, model, trainer), ``train``,
+``save`` (adapter, loss table, plot), ``cleanup``. The Trainer does the loop; codetune keeps
+what it adds visible here: the packing collator, the lean loss path (the model's own loss, no
+per-token side metrics), the non-finite-loss guard, metrics and progress.
+
+Run directory after training::
+
+    recipe.yaml          the resolved recipe
+    data/                from codetune prepare
+    checkpoints/         checkpoint-N/ on the recipe's cadence (resumable)
+    metrics.jsonl        one line per log: step, epoch, train/eval loss, lr, tokens, tokens/s, elapsed
+    adapter/             the final LoRA adapter in PEFT's layout, with the tokenizer
+    loss_table.md        step, training loss, validation loss (the reference card's table)
+    loss.png             the loss curves
+    train_summary.json   steps, final losses, tokens, wall time, trainable parameters
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import DATA_DIR, load_split
+from .recipe import Recipe, RecipeError, save_recipe
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+METRICS = "metrics.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, step: int, value: float, checkpoint: str | None):
+        self.step, self.value, self.checkpoint = step, value, checkpoint
+        keep = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been saved yet"
+        super().__init__(
+            f"training loss became {value} at step {step}; stopped before the optimizer applied it, {keep}. "
+            "Lower training.learning_rate, raise training.warmup_ratio, or check the data."
+        )
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    global_step: int
+    train_loss: float | None
+    eval_loss: float | None
+    summary: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------
+# Checks that run before the model loads
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_hardware(recipe: Recipe, cuda: bool) -> list[str]:
+    """Refuse CUDA-only settings on a machine without CUDA; return notes for settings that degrade."""
+    notes: list[str] = []
+    if cuda:
+        return notes
+    problems = []
+    if recipe.training.precision == "fp16":
+        problems.append("training.precision fp16 needs a CUDA GPU: use --set training.precision=bf16 (or fp32)")
+    if recipe.model.attn_implementation == "flash_attention_2":
+        problems.append(
+            "model.attn_implementation flash_attention_2 needs a CUDA GPU: use --set model.attn_implementation=sdpa"
+        )
+    if problems:
+        raise RecipeError("this machine has no CUDA GPU:\n  " + "\n  ".join(problems))
+    if recipe.training.optimizer.startswith("paged_"):
+        notes.append(
+            f"training.optimizer {recipe.training.optimizer}: paging needs CUDA; on this CPU bitsandbytes "
+            "runs it unpaged"
+        )
+    return notes
+
+
+def resolve_precision(recipe: Recipe, cuda: bool) -> tuple[bool, bool]:
+    """(bf16, fp16) for the Trainer. 'auto' is what the reference notebook did: bf16 where the GPU has it."""
+    import torch
+
+    p = recipe.training.precision
+    if p == "auto":
+        if not cuda:
+            return False, False
+        bf16 = torch.cuda.is_bf16_supported()
+        return bf16, not bf16
+    return p == "bf16", p == "fp16"
+
+
+def _data_matches(recipe: Recipe, run_dir: Path) -> bool:
+    saved = run_dir / "recipe.yaml"
+    if not (run_dir / DATA_DIR / "stats.json").is_file() or not saved.is_file():
+        return False
+    from .recipe import load_recipe
+
+    old = load_recipe(saved)
+    return (old.data, old.tokenizer, old.model) == (recipe.data, recipe.tokenizer, recipe.model)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints the Trainer finished writing (trainer_state.json is written last), oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def check_fresh(run_dir: Path, overwrite: bool) -> bool:
+    """True when ``run_dir`` holds an earlier training run that --overwrite allows to replace."""
+    existing = bool(complete_checkpoints(run_dir)) or (run_dir / ADAPTER).exists()
+    if existing and not overwrite:
+        raise RecipeError(
+            f"{run_dir} already holds a training run (checkpoints/ or adapter/): pass --resume to continue "
+            "it, --overwrite to start over, or choose another --run-dir"
+        )
+    return existing
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics and progress
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _metrics_callback(run_dir: Path, console):
+    from transformers import TrainerCallback
+
+    class MetricsAndProgress(TrainerCallback):
+        """Writes metrics.jsonl and shows progress: a live bar on a terminal, plain lines in a log."""
+
+        def __init__(self):
+            self.path = run_dir / METRICS
+            self.progress = None
+            self.task = None
+            self.last: dict[str, Any] = {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+            self.tokens0 = state.num_input_tokens_seen
+            self.step0 = state.global_step
+            rows = [r for r in _read_metrics(self.path) if r["step"] <= state.global_step]
+            self.elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
+            if state.is_world_process_zero:
+                # A resumed run rewinds the log to its checkpoint: steps past it are done again.
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                if console is not None and console.is_terminal:
+                    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                    self.progress = Progress(
+                        TextColumn("[bold]train"),
+                        BarColumn(),
+                        MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn(),
+                        console=console,
+                        transient=False,
+                    )
+                    self.progress.start()
+                    self.task = self.progress.add_task(
+                        "train", total=state.max_steps, completed=state.global_step, info=""
+                    )
+
+        def _rate(self, state) -> tuple[float, float]:
+            dt = time.perf_counter() - self.t0
+            tokens = state.num_input_tokens_seen - self.tokens0
+            return dt, (tokens / dt if dt > 0 else 0.0)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                _, rate = self._rate(state)
+                loss = self.last.get("train_loss")
+                info = f"loss {loss:.4f}  " if loss is not None else ""
+                info += f"lr {self.last.get('learning_rate', 0):.2e}  {rate:,.0f} tok/s"
+                self.progress.update(self.task, completed=state.global_step, info=info)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            if "train_loss" in logs:  # the Trainer's end-of-run summary, not a step log
+                return
+            dt, rate = self._rate(state)
+            row = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                "train_loss": logs.get("loss"),
+                "eval_loss": logs.get("eval_loss"),
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens": state.num_input_tokens_seen,
+                "tokens_per_s": round(rate, 1),
+                "elapsed_s": round(self.elapsed0 + dt, 2),
+            }
+            for key in ("train_loss", "learning_rate"):
+                if row[key] is not None:
+                    self.last[key] = row[key]
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if self.progress is None and console is not None:
+                done = state.global_step - self.step0
+                eta = (state.max_steps - state.global_step) * dt / done if done else float("nan")
+                parts = [f"step {state.global_step}/{state.max_steps}"]
+                if row["train_loss"] is not None:
+                    parts.append(f"loss {row['train_loss']:.4f}")
+                if row["eval_loss"] is not None:
+                    parts.append(f"eval_loss {row['eval_loss']:.4f}")
+                if row["learning_rate"] is not None:
+                    parts.append(f"lr {row['learning_rate']:.2e}")
+                parts += [f"{rate:,.0f} tok/s", f"eta {eta:.0f}s" if math.isfinite(eta) else "eta ?"]
+                console.print(" | ".join(parts), highlight=False)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.stop()
+
+    return MetricsAndProgress()
+
+
+def write_loss_table(metrics: list[dict], path: Path) -> list[tuple[int, float | None, float | None]]:
+    """The reference card's table: at each evaluation, the step, the last training loss and the validation loss."""
+    rows, last_train = [], None
+    for m in metrics:
+        if m.get("train_loss") is not None:
+            last_train = m["train_loss"]
+        if m.get("eval_loss") is not None:
+            rows.append((m["step"], last_train, m["eval_loss"]))
+    if not rows:  # no evaluation during training: list the training losses alone
+        rows = [(m["step"], m["train_loss"], None) for m in metrics if m.get("train_loss") is not None]
+
+    def fmt(x):
+        return f"{x:.6f}" if x is not None else "—"
+
+    lines = ["| Step | Training Loss | Validation Loss |", "|---:|---:|---:|"]
+    lines += [f"| {s} | {fmt(t)} | {fmt(v)} |" for s, t, v in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def plot_losses(metrics: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(m["step"], m["train_loss"]) for m in metrics if m.get("train_loss") is not None]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+def _datasets(recipe: Recipe, run_dir: Path):
+    from trl import pack_dataset
+
+    columns = ["input_ids", "labels"]
+    train = load_split(run_dir, "train").select_columns(columns)
+    if len(train) == 0:
+        raise RecipeError("the training split is empty: check data.source and the filters in data/stats.json")
+    if recipe.data.packing:
+        # Best-fit-decreasing packing; seq_lengths lets the collator restart position_ids per example,
+        # which the model turns into a block-diagonal mask: no example attends to another.
+        train = pack_dataset(train, recipe.data.max_length, strategy="bfd")
+    evaluation = None
+    if recipe.training.eval_steps:
+        test = load_split(run_dir, "test")
+        if len(test):
+            evaluation = test.select_columns(columns)
+    return train, evaluation
+
+
+def _training_arguments(recipe: Recipe, run_dir: Path, cuda: bool):
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    bf16, fp16 = resolve_precision(recipe, cuda)
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bf16,
+        fp16=fp16,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        report_to=t.report_to or "none",
+        use_cpu=not cuda,
+        remove_unused_columns=False,  # seq_lengths must reach the collator
+        include_num_input_tokens_seen="all" if recipe.data.packing else "non_padding",
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def _trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class CodetuneTrainer(Trainer):
+        """The HF Trainer with the model's own loss (no per-token side metrics) and a non-finite-loss guard."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                ckpts = complete_checkpoints(Path(self.args.output_dir).parent)
+                raise NonFiniteLossError(self.state.global_step + 1, float(loss), str(ckpts[-1]) if ckpts else None)
+            return loss
+
+    return CodetuneTrainer
+
+
+def train(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console=None,
+    skip_invalid: bool = False,
+) -> TrainResult:
+    """Fine-tune ``recipe``'s model with LoRA on the prepared data in ``run_dir``."""
+    from accelerate import PartialState
+
+    from .data import prepare
+    from .model import (
+        attach_lora,
+        check_lora_targets_from_config,
+        check_model_source,
+        load_base_model,
+        load_tokenizer,
+        resolve_model_path,
+    )
+
+    def say(msg: str) -> None:
+        if console is not None and state.is_main_process:
+            console.print(msg, highlight=False)
+
+    # ---- setup: everything that can fail cheaply fails before the model loads
+    state = PartialState()
+    cuda = cuda_available()
+    for note in check_hardware(recipe, cuda):
+        say(f"note: {note}")
+    check_model_source(recipe.model.name_or_path, "model.name_or_path")
+    if not resume and check_fresh(run_dir, overwrite):
+        with state.main_process_first():
+            if state.is_main_process:
+                for name in (CHECKPOINTS, ADAPTER, METRICS):
+                    target = run_dir / name
+                    shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    with state.main_process_first():  # one process prepares; the others then read its files
+        if not _data_matches(recipe, run_dir):
+            if resume and complete_checkpoints(run_dir):
+                raise RecipeError(f"cannot resume {run_dir}: its data or model settings differ from this recipe")
+            if state.is_main_process:
+                say("preparing data (run directory has none for this recipe)")
+                prepare(recipe, run_dir, skip_invalid=skip_invalid, log=say)
+        if state.is_main_process:
+            save_recipe(recipe, run_dir)
+    tokenizer = load_tokenizer(recipe)
+    check_lora_targets_from_config(recipe, resolve_model_path(recipe.model.name_or_path))
+    train_ds, eval_ds = _datasets(recipe, run_dir)
+    resume_from = None
+    if resume:
+        ckpts = complete_checkpoints(run_dir)
+        if ckpts:
+            resume_from = str(ckpts[-1])
+            say(f"resuming from {resume_from}")
+        else:
+            say("no complete checkpoint to resume from: starting from the beginning")
+
+    device_map = {"": state.local_process_index} if cuda else None
+    model = load_base_model(recipe, device_map=device_map)
+    model = attach_lora(model, recipe, gradient_checkpointing=recipe.training.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"model {recipe.model.name_or_path}: {trainable:,} trainable LoRA parameters of {total:,}")
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=recipe.data.packing)
+    args = _training_arguments(recipe, run_dir, cuda)
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[_metrics_callback(run_dir, console if state.is_main_process else None)],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our callback reports; the Trainer's would print raw dicts
+
+    # ---- train
+    t0 = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - t0
+
+    # ---- save
+    adapter_dir = run_dir / ADAPTER
+    metrics = _read_metrics(run_dir / METRICS)
+    last_eval = next((m["eval_loss"] for m in reversed(metrics) if m.get("eval_loss") is not None), None)
+    last_train = next((m["train_loss"] for m in reversed(metrics) if m.get("train_loss") is not None), None)
+    summary = {
+        "recipe": recipe.name,
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss_mean": output.training_loss,
+        "last_train_loss": last_train,
+        "last_eval_loss": last_eval,
+        "tokens": trainer.state.num_input_tokens_seen,
+        "wall_s_this_session": round(wall, 2),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "resumed_from": resume_from,
+        "world_size": state.num_processes,
+        "device": "cuda" if cuda else "cpu",
+    }
+    if trainer.is_world_process_zero():
+        staging = run_dir / f".{ADAPTER}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.save_model(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        staging.rename(adapter_dir)
+        write_loss_table(metrics, run_dir / "loss_table.md")
+        if metrics:
+            plot_losses(metrics, run_dir / "loss.png", f"{recipe.name}: loss")
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    state.wait_for_everyone()
+    if console is not None:
+        console.print(
+            f"rank {state.process_index}/{state.num_processes} finished at step {trainer.state.global_step}",
+            highlight=False,
+        )
+
+    # ---- cleanup
+    del trainer, model
+    gc.collect()
+    return TrainResult(run_dir, adapter_dir, summary["global_step"], last_train, last_eval, summary)
