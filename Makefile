@@ -17,7 +17,7 @@ $(BIN)/codetune: pyproject.toml
 venv: $(BIN)/codetune
 
 demo: venv
-	$(BIN)/codetune run tiny-cpu
+	$(BIN)/codetune run tiny-cpu --overwrite
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -385,3 +385,67 @@ def test_two_process_ddp_with_accelerate_launch(tmp_path, tiny_dir):
         "adapter_model.safetensors",
     ]
     assert not list(run.glob(".adapter*"))
+
+
+def test_sharded_qlora_needs_quant_storage_in_the_compute_dtype(tmp_path, monkeypatch, tiny_dir):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(
+        RecipeError,
+        match="quantization.quant_storage is uint8, but fsdp shards .* --set quantization.quant_storage=float32",
+    ):
+        train(tiny_recipe(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_shipped_accelerate_configs(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from codetune.cli import app
+
+    runner = CliRunner()
+    kinds = {"ddp": "MULTI_GPU", "fsdp_qlora": "FSDP", "deepspeed_zero3": "DEEPSPEED"}
+    for name, kind in kinds.items():
+        res = runner.invoke(app, ["accelerate-config", name])
+        assert res.exit_code == 0, res.output
+        config = yaml.safe_load(Path(res.stdout.strip()).read_text())
+        assert config["distributed_type"] == kind
+    fsdp = yaml.safe_load(Path(runner.invoke(app, ["accelerate-config", "fsdp_qlora"]).stdout.strip()).read_text())
+    assert fsdp["fsdp_config"]["fsdp_use_orig_params"] is False
+    assert fsdp["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is True
+    assert runner.invoke(app, ["accelerate-config", "nope"]).exit_code == 2
+
+
+def test_cli_train_prints_plain_progress_when_not_a_terminal(tmp_path, tiny_dir):
+    res = subprocess.run(
+        codetune_cmd(
+            "run",
+            "tiny-cpu",
+            "-o",
+            str(tmp_path / "run"),
+            "--set",
+            "training.max_steps=4",
+            "--set",
+            "training.logging_steps=2",
+            "--set",
+            "training.eval_steps=4",
+        ),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [x for x in res.stderr.splitlines() if x.startswith("step ")]
+    assert lines[0].startswith("step 1/4 | loss ") and "tok/s" in lines[0] and "eta" in lines[0]
+    assert any(x.startswith("step 4/4 | eval_loss ") for x in lines)
+    assert "\x1b[" not in res.stderr  # no terminal control codes in a log
+    assert "adapter  ->" in res.stdout and "run      ->" in res.stdout
+    again = subprocess.run(
+        codetune_cmd("run", "tiny-cpu", "-o", str(tmp_path / "run")),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 2 and "already holds a training run" in again.stderr

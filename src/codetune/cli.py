@@ -97,6 +97,22 @@ def _prepare(recipe: Recipe, run_dir: Path, skip_invalid: bool) -> None:
     out.print(f"data  -> {result.data_dir}")
 
 
+@app.command("accelerate-config")
+def accelerate_config_cmd(
+    name: Annotated[str, typer.Argument(help="ddp, fsdp_qlora or deepspeed_zero3")],
+) -> None:
+    """Print the path of a shipped `accelerate` config, for `accelerate launch --config_file`."""
+    from importlib import resources
+
+    entry = resources.files("codetune.accelerate") / f"{name}.yaml"
+    if not entry.is_file():
+        known = sorted(
+            p.name[:-5] for p in resources.files("codetune.accelerate").iterdir() if p.name.endswith(".yaml")
+        )
+        _fail(f"unknown accelerate config {name!r}: shipped configs are {', '.join(known)}")
+    out.print(str(entry), highlight=False, soft_wrap=True)
+
+
 @app.command("prepare")
 def prepare_cmd(
     recipe: RecipeArg,

@@ -327,6 +327,26 @@ def disable_avx512_bf16_path(model) -> int:
     return count
 
 
+def sharded_mode() -> str | None:
+    """'fsdp' or 'deepspeed' when ``accelerate launch`` runs with one of them, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    return None
+
+
+def check_sharded_qlora(recipe: Recipe) -> None:
+    """FSDP and ZeRO-3 shard only floating-point tensors: 4-bit weights must be stored in the compute dtype."""
+    mode = sharded_mode()
+    q = recipe.quantization
+    if mode and q.load_in_4bit and q.quant_storage != q.compute_dtype:
+        raise RecipeError(
+            f"quantization.quant_storage is {q.quant_storage}, but {mode} shards the 4-bit weights and needs "
+            f"them stored in the compute dtype: --set quantization.quant_storage={q.compute_dtype}"
+        )
+
+
 def quantization_config(recipe: Recipe):
     from transformers import BitsAndBytesConfig
 
@@ -365,13 +385,18 @@ def load_base_model(recipe: Recipe, *, device_map=None, quantize: bool | None = 
     check_model_source(recipe.model.name_or_path, "model.name_or_path")
     path = resolve_model_path(recipe.model.name_or_path)
     quantize = recipe.quantization.load_in_4bit if quantize is None else quantize
+    dtype = recipe.quantization.compute_dtype
+    if sharded_mode():
+        check_sharded_qlora(recipe)
+        device_map = None  # FSDP / ZeRO-3 place the shards themselves
+        dtype = recipe.quantization.quant_storage if quantize else dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,
             attn_implementation=recipe.model.attn_implementation,
-            dtype=torch_dtype(recipe.quantization.compute_dtype),
+            dtype=torch_dtype(dtype),
             quantization_config=quantization_config(recipe) if quantize else None,
             device_map=device_map,
         )
@@ -391,7 +416,8 @@ def attach_lora(model, recipe: Recipe, *, gradient_checkpointing: bool):
     # to each other; training never needs the cache. generate() turns it back on for itself.
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks with frozen inputs and DDP
-    if getattr(model, "is_loaded_in_4bit", False):
+    if getattr(model, "is_loaded_in_4bit", False) and not sharded_mode():
+        # (Sharded QLoRA skips this: its fp32 upcast would break FSDP's uniform-dtype shards.)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )

@@ -375,6 +375,7 @@ def train(
         attach_lora,
         check_lora_targets_from_config,
         check_model_source,
+        check_sharded_qlora,
         load_base_model,
         load_tokenizer,
         resolve_model_path,
@@ -390,6 +391,7 @@ def train(
     for note in check_hardware(recipe, cuda):
         say(f"note: {note}")
     check_model_source(recipe.model.name_or_path, "model.name_or_path")
+    check_sharded_qlora(recipe)
     if not resume and check_fresh(run_dir, overwrite):
         with state.main_process_first():
             if state.is_main_process:
