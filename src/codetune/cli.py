@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -48,6 +49,21 @@ def _run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
 @app.callback()
 def main() -> None:
     """codetune: fine-tune a small open LLM into a Python coder with QLoRA, and prove it by running its code."""
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """codetune reports progress itself; the libraries' own bars, notices and deprecation chatter would bury it."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @app.command("recipes")
@@ -174,6 +190,182 @@ def train_cmd(
     _train(r, _run_dir(r, run_dir), resume, overwrite, skip_invalid)
 
 
+def _source_recipe(source: str, recipe: str, overrides: list[str] | None) -> Recipe:
+    """A run directory's own recipe, else the named one (its model is replaced by SOURCE when loading)."""
+    saved = Path(source) / "recipe.yaml"
+    return _load(str(saved) if saved.is_file() else recipe, overrides)
+
+
+SourceArg = Annotated[str, typer.Argument(help="A run directory, a merged model folder or a hub id")]
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", help="For a model folder or hub id: the recipe whose settings apply")
+]
+
+
+def _print_summary(summary: dict) -> None:
+    from .evaluate import ROUGE_TYPES
+
+    results = summary["results"]
+    models = list(results)
+    table = Table("suite", "metric", *models, title="evaluation")
+    suites = [s for s in summary["suites"]]
+    for suite in suites:
+        keys = (
+            list(ROUGE_TYPES)
+            if suite == "rouge"
+            else sorted({k for r in results.values() for k in r.get(suite, {}) if k.startswith("pass@")})
+        )
+        for key in [*keys, "parse_rate"]:
+            cells = [f"{results[m][suite][key]:.2f}" if key in results[m].get(suite, {}) else "-" for m in models]
+            table.add_row(suite, key, *cells)
+    out.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    source: Annotated[str | None, typer.Argument(help="A run directory, a merged model folder or a hub id")] = None,
+    suite: Annotated[
+        list[str] | None, typer.Option("--suite", help="rouge, humaneval, mbpp, starter (repeatable)")
+    ] = None,
+    compare_base: Annotated[bool, typer.Option(help="Also score the base model without the adapter")] = False,
+    completions: Annotated[
+        Path | None, typer.Option(help="Score completions made elsewhere: JSON lines with task_id, completion")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/eval")] = None,
+    recipe: RecipeOpt = "phi3-mini-python",
+    set_: SetOpt = None,
+) -> None:
+    """Score a model: ROUGE as the reference card did, and pass@k of executed tests in a sandbox."""
+    from .evaluate import evaluate, score_completions_file
+
+    try:
+        if completions is not None:
+            if not suite or len(suite) != 1:
+                _fail("--completions needs exactly one --suite (humaneval, mbpp or starter)")
+            r = _load(recipe, set_)
+            summary = score_completions_file(
+                completions, suite[0], recipe=r, out_dir=out_dir or completions.with_suffix(""), console=console
+            )
+            out_dir = out_dir or completions.with_suffix("")
+        else:
+            if source is None:
+                _fail("give a SOURCE to evaluate, or --completions FILE")
+            r = _source_recipe(source, recipe, set_)
+            summary = evaluate(
+                source,
+                suite or r.evaluation.suites,
+                recipe=r,
+                out_dir=out_dir,
+                compare_base=compare_base,
+                console=console,
+            )
+            out_dir = out_dir or Path(source) / "eval"
+    except RecipeError as exc:
+        _fail(str(exc))
+        return
+    _print_summary(summary)
+    out.print(f"results  -> {out_dir}")
+
+
+@app.command("generate")
+def generate_cmd(
+    source: SourceArg,
+    prompt: Annotated[str | None, typer.Option(help="One prompt (a user turn)")] = None,
+    file: Annotated[Path | None, typer.Option(help="JSON lines with a prompt or messages each")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Where --file's answers go (JSON lines)")] = None,
+    recipe: RecipeOpt = "phi3-mini-python",
+    set_: SetOpt = None,
+) -> None:
+    """Answer one prompt, or a file of prompts written to JSON lines."""
+    import json
+
+    from .generate import generate, load_for_inference
+
+    if (prompt is None) == (file is None):
+        _fail("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
+    r = _source_recipe(source, recipe, set_)
+    convs: list[list[dict]] = []
+    if file is not None:
+        if not file.is_file():
+            _fail(f"--file: {file} does not exist")
+        for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                _fail(f"{file}, row {lineno}: not valid JSON ({exc.msg})")
+            if isinstance(obj.get("messages"), list):
+                convs.append(obj["messages"])
+            elif isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+                convs.append([{"role": "user", "content": obj["prompt"]}])
+            else:
+                _fail(f"{file}, row {lineno}, field 'prompt': missing or empty (or give 'messages')")
+    else:
+        convs = [[{"role": "user", "content": prompt}]]
+    try:
+        loaded = load_for_inference(source, recipe=r)
+        answers = generate(
+            loaded.model,
+            loaded.tokenizer,
+            convs,
+            loaded.recipe.generation,
+            batch_size=loaded.recipe.evaluation.batch_size,
+        )
+    except RecipeError as exc:
+        _fail(str(exc))
+        return
+    if file is None:
+        out.print(answers[0], highlight=False, markup=False)
+        return
+    target = out_file or file.with_name(file.stem + ".completions.jsonl")
+    with target.open("w", encoding="utf-8") as fh:
+        for conv, answer in zip(convs, answers, strict=True):
+            fh.write(json.dumps({"messages": conv, "completion": answer}, ensure_ascii=False) + "\n")
+    out.print(f"{len(answers)} answers -> {target}")
+
+
+@app.command("chat")
+def chat_cmd(source: SourceArg, recipe: RecipeOpt = "phi3-mini-python", set_: SetOpt = None) -> None:
+    """Talk to a model; its answers stream as they are generated. /reset starts over, /exit (or Ctrl-D) ends."""
+    from .generate import load_for_inference, stream
+
+    r = _source_recipe(source, recipe, set_)
+    try:
+        loaded = load_for_inference(source, recipe=r)
+    except RecipeError as exc:
+        _fail(str(exc))
+        return
+    history: list[dict] = []
+    console.print("chat: /reset starts over, /exit ends", highlight=False)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        parts = []
+        print("model> ", end="", flush=True)
+        try:
+            for piece in stream(loaded.model, loaded.tokenizer, history, loaded.recipe.generation):
+                parts.append(piece)
+                print(piece, end="", flush=True)
+        except RecipeError as exc:
+            print()
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": "".join(parts).strip()})
+
+
 @app.command("run")
 def run_cmd(
     recipe: RecipeArg,
@@ -183,7 +375,7 @@ def run_cmd(
     overwrite: OverwriteOpt = False,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Run every stage in one go: prepare, then train."""
+    """Run every stage in one go: prepare, train, then evaluate on the recipe's suites."""
     r = _load(recipe, set_)
     rd = _run_dir(r, run_dir)
     if not resume:
@@ -194,7 +386,16 @@ def run_cmd(
         except RecipeError as exc:
             _fail(str(exc))
         _prepare(r, rd, skip_invalid)
-    _train(r, rd, resume, overwrite, skip_invalid)
+    if _train(r, rd, resume, overwrite, skip_invalid) is None or not _is_main():
+        return
+    from .evaluate import evaluate
+
+    try:
+        summary = evaluate(rd, r.evaluation.suites, recipe=r, console=console)
+    except RecipeError as exc:
+        _fail(str(exc))
+    _print_summary(summary)
+    out.print(f"results  -> {rd / 'eval'}")
     out.print(f"run      -> {rd}")
 
 

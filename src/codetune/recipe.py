@@ -171,6 +171,7 @@ class EvaluationConfig(_Section):
     samples: int = Field(500, gt=0, description="Test rows scored with ROUGE (the first N)")
     suites: list[Literal["rouge", "humaneval", "mbpp", "starter"]] = ["rouge"]
     n_samples: int = Field(1, gt=0, description="Completions per task for pass@k")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together")
     k: list[int] = [1]
     mbpp_source: str = Field(
         "google-research-datasets/mbpp", description="Hub id (config 'full') or a local mbpp.jsonl"
@@ -209,6 +210,11 @@ class Recipe(_Section):
             raise ValueError(
                 'data.packing with data.loss_on "answer" needs data.too_long "drop" or "error", '
                 'not "truncate": a truncated row may keep no answer tokens'
+            )
+        if self.evaluation.n_samples > 1 and not self.generation.do_sample:
+            raise ValueError(
+                f"evaluation.n_samples {self.evaluation.n_samples} with generation.do_sample false gives "
+                "identical samples: set generation.do_sample true (or n_samples 1)"
             )
         if self.tokenizer.model_max_length and d.max_length > self.tokenizer.model_max_length:
             raise ValueError(
