@@ -378,14 +378,15 @@ def check_lora_targets_from_config(recipe: Recipe, model_path: str) -> None:
     check_lora_targets(skeleton, recipe.lora)
 
 
-def load_base_model(recipe: Recipe, *, device_map=None, quantize: bool | None = None):
-    """The base model as the recipe asks: 4-bit NF4 through bitsandbytes, or unquantized in the compute dtype."""
+def load_base_model(recipe: Recipe, *, device_map=None, quantize: bool | None = None, dtype: str | None = None):
+    """The base model as the recipe asks: 4-bit NF4 through bitsandbytes, or unquantized in the compute dtype
+    (or ``dtype``)."""
     from transformers import AutoModelForCausalLM
 
     check_model_source(recipe.model.name_or_path, "model.name_or_path")
     path = resolve_model_path(recipe.model.name_or_path)
     quantize = recipe.quantization.load_in_4bit if quantize is None else quantize
-    dtype = recipe.quantization.compute_dtype
+    dtype = dtype or recipe.quantization.compute_dtype
     if sharded_mode():
         check_sharded_qlora(recipe)
         device_map = None  # FSDP / ZeRO-3 place the shards themselves
