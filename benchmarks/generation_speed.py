@@ -16,7 +16,7 @@ import os
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     same = sum(a == b for a, b in zip(one_by_one, batched, strict=True))
     new_tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in batched)
     report = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores"
         + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", CPU only"),
         "model": "Phi-3-mini (random weights)" if args.phi3_mini else str(source or "builtin:tiny-phi3"),

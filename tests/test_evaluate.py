@@ -60,7 +60,12 @@ def test_extract_code():
     assert extract_code(two) == "import os\n\ndef g(x):\n    return x"
     assert extract_code("def h():\n    return 2\n") == "def h():\n    return 2"
     assert extract_code("```\nx = 1\n") == "x = 1"  # an unclosed fence still counts
-    assert parses("def h():\n    return 2") and not parses("def h(:\n")
+    assert (
+        parses("def h():\n    return 2")
+        and not parses("def h(:\n")
+        and not parses("  \n")
+        and not parses("# only a comment")
+    )
 
 
 def test_prompt_formats():

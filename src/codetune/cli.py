@@ -256,7 +256,7 @@ def eval_cmd(
                 suite or r.evaluation.suites,
                 recipe=r,
                 out_dir=out_dir,
-                compare_base=compare_base,
+                compare_base=compare_base or (r.evaluation.compare_base and (Path(source) / "adapter").is_dir()),
                 console=console,
             )
             out_dir = out_dir or Path(source) / "eval"
@@ -391,7 +391,7 @@ def run_cmd(
     from .evaluate import evaluate
 
     try:
-        summary = evaluate(rd, r.evaluation.suites, recipe=r, console=console)
+        summary = evaluate(rd, r.evaluation.suites, recipe=r, console=console, compare_base=r.evaluation.compare_base)
     except RecipeError as exc:
         _fail(str(exc))
     _print_summary(summary)

@@ -181,11 +181,11 @@ def extract_code(answer: str, entry_point: str | None = None) -> str:
 
 
 def parses(code: str) -> bool:
+    """Code that Python parses into at least one statement (an empty or comment-only answer says nothing)."""
     try:
-        ast.parse(code)
+        return bool(ast.parse(code).body)
     except (SyntaxError, ValueError):
         return False
-    return True
 
 
 def build_program(task: Task, code: str) -> str:
@@ -257,7 +257,9 @@ class _Reporter:
                 dt = time.perf_counter() - self.t0
                 eta = dt / self.done * (self.total - self.done) if self.done else 0
                 self.console.print(
-                    f"{self.label}: {self.done}/{self.total} {info} eta {eta:.0f}s".replace("  ", " "), highlight=False
+                    f"{self.label}: {self.done}/{self.total} {info} eta {eta:.0f}s".replace("  ", " "),
+                    highlight=False,
+                    markup=False,
                 )
                 self.next_line = frac + 0.25
 
@@ -431,7 +433,7 @@ def evaluate(
         results = {}
         for suite in suites:
             if console is not None:
-                console.print(f"[{label}] {suite}: {len(tasks[suite])} tasks", highlight=False)
+                console.print(f"[{label}] {suite}: {len(tasks[suite])} tasks", highlight=False, markup=False)
             completions = generate_completions(
                 loaded.model, loaded.tokenizer, tasks[suite], recipe, console, batch_size
             )

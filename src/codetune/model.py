@@ -19,7 +19,7 @@ from .templates import PHI3, resolve_template
 
 TINY_MODEL = "builtin:tiny-phi3"
 # Bump when the tiny model's recipe below changes, so stale caches are never reused.
-_TINY_VERSION = "v2"
+_TINY_VERSION = "v4"
 # The Phi-3 special tokens, in Phi-3's order; the tiny tokenizer gives them the first ids.
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 
@@ -55,6 +55,59 @@ def phi3_mini_config(**overrides):
 # The tiny model
 
 
+# Pure-Python standard-library modules: the tiny base's pre-training text. Never the starter set,
+# whose held-out tasks are the tiny model's test: a base that had read their answers would be contaminated.
+_PRETRAIN_MODULES = [
+    "textwrap",
+    "heapq",
+    "bisect",
+    "fractions",
+    "statistics",
+    "string",
+    "shlex",
+    "difflib",
+    "fnmatch",
+    "colorsys",
+    "calendar",
+    "functools",
+    "collections/__init__",
+    "json/encoder",
+    "json/decoder",
+    "csv",
+    "random",
+    "queue",
+    "graphlib",
+    "operator",
+    "copy",
+    "pprint",
+    "reprlib",
+    "numbers",
+    "dataclasses",
+    "enum",
+    "ipaddress",
+    "base64",
+    "quopri",
+    "keyword",
+    "token",
+    "tokenize",
+    "weakref",
+    "abc",
+    "glob",
+]
+
+
+def _pretrain_corpus() -> list[str]:
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for name in _PRETRAIN_MODULES:
+        path = stdlib / f"{name}.py"
+        if path.is_file():
+            texts.append(path.read_text(encoding="utf-8"))
+    return texts
+
+
 def _starter_corpus() -> list[str]:
     from .starter import load_starter
 
@@ -65,7 +118,7 @@ def _starter_corpus() -> list[str]:
 
 
 def build_tiny_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE tokenizer with Phi-3's special tokens and chat template, trained on the starter set."""
+    """A byte-level BPE tokenizer with Phi-3's special tokens and chat template, trained on Python source."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -78,7 +131,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_starter_corpus(), trainer=trainer)
+    tok.train_from_iterator(_pretrain_corpus() + _starter_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -93,7 +146,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
 
 
 def pretrain_tiny(model, tokenizer, *, steps: int, block: int = 128, batch: int = 16, lr: float = 3e-3) -> None:
-    """A short full-parameter pre-training on the starter set's plain text (no chat format).
+    """A short full-parameter pre-training on Python standard-library source (no chat format).
 
     A frozen random base is a poor stand-in for a pretrained one: LoRA on top of it barely moves
     the loss. After this the tiny base knows the tokens and shapes of Python, and fine-tuning has
@@ -104,7 +157,7 @@ def pretrain_tiny(model, tokenizer, *, steps: int, block: int = 128, batch: int 
     if steps <= 0:
         return
     ids: list[int] = []
-    for text in _starter_corpus():
+    for text in _pretrain_corpus():
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
     data = torch.tensor(ids[: (len(ids) // block) * block]).view(-1, block)
     gen = torch.Generator().manual_seed(0)
@@ -123,7 +176,7 @@ def pretrain_tiny(model, tokenizer, *, steps: int, block: int = 128, batch: int 
 
 
 def build_tiny_model(
-    out_dir: Path, *, hidden_size: int = 128, layers: int = 2, seed: int = 0, pretrain_steps: int = 300
+    out_dir: Path, *, hidden_size: int = 128, layers: int = 2, seed: int = 0, pretrain_steps: int = 600
 ) -> Path:
     """Build the tiny Phi-3 (random weights, fixed seed) and its tokenizer into ``out_dir``."""
     import torch

@@ -172,6 +172,7 @@ class EvaluationConfig(_Section):
     suites: list[Literal["rouge", "humaneval", "mbpp", "starter"]] = ["rouge"]
     n_samples: int = Field(1, gt=0, description="Completions per task for pass@k")
     batch_size: int = Field(16, gt=0, description="Prompts generated together")
+    compare_base: bool = Field(False, description="Also score the base model without the adapter")
     k: list[int] = [1]
     mbpp_source: str = Field(
         "google-research-datasets/mbpp", description="Hub id (config 'full') or a local mbpp.jsonl"
