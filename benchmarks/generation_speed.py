@@ -1,8 +1,9 @@
-"""Generation speed: one prompt at a time (as the reference card's notebook did) against codetune's
-batched path (left padding, KV cache), same prompts, same model, greedy decoding.
+"""Generation speed: one prompt at a time through a text-generation pipeline (as the reference card's
+notebook did) against codetune's batched path (left padding, KV cache, waves), same prompts, same model,
+greedy decoding.
 
     python benchmarks/generation_speed.py                       # the tiny model, on this CPU
-    python benchmarks/generation_speed.py --source runs/tiny-cpu --prompts 64 --batch-size 64
+    python benchmarks/generation_speed.py --source runs/tiny-cpu   # the demo's fine-tuned model
     python benchmarks/generation_speed.py --phi3-mini           # full-size Phi-3-mini, random weights (GPU)
 
 Prints a table and writes JSON (default benchmarks/results/generation_speed.json).
@@ -21,20 +22,27 @@ from pathlib import Path
 
 
 def sequential(model, tokenizer, convs, cfg) -> list[str]:
-    """The notebook's way: one prompt per generate call, no batching."""
-    return [_one(model, tokenizer, c, cfg) for c in convs]
+    """The card's notebook: a text-generation pipeline, one chat-templated prompt per call, the text after
+    the prompt, stripped. Greedy here, with the recipe's stop tokens, so that outputs can be compared."""
+    from transformers import pipeline
 
+    from codetune.model import stop_token_ids
 
-def _one(model, tokenizer, conv, cfg) -> str:
-    from codetune.generate import generate
-
-    return generate(model, tokenizer, [conv], cfg, batch_size=1)[0]
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    stops = stop_token_ids(tokenizer, cfg.stop_tokens)
+    answers = []
+    for conv in convs:
+        prompt = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        out = pipe(prompt, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops,
+                   pad_token_id=tokenizer.pad_token_id, return_full_text=False)
+        answers.append(out[0]["generated_text"].strip())
+    return answers
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=None, help="run directory or model folder (default: the tiny base model)")
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=None, help="how many starter-set prompts (default: all)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--phi3-mini", action="store_true", help="full-size Phi-3-mini architecture, random weights")

@@ -72,15 +72,30 @@ def _sampling(cfg: GenerationConfig) -> dict:
     )
 
 
-def _encode(tokenizer, model, conversations: list[list[dict]], first_index: int = 0):
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+def _prompt_ids(tokenizer, model, conversations: list[list[dict]], first_index: int = 0) -> list[list[int]]:
     limit = context_length(model)
-    lengths = enc["attention_mask"].sum(dim=1).tolist()
-    for i, n in enumerate(lengths):
-        if n >= limit:
-            raise RecipeError(f"prompt {first_index + i} has {n} tokens: longer than the model's context ({limit})")
-    return {k: v.to(model.device) for k, v in enc.items()}
+    ids = []
+    for i, conv in enumerate(conversations):
+        text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        row = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(row) >= limit:
+            raise RecipeError(
+                f"prompt {first_index + i} has {len(row)} tokens: longer than the model's context ({limit})"
+            )
+        ids.append(row)
+    return ids
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, device):
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 def generate(
@@ -91,29 +106,58 @@ def generate(
     *,
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
+    first_wave: int | None = 32,
 ) -> list[str]:
-    """Batched generation: one answer (the text after the prompt, stripped) per conversation."""
+    """Batched generation: one answer (the text after the prompt, stripped) per conversation.
+
+    Each batch is left-padded and decoded with the KV cache by ``model.generate``. A batch runs in
+    *waves* of new tokens (32, then 64, 128, ...): after each wave the rows that hit a stop token
+    leave, and the rest go on together from where they stopped. Without waves one long answer keeps
+    a whole batch busy until it ends. ``first_wave=None`` decodes each batch in one call.
+    """
     import torch
 
     from .model import stop_token_ids
 
-    stops = stop_token_ids(tokenizer, cfg.stop_tokens)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # new tokens go on the right: pads must not sit between prompt and answer
+    stops = set(stop_token_ids(tokenizer, cfg.stop_tokens))
+    sampling = _sampling(cfg)
     torch.manual_seed(cfg.seed)
-    answers: list[str] = []
-    try:
-        for i in range(0, len(conversations), batch_size):
-            chunk = conversations[i : i + batch_size]
-            enc = _encode(tokenizer, model, chunk, i)
-            with torch.no_grad():
-                out = model.generate(**enc, **_sampling(cfg), eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1] :]
-            answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-            if on_batch is not None:
-                on_batch(len(chunk))
-    finally:
-        tokenizer.padding_side = side
+    all_prompts = _prompt_ids(tokenizer, model, conversations)
+    # Batches of similar prompt lengths carry less padding; answers go back in the caller's order.
+    order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
+    answers: list[str] = [""] * len(all_prompts)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        prompts = [all_prompts[i] for i in chosen]
+        new: list[list[int]] = [[] for _ in prompts]
+        pending = list(range(len(prompts)))
+        budget = cfg.max_new_tokens
+        wave = min(first_wave or budget, budget)
+        while pending and budget > 0:
+            enc = _left_padded([prompts[i] + new[i] for i in pending], tokenizer.pad_token_id, model.device)
+            with torch.inference_mode():
+                out = model.generate(
+                    **enc,
+                    **{**sampling, "max_new_tokens": wave},
+                    # On a CPU a preallocated cache beats growing one by concatenation every step; on a GPU
+                    # transformers would compile for it, once per wave shape, which costs more than it saves.
+                    cache_implementation="static" if model.device.type == "cpu" else None,
+                    eos_token_id=sorted(stops),
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            still = []
+            for row, i in zip(out[:, enc["input_ids"].shape[1] :].tolist(), pending, strict=True):
+                cut = next((j for j, t in enumerate(row) if t in stops), None)
+                new[i] += row if cut is None else row[:cut]
+                if cut is None and len(row) == wave:
+                    still.append(i)
+            budget -= wave
+            wave = min(wave * 2, budget)
+            pending = still
+        for i, ids in zip(chosen, new, strict=True):
+            answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if on_batch is not None:
+            on_batch(len(prompts))
     return answers
 
 
@@ -126,7 +170,7 @@ def stream(model, tokenizer, conversation: list[dict], cfg: GenerationConfig) ->
 
     from .model import stop_token_ids
 
-    enc = _encode(tokenizer, model, [conversation])
+    enc = _left_padded(_prompt_ids(tokenizer, model, [conversation]), tokenizer.pad_token_id, model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(
         **enc,
