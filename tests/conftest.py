@@ -27,8 +27,11 @@ needs_mbpp = _needs(MBPP_JSONL)
 
 @pytest.fixture(scope="session", autouse=True)
 def codetune_home(tmp_path_factory):
-    """One cache per test session, so the tiny model is built once and never read from a user's cache."""
-    home = tmp_path_factory.mktemp("codetune-home")
+    """One cache per test session, so the tiny model is built once and never read from a user's cache.
+
+    CODETUNE_TEST_HOME=DIR reuses a cache across sessions (a developer's shortcut; CI never sets it).
+    """
+    home = os.environ.get("CODETUNE_TEST_HOME") or tmp_path_factory.mktemp("codetune-home")
     os.environ["CODETUNE_HOME"] = str(home)
     return home
 

@@ -366,6 +366,116 @@ def chat_cmd(source: SourceArg, recipe: RecipeOpt = "phi3-mini-python", set_: Se
         history.append({"role": "assistant", "content": "".join(parts).strip()})
 
 
+RunDirArg = Annotated[Path, typer.Argument(help="A run directory (recipe.yaml, adapter/)")]
+
+
+@app.command("merge")
+def merge_cmd(
+    run_dir: RunDirArg,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/merged")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+) -> None:
+    """Fold the adapter into the unquantized base model: one folder any tool can load."""
+    from .export import merge
+
+    if dtype not in ("bfloat16", "float16", "float32"):
+        _fail(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+    try:
+        path = merge(run_dir, out_dir, dtype=dtype, log=lambda m: console.print(m, highlight=False))
+    except RecipeError as exc:
+        _fail(str(exc))
+        return
+    out.print(f"merged   -> {path}")
+
+
+@app.command("card")
+def card_cmd(
+    run_dir: RunDirArg,
+    repo_id: Annotated[str | None, typer.Option(help="The hub repo the card will live in (for its snippet)")] = None,
+) -> None:
+    """Write RUN_DIR/README.md: a Hugging Face model card with the run's real numbers."""
+    from .card import write_card
+
+    try:
+        path = write_card(run_dir, repo_id=repo_id)
+    except RecipeError as exc:
+        _fail(str(exc))
+        return
+    out.print(f"card     -> {path}")
+
+
+@app.command("push")
+def push_cmd(
+    run_dir: RunDirArg,
+    repo_id: Annotated[str, typer.Option(help="OWNER/NAME on the Hugging Face hub")],
+    private: Annotated[bool, typer.Option(help="Create the repo private")] = False,
+) -> None:
+    """Upload the adapter, the model card and the plots to the Hugging Face hub."""
+    from .card import push
+
+    try:
+        url = push(run_dir, repo_id, private=private)
+    except RecipeError as exc:
+        _fail(str(exc))
+        return
+    out.print(f"pushed   -> {url}")
+
+
+@app.command("serve")
+def serve_cmd(
+    source: SourceArg,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="CODETUNE_API_KEY", help="Require 'Authorization: Bearer KEY'")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="The model id clients ask for (default: the folder name)")] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="The largest max_tokens a request may ask")] = 1024,
+    engine: Annotated[str, typer.Option(help="hf (this process) or vllm (vLLM's OpenAI server)")] = "hf",
+    dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the command, do not start it")] = False,
+    recipe: RecipeOpt = "phi3-mini-python",
+    set_: SetOpt = None,
+) -> None:
+    """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    import shlex
+    import shutil
+
+    from .serve import create_app, load_engine, vllm_command
+
+    if engine == "vllm":
+        try:
+            cmd = vllm_command(
+                source, host=host, port=port, name=name, api_key=api_key, max_tokens_limit=max_tokens_limit
+            )
+        except RecipeError as exc:
+            _fail(str(exc))
+            return
+        line = shlex.join(cmd)
+        if dry_run:
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+            return
+        if shutil.which("vllm") is None:
+            _fail(f"vLLM is not installed here (pip install vllm; it needs a CUDA GPU). The command would be:\n{line}")
+        os.execvp(cmd[0], cmd)
+    if engine != "hf":
+        _fail(f"--engine {engine!r}: use hf or vllm")
+    import uvicorn
+
+    try:
+        eng = load_engine(
+            source, name=name, max_tokens_limit=max_tokens_limit, recipe=_source_recipe(source, recipe, set_)
+        )
+    except RecipeError as exc:
+        _fail(str(exc))
+        return
+    console.print(
+        f"serving {eng.name!r} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})",
+        highlight=False,
+        markup=False,
+    )
+    uvicorn.run(create_app(eng, api_key=api_key), host=host, port=port, log_level="warning")
+
+
 @app.command("run")
 def run_cmd(
     recipe: RecipeArg,
@@ -375,7 +485,7 @@ def run_cmd(
     overwrite: OverwriteOpt = False,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Run every stage in one go: prepare, train, then evaluate on the recipe's suites."""
+    """Run every stage in one go: prepare, train, evaluate on the recipe's suites, write the model card."""
     r = _load(recipe, set_)
     rd = _run_dir(r, run_dir)
     if not resume:
@@ -396,6 +506,9 @@ def run_cmd(
         _fail(str(exc))
     _print_summary(summary)
     out.print(f"results  -> {rd / 'eval'}")
+    from .card import write_card
+
+    out.print(f"card     -> {write_card(rd)}")
     out.print(f"run      -> {rd}")
 
 

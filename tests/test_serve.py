@@ -1,0 +1,242 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official openai client."""
+
+import asyncio
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from codetune.recipe import load_recipe
+from codetune.serve import create_app, load_engine, vllm_command
+from codetune.train import train
+
+API_KEY = "sk-test-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_dir):
+    run = tmp_path_factory.mktemp("serve") / "run"
+    train(
+        load_recipe("tiny-cpu", ["training.max_steps=40", "training.eval_steps=null", "training.save_strategy=no"]), run
+    )
+    return run
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir):
+    return load_engine(run_dir, name="tiny", max_tokens_limit=256)
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    with LiveServer(create_app(engine)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+PROMPT = "Write a Python function `double(x)` that returns 2 * x."
+
+
+def test_models_and_health(client, base_url):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok", "model": "tiny"}
+
+
+def test_chat_completion_matches_codetune_generate(client, engine):
+    from codetune.generate import generate
+
+    res = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=40, temperature=0
+    )
+    choice = res.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    cfg = engine.recipe.generation.model_copy(update={"do_sample": False, "max_new_tokens": 40})
+    expected = generate(engine.model, engine.tokenizer, [[{"role": "user", "content": PROMPT}]], cfg)[0]
+    assert choice.message.content.strip() == expected
+    assert (
+        res.usage.completion_tokens > 0
+        and res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
+    )
+
+
+def test_chat_stream_equals_the_whole_answer(client):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=40, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole and len(chunks) > 3
+
+
+def test_completions(client, engine):
+    # a raw prompt: here the chat template written out by hand, so the answer must equal the chat endpoint's
+    prompt = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    res = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    assert res.object == "text_completion" and res.choices[0].text
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=24, temperature=0
+    )
+    assert res.choices[0].text == chat.choices[0].message.content
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True)
+    )
+    assert streamed == res.choices[0].text
+    assert 0 < res.usage.completion_tokens <= 24
+
+
+def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(client, base_url):
+    import openai
+
+    bad = [
+        (dict(model="nope", messages=[{"role": "user", "content": "hi"}]), 404, "does not exist"),
+        (dict(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=5), 400, "temperature"),
+        (dict(model="tiny", messages=[{"role": "user", "content": "hi"}], top_p=0), 400, "top_p"),
+        (dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=100000), 400, "over this server"),
+        (dict(model="tiny", messages=[{"role": "user", "content": "word " * 3000}]), 400, "context"),
+        (dict(model="tiny", messages=[]), 400, "messages"),
+        (dict(model="tiny", messages=[{"role": "wizard", "content": "hi"}]), 400, "role"),
+    ]
+    for kwargs, status, text in bad:
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(**kwargs)
+        assert info.value.status_code == status, kwargs
+        body = info.value.response.json()
+        assert text in body["error"]["message"] and body["error"]["type"]
+    raw = httpx.post(
+        f"{base_url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert ok.choices[0].message.role == "assistant"
+
+
+def test_api_key(engine):
+    from openai import AuthenticationError, OpenAI
+
+    with LiveServer(create_app(engine, api_key=API_KEY)) as url:
+        good = OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+        assert good.models.list().data[0].id == "tiny"
+        for key in ("wrong", ""):
+            with pytest.raises(AuthenticationError):
+                OpenAI(base_url=f"{url}/v1", api_key=key or "x", max_retries=0).models.list()
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_disconnect_mid_stream_frees_the_slot(base_url, client, engine):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 256,
+        "temperature": 1.0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as res:
+        for _ in res.iter_lines():
+            break  # read the first event, then hang up
+    t0 = time.perf_counter()
+    deadline = t0 + 30
+    while engine.slot.locked() and time.perf_counter() < deadline:
+        time.sleep(0.02)
+    assert not engine.slot.locked()
+    quick = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert quick.choices[0].message.role == "assistant"
+
+
+def test_load_32_concurrent_clients_200_requests(base_url):
+    from openai import AsyncOpenAI
+
+    async def main():
+        client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        sem = asyncio.Semaphore(32)
+        latencies, statuses = [], []
+
+        async def one(i):
+            async with sem:
+                t0 = time.perf_counter()
+                try:
+                    res = await client.chat.completions.create(
+                        model="tiny",
+                        messages=[{"role": "user", "content": f"Write `f{i}(x)`."}],
+                        max_tokens=8,
+                        temperature=0,
+                        stream=i % 4 == 0,
+                    )
+                    if i % 4 == 0:
+                        async for _ in res:
+                            pass
+                    statuses.append(200)
+                except Exception as exc:  # noqa: BLE001 - every failure is counted, then asserted on
+                    statuses.append(getattr(exc, "status_code", 599))
+                latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+        await client.close()
+        return latencies, statuses
+
+    latencies, statuses = asyncio.run(main())
+    q = statistics.quantiles(latencies, n=100)
+    print(
+        f"\n200 requests, 32 concurrent: p50 {q[49]:.3f}s p90 {q[89]:.3f}s p99 {q[98]:.3f}s max {max(latencies):.3f}s"
+    )
+    assert statuses == [200] * 200
+
+
+def test_vllm_command_refuses_the_local_only_tiny_model(run_dir):
+    from codetune.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="vLLM needs a hub id or a model folder"):
+        vllm_command(run_dir, host="127.0.0.1", port=9000)
+
+
+def test_vllm_command_for_a_phi3_run(run_dir, tmp_path):
+    recipe = load_recipe(run_dir / "recipe.yaml").model_copy()
+    phi = (run_dir / "recipe.yaml").read_text().replace("builtin:tiny-phi3", "microsoft/Phi-3-mini-4k-instruct")
+    (tmp_path / "recipe.yaml").write_text(phi)
+    (tmp_path / "adapter").symlink_to(run_dir / "adapter")
+    cmd = vllm_command(tmp_path, host="0.0.0.0", port=9000, name="coder", api_key="k")
+    assert cmd[:3] == ["vllm", "serve", "microsoft/Phi-3-mini-4k-instruct"]
+    i = cmd.index("--lora-modules")
+    assert cmd[i + 1] == f"coder={(tmp_path / 'adapter').resolve()}"
+    assert "--enable-lora" in cmd and cmd[cmd.index("--max-lora-rank") + 1] == str(max(8, recipe.lora.r))
+    assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[cmd.index("--port") + 1] == "9000"
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"

@@ -1,0 +1,135 @@
+"""Merge, model card and push on a trained tiny run."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from codetune.card import extract_usage, render_card, write_card
+from codetune.cli import app
+from codetune.recipe import RecipeError, load_recipe
+from codetune.train import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_dir):
+    run = tmp_path_factory.mktemp("ship") / "run"
+    train(load_recipe("tiny-cpu", ["training.max_steps=30", "training.eval_steps=10"]), run)
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(run),
+            "--suite",
+            "rouge",
+            "--suite",
+            "starter",
+            "--set",
+            "evaluation.samples=6",
+            "--set",
+            "generation.max_new_tokens=32",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_merged_logits_match_base_plus_adapter(run_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from codetune.model import load_base_model
+
+    res = runner.invoke(app, ["merge", str(run_dir), "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.dtype == torch.bfloat16
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())  # never merged into 4-bit
+    stops = merged.generation_config.eos_token_id
+    assert set(stops) == {6, 3}  # <|end|> and <|endoftext|>
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    reference = PeftModel.from_pretrained(
+        load_base_model(recipe, quantize=False, dtype="bfloat16"), str(run_dir / "adapter")
+    ).eval()
+    ids = torch.randint(10, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = reference(input_ids=ids).logits.float()
+        b = merged(input_ids=ids).logits.float()
+    scale = a.abs().max().item()
+    assert (a - b).abs().max().item() <= 0.02 * scale  # bf16 keeps ~3 significant digits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9  # random inputs: some near-ties flip
+    # and the adapter really changed the model: the merged model is not the base
+    base = load_base_model(recipe, quantize=False, dtype="bfloat16").eval()
+    with torch.no_grad():
+        c = base(input_ids=ids).logits.float()
+    assert (c - b).abs().max().item() > 0.05 * scale
+
+
+def test_merge_needs_an_adapter(tmp_path, run_dir):
+    (tmp_path / "recipe.yaml").write_text((run_dir / "recipe.yaml").read_text())
+    res = runner.invoke(app, ["merge", str(tmp_path)])
+    assert res.exit_code == 2 and "has no trained adapter" in res.output
+
+
+def test_card_has_metadata_tables_and_real_numbers(run_dir):
+    import yaml
+
+    text = write_card(run_dir).read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == "builtin:tiny-phi3" and meta["library_name"] == "peft"
+    assert meta["pipeline_tag"] == "text-generation" and meta["license"] and "codetune" in meta["tags"]
+    results = meta["model-index"][0]["results"]
+    summary = json.loads((run_dir / "eval/summary.json").read_text())["results"]
+    rouge_l = next(m["value"] for r in results for m in r["metrics"] if m["name"] == "ROUGE-L")
+    assert rouge_l == round(summary["fine-tuned"]["rouge"]["rougeL"], 2)
+    assert any(m["type"] == "pass@1" for r in results for m in r["metrics"])
+    assert "| Step | Training Loss | Validation Loss |" in text and "![training and validation loss](loss.png)" in text
+    assert "| `lora.r` | `16` |" in text and "| `data.loss_on` | `answer` |" in text
+    assert "| rougeL |" in text and "fine-tuned" in text and "base" in text
+    assert "<|user|>" in text and "<|end|>" in text
+
+
+def test_card_usage_snippet_runs_as_written(run_dir, tmp_path):
+    snippet = extract_usage(write_card(run_dir).read_text())
+    script = tmp_path / "usage.py"
+    script.write_text(snippet)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip()  # it printed the model's answer
+
+
+def test_card_for_a_repo_points_the_snippet_there(run_dir):
+    text = render_card(run_dir, repo_id="someone/tiny-coder")
+    assert 'model_id = "someone/tiny-coder"' in extract_usage(text)
+    assert "# tiny-coder" in text
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_push_offline_fails_clearly_and_changes_nothing(run_dir, monkeypatch):
+    before = _digest(run_dir)
+    res = runner.invoke(app, ["push", str(run_dir), "--repo-id", "someone/tiny-coder"])
+    assert res.exit_code == 2 and "offline" in res.output and "nothing was uploaded" in res.output
+    assert _digest(run_dir) == before
+    with pytest.raises(RecipeError, match="expected OWNER/NAME"):
+        from codetune.card import push
+
+        push(run_dir, "no-owner")
