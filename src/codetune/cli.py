@@ -388,6 +388,30 @@ def merge_cmd(
     out.print(f"merged   -> {path}")
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: RunDirArg,
+    format_: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama)")] = "gguf",
+    out_file: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/model-OUTTYPE.gguf")] = None,
+    outtype: Annotated[str, typer.Option(help="f16, bf16, f32 or q8_0")] = "f16",
+) -> None:
+    """Export a fine-tune for llama.cpp / Ollama: merged first (bf16 base + adapter), then written as GGUF."""
+    from .export import MERGED, merge
+    from .gguf_export import export_gguf
+
+    if format_ != "gguf":
+        _fail(f"--format {format_!r}: only gguf is supported")
+    try:
+        merged = run_dir / MERGED
+        if not (merged / "config.json").is_file():
+            merge(run_dir, merged, log=lambda m: console.print(m, highlight=False))
+        path = export_gguf(merged, out_file or run_dir / f"model-{outtype}.gguf", outtype=outtype)
+    except RecipeError as exc:
+        _fail(str(exc))
+        return
+    out.print(f"gguf     -> {path}")
+
+
 @app.command("card")
 def card_cmd(
     run_dir: RunDirArg,
