@@ -236,6 +236,7 @@ def eval_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Score a model: ROUGE as the reference card did, and pass@k of executed tests in a sandbox."""
+    from .data import DataError
     from .evaluate import evaluate, score_completions_file
 
     try:
@@ -260,7 +261,7 @@ def eval_cmd(
                 console=console,
             )
             out_dir = out_dir or Path(source) / "eval"
-    except RecipeError as exc:
+    except (RecipeError, DataError) as exc:
         _fail(str(exc))
         return
     _print_summary(summary)
@@ -277,8 +278,7 @@ def generate_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Answer one prompt, or a file of prompts written to JSON lines."""
-    import json
-
+    from .data import DataError, read_jsonl, write_jsonl
     from .generate import generate, load_for_inference
 
     if (prompt is None) == (file is None):
@@ -288,13 +288,12 @@ def generate_cmd(
     if file is not None:
         if not file.is_file():
             _fail(f"--file: {file} does not exist")
-        for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                _fail(f"{file}, row {lineno}: not valid JSON ({exc.msg})")
+        try:
+            rows = read_jsonl(file)
+        except DataError as exc:
+            _fail(str(exc))
+        for obj in rows:
+            lineno = obj["__row__"]
             if isinstance(obj.get("messages"), list):
                 convs.append(obj["messages"])
             elif isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
@@ -319,9 +318,7 @@ def generate_cmd(
         out.print(answers[0], highlight=False, markup=False)
         return
     target = out_file or file.with_name(file.stem + ".completions.jsonl")
-    with target.open("w", encoding="utf-8") as fh:
-        for conv, answer in zip(convs, answers, strict=True):
-            fh.write(json.dumps({"messages": conv, "completion": answer}, ensure_ascii=False) + "\n")
+    write_jsonl(target, [{"messages": c, "completion": a} for c, a in zip(convs, answers, strict=True)])
     out.print(f"{len(answers)} answers -> {target}")
 
 

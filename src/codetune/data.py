@@ -53,7 +53,8 @@ class Example:
 # Reading
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """JSON lines, each row a dict with ``__row__`` (its line number); non-objects as ``__not_an_object__``."""
     rows = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -95,14 +96,14 @@ def read_source(source: str, *, revision: str | None = None, hub_split: str = "t
         if not path.is_file():
             raise RecipeError(f"data.source: file not found: {source}")
         if path.suffix == ".jsonl":
-            return _read_jsonl(path), str(path)
+            return read_jsonl(path), str(path)
         if path.suffix == ".json":
             try:
                 obj = json.loads(path.read_bytes().decode("utf-8"))
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}: undecodable text (not UTF-8: {exc.reason})") from None
             except json.JSONDecodeError:
-                return _read_jsonl(path), str(path)  # JSON lines saved as .json
+                return read_jsonl(path), str(path)  # JSON lines saved as .json
             if not isinstance(obj, list):
                 raise DataError(f"{path}: expected a JSON list of row objects")
             return [
@@ -401,10 +402,14 @@ def _example_record(ex: Example, tok: Tokenized, text: str) -> dict[str, Any]:
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as fh:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write JSON lines through a temporary file, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 def _write_split(path: Path, records: list[dict]) -> None:
@@ -565,9 +570,9 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
         _write_split(staging / "train.parquet", train_records)
         _write_split(staging / "test.parquet", test_records)
         if rejected:
-            _write_jsonl(staging / "rejected.jsonl", rejected)
+            write_jsonl(staging / "rejected.jsonl", rejected)
         if contaminated:
-            _write_jsonl(staging / "decontaminated.jsonl", contaminated)
+            write_jsonl(staging / "decontaminated.jsonl", contaminated)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         target = run_dir / DATA_DIR
         if target.exists():

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data import read_jsonl, write_jsonl
 from .recipe import Recipe, RecipeError
 
 EVAL_DIR = "eval"
@@ -272,15 +273,6 @@ class _Reporter:
 # The stage
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def score_suite(
     suite: str,
     tasks: list[Task],
@@ -343,7 +335,7 @@ def score_suite(
                     100 * sum(pass_at_k(len(v), sum(v), k) for v in per_task.values()) / len(per_task)
                 )
     summary["parse_rate"] = 100 * sum(r["parses"] for r in rows) / max(1, len(rows))
-    _write_jsonl(out_dir / f"{suite}.jsonl", rows)
+    write_jsonl(out_dir / f"{suite}.jsonl", rows)
     return summary
 
 
@@ -465,13 +457,8 @@ def score_completions_file(path: Path, suite: str, *, recipe: Recipe, out_dir: P
         raise RecipeError(f"--completions scores an executed suite: {', '.join(EXECUTED)} (not {suite!r})")
     tasks = {t.task_id: t for t in load_tasks(suite, recipe, None)}
     by_task: dict[str, list[str]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"{path}, row {lineno}: not valid JSON ({exc.msg})") from None
+    for obj in read_jsonl(path):
+        lineno = obj["__row__"]
         for key in ("task_id", "completion"):
             if not isinstance(obj.get(key), str):
                 raise RecipeError(f"{path}, row {lineno}, field {key!r}: missing or not text")
