@@ -33,8 +33,15 @@ def sequential(model, tokenizer, convs, cfg) -> list[str]:
     answers = []
     for conv in convs:
         prompt = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        out = pipe(prompt, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops,
-                   pad_token_id=tokenizer.pad_token_id, return_full_text=False)
+        out = pipe(
+            prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+            return_full_text=False,
+        )
         answers.append(out[0]["generated_text"].strip())
     return answers
 
