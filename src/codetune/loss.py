@@ -34,11 +34,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + CHUNK].to(mm_dtype)
             t = targets[start : start + CHUNK]
             logits = (h @ w.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()  # in place, one exp pass serves the loss and the gradient
+            norm = e.sum(dim=-1)
+            total += (top.squeeze(1) + norm.log() - target).sum()
             if grad_hidden is not None:
-                # d/dlogits of (lse - logit[t]) is softmax - onehot(t): computed in place over the logits
-                probs = logits.sub_(lse[:, None]).exp_()
+                # d/dlogits of (logsumexp - logit[t]) is softmax - onehot(t)
+                probs = e.div_(norm[:, None])
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad_hidden[start : start + CHUNK] = (probs.to(mm_dtype) @ w).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)

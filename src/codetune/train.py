@@ -438,8 +438,12 @@ def train(
     overwrite: bool = False,
     console=None,
     skip_invalid: bool = False,
+    callbacks: list | None = None,
 ) -> TrainResult:
-    """Fine-tune ``recipe``'s model with LoRA on the prepared data in ``run_dir``."""
+    """Fine-tune ``recipe``'s model with LoRA on the prepared data in ``run_dir``.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (timing, custom logging).
+    """
     from accelerate import PartialState
 
     from .data import prepare
@@ -511,7 +515,7 @@ def train(
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[_metrics_callback(run_dir, console if state.is_main_process else None)],
+        callbacks=[_metrics_callback(run_dir, console if state.is_main_process else None), *(callbacks or [])],
     )
     from transformers.trainer_callback import PrinterCallback
 
