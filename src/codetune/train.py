@@ -456,6 +456,7 @@ def train(
         load_base_model,
         load_tokenizer,
         resolve_model_path,
+        sharded_mode,
     )
 
     def say(msg: str) -> None:
@@ -498,13 +499,15 @@ def train(
 
     device_map = {"": state.local_process_index} if cuda else None
     model = load_base_model(recipe, device_map=device_map)
-    lean = add_lean_loss(model)
+    # FSDP and ZeRO-3 hold the head's weight sharded outside its own forward: keep the model's loss there
+    lean = not sharded_mode() and add_lean_loss(model)
     model = attach_lora(model, recipe, gradient_checkpointing=recipe.training.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"model {recipe.model.name_or_path}: {trainable:,} trainable LoRA parameters of {total:,}")
     if not lean:
-        say("note: this model's head is not a plain projection: training uses its own loss (full logits)")
+        why = "FSDP / ZeRO-3 shard the head" if sharded_mode() else "this model's head is not a plain projection"
+        say(f"note: {why}: training uses the model's own loss (full logits)")
 
     collator = _collator(recipe, tokenizer)
     args = _training_arguments(recipe, run_dir, cuda)
