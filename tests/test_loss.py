@@ -89,6 +89,17 @@ def test_lean_loss_equals_the_models_own_loss_and_gradients(tiny_dir):
     torch.testing.assert_close(lean_sum * 4, own_out.loss, rtol=1e-5, atol=1e-6)
 
 
+def test_an_adapted_head_falls_back_to_the_models_own_loss(tiny_dir):
+    # LoRA on lm_head: the head's weight alone is not the projection any more
+    recipe = tiny_recipe("lora.target_modules=[qkv_proj,lm_head]")
+    ids = torch.randint(10, 900, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        lean_out = _training_model(recipe, lean_loss=True)(input_ids=ids, labels=ids)
+        own_out = _training_model(recipe, lean_loss=False)(input_ids=ids, labels=ids)
+    assert lean_out.logits is not None
+    torch.testing.assert_close(lean_out.loss, own_out.loss)
+
+
 def test_lean_loss_leaves_generation_alone_and_survives_an_empty_batch(tiny_dir):
     recipe = tiny_recipe()
     model = _training_model(recipe, lean_loss=True)

@@ -9,7 +9,8 @@ hidden states in the same pass (the fused linear cross-entropy of Liger Kernel, 
 need a GPU; this one is plain torch and runs everywhere). Only ``[positions, hidden]`` tensors
 outlive a chunk.
 
-The head's weight is frozen in LoRA training, so no gradient is computed for it.
+The head's weight is frozen in LoRA training, so no gradient is computed for it; a trained or
+LoRA-adapted head makes the forward fall back to the model's own loss.
 """
 
 from __future__ import annotations
@@ -85,7 +86,12 @@ def add_lean_loss(model) -> bool:
 
     @functools.wraps(type(model).forward)  # keeps the signature the Trainer and generate() inspect
     def forward(self, *args, labels=None, num_items_in_batch=None, **kwargs):
-        if labels is None:
+        head = self.get_output_embeddings()
+        if labels is None or type(head) is not torch.nn.Linear or head.weight.requires_grad:
+            # generation; or a head that is trained or adapted (modules_to_save, LoRA on lm_head),
+            # whose weight alone is not the projection: the model's own forward and loss
+            if labels is not None:
+                kwargs.update(labels=labels, num_items_in_batch=num_items_in_batch)
             return original(*args, **kwargs)
         kwargs.pop("logits_to_keep", None)
         kwargs["use_cache"] = False
@@ -93,7 +99,6 @@ def add_lean_loss(model) -> bool:
         hidden = out.last_hidden_state[:, :-1]
         targets = labels[:, 1:].to(hidden.device)
         keep = targets != -100
-        head = self.get_output_embeddings()
         total = chunked_cross_entropy_sum(hidden[keep], head.weight, targets[keep])
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
         loss = total / torch.as_tensor(count, device=total.device)
