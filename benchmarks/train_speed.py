@@ -190,47 +190,42 @@ def _rows_dir(data_dir: Path, run_dir: Path, rows: int) -> None:
     shutil.copy(data_dir / "recipe.yaml", run_dir / "recipe.yaml")
 
 
-def heldout_token_losses(recipe, adapter_dir: Path | None, heldout_dir: Path) -> list[list[tuple[int, float]]]:
-    """(target id, cross-entropy) for the code tokens of the first held-out rows' answers (None adapter: the base).
+def heldout_token_losses(recipe, adapter_dir: Path, heldout_dirs: dict[str, str]) -> tuple[dict, dict]:
+    """(target id, cross-entropy) for the code tokens of the first held-out rows' answers, in each prompt
+    format, for the trained model and for its base (the same model with the adapter switched off).
 
-    Each path is scored in its own prompt format; the format's special tokens (<|end|>, </s>,
-    <|endoftext|>) are left out, and the parent scores both paths on the targets they share.
+    The formats' special tokens (<|end|>, </s>, <|endoftext|>) are left out; the parent scores every
+    variant on the targets both formats share.
     """
     import torch
     import torch.nn.functional as F
+    from peft import PeftModel
 
     from codetune.data import load_split
     from codetune.model import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(recipe)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)))
-    model = load_base_model(recipe)
-    if adapter_dir is not None:
-        from peft import PeftModel
+    model = PeftModel.from_pretrained(load_base_model(recipe), str(adapter_dir)).eval()
+    rows = {f: load_split(Path(d), "test").select(range(HELDOUT_ROWS)) for f, d in heldout_dirs.items()}
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    out = []
+    def score() -> dict[str, list[list[tuple[int, float]]]]:
+        out = {}
+        for fmt, split in rows.items():
+            out[fmt] = []
+            for row in split:
+                labels = torch.tensor(row["labels"][1:])
+                logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].float()
+                keep = (labels != -100) & ~torch.isin(labels, special)
+                losses = F.cross_entropy(logits[keep], labels[keep], reduction="none")
+                out[fmt].append(list(zip(labels[keep].tolist(), losses.tolist(), strict=True)))
+        return out
+
     with torch.no_grad():
-        for row in load_split(heldout_dir, "test").select(range(HELDOUT_ROWS)):
-            labels = torch.tensor(row["labels"][1:])
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].float()
-            keep = (labels != -100) & ~torch.isin(labels, special)
-            losses = F.cross_entropy(logits[keep], labels[keep], reduction="none")
-            out.append(list(zip(labels[keep].tolist(), losses.tolist(), strict=True)))
-    return out
-
-
-def shared_target_loss(a: list[list[tuple[int, float]]], b: list[list[tuple[int, float]]]) -> tuple[float, float, int]:
-    """Mean loss of two scorings over the targets they share: per row, the common prefix of their code tokens."""
-    sa = sb = 0.0
-    n = 0
-    for ra, rb in zip(a, b, strict=True):
-        for (ta, la), (tb, lb) in zip(ra, rb, strict=False):
-            if ta != tb:
-                break
-            sa, sb, n = sa + la, sb + lb, n + 1
-    return sa / n, sb / n, n
+        trained = score()
+        with model.disable_adapter():
+            base = score()
+    return trained, base
 
 
 def run_reference(recipe, run_dir: Path, *, bf16: bool, callbacks: list | None = None) -> dict:
@@ -352,10 +347,7 @@ def child(args) -> None:
     out.update(stats)
     if spec["heldout"]:
         # both prompt formats, so that each column of the table scores both paths on the same token ids
-        out["heldout"] = {
-            f: heldout_token_losses(recipe, run_dir / "adapter", Path(d)) for f, d in heldout_dirs.items()
-        }
-        out["heldout_base"] = {f: heldout_token_losses(recipe, None, Path(d)) for f, d in heldout_dirs.items()}
+        out["heldout"], out["heldout_base"] = heldout_token_losses(recipe, run_dir / "adapter", heldout_dirs)
     Path(spec["result"]).write_text(json.dumps(out))
 
 
