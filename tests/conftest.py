@@ -41,3 +41,15 @@ def tiny_dir(codetune_home):
     from codetune.model import ensure_tiny_model
 
     return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_dir):
+    """A tiny run trained 40 steps, shared by the inference and serving tests (they read it; eval adds eval/)."""
+    from codetune.recipe import load_recipe
+    from codetune.train import train
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    settings = ["training.max_steps=40", "training.eval_steps=null", "training.save_strategy=no"]
+    train(load_recipe("tiny-cpu", settings), run)
+    return run

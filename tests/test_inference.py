@@ -11,19 +11,14 @@ from typer.testing import CliRunner
 import codetune
 from codetune.cli import app
 from codetune.generate import generate, load_for_inference
-from codetune.recipe import RecipeError, load_recipe
-from codetune.train import train
+from codetune.recipe import RecipeError
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_dir):
-    run = tmp_path_factory.mktemp("inference") / "run"
-    train(
-        load_recipe("tiny-cpu", ["training.max_steps=40", "training.eval_steps=null", "training.save_strategy=no"]), run
-    )
-    return run
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def test_eval_cli_writes_per_sample_lines_and_summaries(run_dir):

@@ -12,7 +12,6 @@ import uvicorn
 
 from codetune.recipe import load_recipe
 from codetune.serve import create_app, load_engine, vllm_command
-from codetune.train import train
 
 API_KEY = "sk-test-123"
 
@@ -43,12 +42,8 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_dir):
-    run = tmp_path_factory.mktemp("serve") / "run"
-    train(
-        load_recipe("tiny-cpu", ["training.max_steps=40", "training.eval_steps=null", "training.save_strategy=no"]), run
-    )
-    return run
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
