@@ -139,19 +139,25 @@ def test_generate_cli_file_of_prompts(run_dir, tmp_path):
 
 def test_chat_streams_and_keeps_history(run_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = (
+        b"Write a Python function `double(x)` that returns 2 * x.\n/reset\n"
+        b"\xff\xfe not UTF-8\n"
+        b"```python\ndef half(x):\n    return x // 2\n```\n/exit\nnever read\n"
+    )
     res = subprocess.run(
         [sys.executable, "-m", "codetune.cli", "chat", str(run_dir), "--set", "generation.max_new_tokens=12"],
-        input="Write a Python function `double(x)` that returns 2 * x.\n/reset\n"
-        "Write a Python function `half(x)` that returns x / 2.\n/exit\n",
+        input=script,
         env=env,
         capture_output=True,
-        text=True,
         timeout=300,
     )
-    assert res.returncode == 0, res.stderr[-2000:]
-    answers = [line.split("model> ", 1)[1] for line in res.stdout.splitlines() if "model> " in line]
+    stdout, stderr = res.stdout.decode(), res.stderr.decode()
+    assert res.returncode == 0, stderr[-2000:]
+    answers = [line.split("model> ", 1)[1] for line in stdout.splitlines() if "model> " in line]
+    # two turns: the first prompt, and the fenced code block as one message
     assert len(answers) == 2 and all(a.strip() for a in answers)
-    assert res.stdout.count("you> ") == 4
+    assert "(conversation cleared)" in stderr
+    assert "input line 3 is not UTF-8" in stderr and "Traceback" not in stderr
 
 
 def test_scoring_completions_made_elsewhere(tmp_path):

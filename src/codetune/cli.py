@@ -12,11 +12,21 @@ from rich.table import Table
 
 from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
+HELP = "Fine-tune a small open LLM into a Python coder with QLoRA, and prove the gain by running the code it writes."
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP, pretty_exceptions_show_locals=False)
 recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.")
 app.add_typer(recipe_app, name="recipe")
 console = Console(stderr=True)
-out = Console()
+# Piped, rich would wrap at 80 columns; soft_wrap keeps a long line one line.
+out = Console(soft_wrap=True)
+
+
+def _emit(text: str) -> None:
+    """Machine-readable output (YAML, code, a path, a command): exactly these characters, never wrapped or styled."""
+    import sys
+
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
 
 RecipeArg = Annotated[str, typer.Argument(help="A shipped recipe name (see `codetune recipes`) or a .yaml file")]
 SetOpt = Annotated[
@@ -46,9 +56,20 @@ def _run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
     return run_dir if run_dir is not None else Path("runs") / recipe.name
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        _emit(f"codetune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
-    """codetune: fine-tune a small open LLM into a Python coder with QLoRA, and prove it by running its code."""
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
     _quiet_libraries()
 
 
@@ -78,7 +99,7 @@ def recipes_cmd() -> None:
 @recipe_app.command("show")
 def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Print a recipe fully resolved (defaults filled in, overrides applied) as YAML."""
-    out.print(_load(recipe, set_).to_yaml(), highlight=False, markup=False, end="")
+    _emit(_load(recipe, set_).to_yaml())
 
 
 def _prepare(recipe: Recipe, run_dir: Path, skip_invalid: bool) -> None:
@@ -126,7 +147,7 @@ def accelerate_config_cmd(
             p.name[:-5] for p in resources.files("codetune.accelerate").iterdir() if p.name.endswith(".yaml")
         )
         _fail(f"unknown accelerate config {name!r}: shipped configs are {', '.join(known)}")
-    out.print(str(entry), highlight=False, soft_wrap=True)
+    _emit(str(entry))
 
 
 @app.command("prepare")
@@ -227,7 +248,10 @@ def eval_cmd(
     suite: Annotated[
         list[str] | None, typer.Option("--suite", help="rouge, humaneval, mbpp, starter (repeatable)")
     ] = None,
-    compare_base: Annotated[bool, typer.Option(help="Also score the base model without the adapter")] = False,
+    compare_base: Annotated[
+        bool | None,
+        typer.Option("--compare-base/--no-compare-base", help="Also score the base model (default: the recipe's)"),
+    ] = None,
     completions: Annotated[
         Path | None, typer.Option(help="Score completions made elsewhere: JSON lines with task_id, completion")
     ] = None,
@@ -257,7 +281,9 @@ def eval_cmd(
                 suite or r.evaluation.suites,
                 recipe=r,
                 out_dir=out_dir,
-                compare_base=compare_base or (r.evaluation.compare_base and (Path(source) / "adapter").is_dir()),
+                compare_base=compare_base
+                if compare_base is not None
+                else r.evaluation.compare_base and (Path(source) / "adapter").is_dir(),
                 console=console,
             )
             out_dir = out_dir or Path(source) / "eval"
@@ -315,7 +341,7 @@ def generate_cmd(
         _fail(str(exc))
         return
     if file is None:
-        out.print(answers[0], highlight=False, markup=False)
+        _emit(answers[0])
         return
     target = out_file or file.with_name(file.stem + ".completions.jsonl")
     write_jsonl(target, [{"messages": c, "completion": a} for c, a in zip(convs, answers, strict=True)])
@@ -333,21 +359,27 @@ def chat_cmd(source: SourceArg, recipe: RecipeOpt = "phi3-mini-python", set_: Se
     except RecipeError as exc:
         _fail(str(exc))
         return
+    from .chat_input import BadInput, turns
+
     history: list[dict] = []
-    console.print("chat: /reset starts over, /exit ends", highlight=False)
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
+    console.print(
+        "chat: Enter sends, Alt-Enter adds a line, a ``` fence keeps code in one message; /reset starts over, /exit ends",
+        highlight=False,
+        markup=False,
+    )
+    for turn in turns():
+        if isinstance(turn, BadInput):
+            console.print(f"error: {turn.message}", highlight=False, markup=False)
+            continue
+        if turn.strip() in ("/exit", "/quit"):
             break
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
+        if turn.strip() == "/reset":
             history = []
+            console.print("(conversation cleared)", highlight=False, markup=False)
             continue
-        if not line.strip():
+        if not turn.strip():
             continue
-        history.append({"role": "user", "content": line})
+        history.append({"role": "user", "content": turn})
         parts = []
         print("model> ", end="", flush=True)
         try:
@@ -356,7 +388,7 @@ def chat_cmd(source: SourceArg, recipe: RecipeOpt = "phi3-mini-python", set_: Se
                 print(piece, end="", flush=True)
         except RecipeError as exc:
             print()
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"error: {exc}", highlight=False, markup=False)
             history.pop()
             continue
         print()
@@ -473,7 +505,7 @@ def serve_cmd(
             return
         line = shlex.join(cmd)
         if dry_run:
-            out.print(line, highlight=False, markup=False, soft_wrap=True)
+            _emit(line)
             return
         if shutil.which("vllm") is None:
             _fail(f"vLLM is not installed here (pip install vllm; it needs a CUDA GPU). The command would be:\n{line}")

@@ -407,8 +407,9 @@ def evaluate(
     batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run directory (base + adapter), a merged model folder or a hub id on ``suites``."""
-    from .generate import load_for_inference
+    from .generate import check_source, load_for_inference
 
+    check_source(source)
     run_dir = Path(source) if (Path(source) / "recipe.yaml").is_file() else None
     if out_dir is None:
         if run_dir is None:

@@ -18,6 +18,30 @@ from pathlib import Path
 from .recipe import GenerationConfig, Recipe, RecipeError, load_recipe
 
 
+def check_source(source: str | Path) -> None:
+    """Refuse a path-like source that does not exist, instead of taking a typo for a hub id.
+
+    A hub id is ``NAME`` or ``OWNER/NAME``; a source that starts like a path, has more than one
+    ``/``, or whose first part is a folder here (``runs/tiny-cpx`` next to ``runs/``) is a path.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if text.startswith("builtin:") or path.exists():
+        return
+    parts = text.replace("\\", "/").split("/")
+    path_like = (
+        text.startswith(("/", ".", "~"))
+        or "\\" in text
+        or len(parts) > 2
+        or text.endswith("/")
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+    )
+    if path_like:
+        raise RecipeError(
+            f"no such run directory or model folder: {text} (check the path; a hub id looks like OWNER/NAME)"
+        )
+
+
 @dataclass
 class Loaded:
     model: object
@@ -30,6 +54,7 @@ def load_for_inference(source: str | Path, *, recipe: Recipe | None = None) -> L
     from .model import disable_avx512_bf16_path, load_base_model, load_tokenizer
     from .train import ADAPTER
 
+    check_source(source)
     path = Path(source)
     if (path / "recipe.yaml").is_file():
         recipe = recipe or load_recipe(path / "recipe.yaml")

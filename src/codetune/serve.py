@@ -393,6 +393,9 @@ def vllm_command(
     from .recipe import load_recipe
     from .train import ADAPTER
 
+    from .generate import check_source
+
+    check_source(source)
     path = Path(source)
     cmd = ["vllm", "serve"]
     if (path / "recipe.yaml").is_file():
