@@ -141,7 +141,7 @@ def test_report_is_one_offline_file_with_curves_tables_and_samples(run):
     assert "<svg" in text and "training loss" in text and "validation loss" in text
     assert "last training loss 2.0000 (step 20)" in text and "last validation loss 2.5000 (step 20)" in text
     # the tables: both models, the change
-    assert '<td class="num">40.0</td><td class="num">40.0</td><td class="num ">+0.0</td>' in text
+    assert '<td class="num">40.0</td><td class="num">40.0</td><td class="num">+0.0</td>' in text
     assert '<td>rougeL</td><td class="num">12.50</td><td class="num">1.00</td><td class="num up">+11.50</td>' in text
     # the samples, what changed first
     samples = load_samples(run / "eval")
@@ -149,6 +149,9 @@ def test_report_is_one_offline_file_with_curves_tables_and_samples(run):
     assert [s.suite for s in samples[2:]] == ["starter"] * 3 + ["rouge"] * 2
     assert text.index("starter/1") < text.index("starter/2") < text.index("starter/3")
     assert "fixed 1 and broke 1" in text
+    elsewhere = run.parent / "reports" / "mine.html"
+    res = runner.invoke(app, ["report", str(run), "--out", str(elsewhere)])
+    assert res.exit_code == 0 and elsewhere.read_text().count('class="sample"') == 7
 
 
 def test_untrusted_completions_are_escaped(run):

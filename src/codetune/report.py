@@ -200,7 +200,7 @@ def _delta(tuned: Any, base: Any, digits: int) -> str:
         return "<td></td>"
     d = tuned - base
     cls = "up" if d > 0 else "down" if d < 0 else ""
-    return f'<td class="num {cls}">{d:+.{digits}f}</td>'
+    return f'<td class="num{" " + cls if cls else ""}">{d:+.{digits}f}</td>'
 
 
 def eval_tables(summary: dict) -> str:
