@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 $(BIN)/codetune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,19 @@ venv: $(BIN)/codetune
 demo: venv
 	$(BIN)/codetune run tiny-cpu --overwrite
 
-test: venv
+# The report's browser tests drive Debian's chromium through its chromedriver. CI runs `make test` as
+# root on a fresh machine: install them there (a no-op when present); a user's non-root clone skips them.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (apt) for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver >/dev/null; \
+	else \
+		echo "chromium or chromedriver missing and not root: the browser tests will skip"; \
+	fi
+
+test: venv browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -133,3 +133,42 @@ def test_push_offline_fails_clearly_and_changes_nothing(run_dir, monkeypatch):
         from codetune.card import push
 
         push(run_dir, "no-owner")
+
+
+def test_card_metadata_is_huggingface_hubs_and_keeps_each_suite_apart():
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from codetune.card import card_metadata
+
+    recipe = load_recipe("tiny-cpu")
+    summary = {
+        "results": {
+            "fine-tuned": {
+                "rouge": {"samples": 19, "rouge1": 20.0, "rouge2": 1.0, "rougeL": 16.666, "rougeLsum": 19.0},
+                "starter": {"tasks": 19, "pass@1": 31.579, "parse_rate": 90.0},
+                "humaneval": {"tasks": 164, "pass@1": 1.2195},
+            },
+            "base": {"starter": {"tasks": 19, "pass@1": 0.0}},
+        }
+    }
+    data = card_metadata("tiny-coder", recipe, summary, "codetune-starter")
+    meta = yaml.safe_load(data.to_yaml())
+    (index,) = meta["model-index"]
+    assert index["name"] == "tiny-coder"
+    by_dataset = {r["dataset"]["name"]: {m["name"]: m["value"] for m in r["metrics"]} for r in index["results"]}
+    # ROUGE and the starter pass@1 share a dataset type: each must still sit under its own dataset
+    assert by_dataset == {
+        "codetune-starter (test split, first 19 rows)": {
+            "ROUGE-1": 20.0,
+            "ROUGE-2": 1.0,
+            "ROUGE-L": 16.67,
+            "ROUGE-Lsum": 19.0,
+        },
+        "codetune starter set (held-out tasks)": {"pass@1": 31.58},
+        "HumanEval": {"pass@1": 1.22},
+    }
+    # the hub's own parser reads it back (base scores are not the model's: never in its model-index)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n# x\n")
+    assert card.data.base_model == "builtin:tiny-phi3" and len(card.data.eval_results) == 6
+    assert "model-index" not in yaml.safe_load(card_metadata("x", recipe, None, "d").to_yaml())

@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .recipe import Recipe, RecipeError, load_recipe
 
 CARD = "README.md"
@@ -38,39 +36,68 @@ def _eval_summary(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _model_index(name: str, summary: dict | None, dataset: str) -> list[dict]:
+def _eval_results(summary: dict | None, dataset: str) -> list:
+    """The fine-tuned model's scores as ``huggingface_hub.EvalResult``s (the card's model-index)."""
+    from huggingface_hub import EvalResult
+
     if not summary:
-        return [{"name": name, "results": []}]
+        return []
     tuned = summary["results"].get("fine-tuned") or next(iter(summary["results"].values()))
+    task = {"task_type": "text-generation", "task_name": "Code generation"}
     results = []
+    # The hub groups metrics by task, dataset type and split (not by dataset name): the split keeps
+    # ROUGE on the test rows apart from pass@k on the held-out starter tasks of the same dataset.
     if "rouge" in tuned:
-        results.append(
-            {
-                "task": {"type": "text-generation", "name": "Code generation"},
-                "dataset": {"type": dataset, "name": f"{dataset} (test split, first {tuned['rouge']['samples']} rows)"},
-                "metrics": [
-                    {"type": "rouge", "name": ROUGE_NAMES[k], "value": round(tuned["rouge"][k], 2)} for k in ROUGE_NAMES
-                ],
-            }
-        )
-    datasets = {
-        "humaneval": ("openai_humaneval", "HumanEval"),
-        "mbpp": ("mbpp", "MBPP (test, tasks 11-510)"),
-        "starter": ("codetune-starter", "codetune starter set (held-out tasks)"),
-    }
-    for suite, (dtype, dname) in datasets.items():
-        if suite in tuned:
-            metrics = [
-                {"type": k, "name": k, "value": round(v, 2)} for k, v in tuned[suite].items() if k.startswith("pass@")
-            ]
-            results.append(
-                {
-                    "task": {"type": "text-generation", "name": "Code generation"},
-                    "dataset": {"type": dtype, "name": dname},
-                    "metrics": metrics,
-                }
+        name = f"{dataset} (test split, first {tuned['rouge']['samples']} rows)"
+        results += [
+            EvalResult(
+                **task,
+                dataset_type=dataset,
+                dataset_name=name,
+                dataset_split="test",
+                metric_type="rouge",
+                metric_name=label,
+                metric_value=round(tuned["rouge"][key], 2),
             )
-    return [{"name": name, "results": results}]
+            for key, label in ROUGE_NAMES.items()
+        ]
+    datasets = {
+        "humaneval": ("openai_humaneval", "HumanEval", "test"),
+        "mbpp": ("mbpp", "MBPP (test, tasks 11-510)", "test"),
+        "starter": ("codetune-starter", "codetune starter set (held-out tasks)", "held-out"),
+    }
+    for suite, (dtype, dname, split) in datasets.items():
+        for key, value in (tuned.get(suite) or {}).items():
+            if key.startswith("pass@"):
+                results.append(
+                    EvalResult(
+                        **task,
+                        dataset_type=dtype,
+                        dataset_name=dname,
+                        dataset_split=split,
+                        metric_type=key,
+                        metric_name=key,
+                        metric_value=round(value, 2),
+                    )
+                )
+    return results
+
+
+def card_metadata(name: str, recipe: Recipe, summary: dict | None, dataset: str):
+    """The card's YAML header as ``huggingface_hub.ModelCardData`` (it writes the model-index itself)."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(
+        base_model=recipe.model.name_or_path,
+        library_name="peft",
+        license="apache-2.0",
+        language=["code", "en"],
+        pipeline_tag="text-generation",
+        tags=["codetune", "qlora", "peft", "lora", "code", "python"],
+        datasets=[dataset],
+        model_name=name,
+        eval_results=_eval_results(summary, dataset) or None,
+    )
 
 
 def _stop_ids(run_dir: Path, recipe: Recipe) -> list[int]:
@@ -122,20 +149,7 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
         if recipe.data.source == "starter"
         else Path(recipe.data.source).name
     )
-    meta: dict[str, Any] = {
-        "base_model": recipe.model.name_or_path,
-        "library_name": "peft",
-        "license": "apache-2.0",
-        "language": ["code", "en"],
-        "pipeline_tag": "text-generation",
-        "tags": ["codetune", "qlora", "peft", "lora", "code", "python"],
-        "datasets": [dataset],
-        "model-index": _model_index(name, summary, dataset),
-    }
     lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
         "",
         f"# {name}",
         "",
@@ -226,7 +240,11 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
     lines += ["## Framework versions", ""] + [
         f"- {pkg} {_version(pkg)}" for pkg in ("codetune", "transformers", "peft", "trl", "torch", "bitsandbytes")
     ]
-    return "\n".join(lines) + "\n"
+    from huggingface_hub import ModelCard
+
+    data = card_metadata(name, recipe, summary, dataset)
+    # ModelCard parses the header back, so a malformed one fails here rather than on the hub
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines) + "\n"))
 
 
 def _gen_line(recipe: Recipe) -> str:

