@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -273,6 +274,14 @@ class Engine:
 
     def __post_init__(self):
         self.slot = threading.Lock()
+        # requests generated, requests whose client left, tokens generated: for tests and a status page
+        self.stats = {"requests": 0, "cancelled": 0, "tokens": 0}
+        self._stats_lock = threading.Lock()
+
+    def count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for key, value in deltas.items():
+                self.stats[key] += value
 
     @property
     def context(self) -> int:
@@ -309,7 +318,8 @@ class _Job:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)  # the client left
+    enough: threading.Event = field(default_factory=threading.Event)  # the streamed answer hit a stop string
 
 
 @dataclass
@@ -319,12 +329,19 @@ class _Result:
     reason: str  # "stop", "length" or "cancelled"
 
 
+_UNION_TAG = re.compile(r"str|int|float|bool|none|constrained-\w+|[\w-]+\[.*\]")
+
+
 def _invalid(exc: ValidationError) -> APIError:
-    """The first problem of a request body, as a 400 that names the field."""
-    err = exc.errors()[0]
+    """The most specific problem of a request body, as a 400 that names the field."""
+    # of a union's failed branches ("content" is a string, or a list of parts), the deepest one says the most
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
     # pydantic adds the union member it tried ("str", "list[...]") to the location; a client knows fields only
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float")))]
-    where = ".".join(loc)
+    *path, last = err["loc"] or ("",)
+    loc = [str(p) for p in path if not (isinstance(p, str) and _UNION_TAG.fullmatch(p))]
+    if not (isinstance(last, str) and _UNION_TAG.fullmatch(last)) or err["type"] == "extra_forbidden":
+        loc.append(str(last))
+    where = ".".join(p for p in loc if p)
     if err["type"] == "extra_forbidden":
         message = f"unknown parameter {where!r}: this server does not support it"
     elif err["type"] == "json_invalid":
@@ -435,7 +452,8 @@ def _run(engine: Engine, job: _Job, streamer=None) -> _Result:
 
     class Cancelled(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), job.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+            halt = job.cancel.is_set() or job.enough.is_set()
+            return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
 
     class StopText(StoppingCriteria):
         # Each token is at least one character, or up to 4 byte-pieces of one: this tail holds any stop string.
@@ -474,9 +492,11 @@ def _run(engine: Engine, job: _Job, streamer=None) -> _Result:
     # must not delay the next live one.
     while not engine.slot.acquire(timeout=0.05):
         if job.cancel.is_set():
+            engine.count(cancelled=1)
             return _Result("", 0, "cancelled")
     try:
         if job.cancel.is_set():
+            engine.count(cancelled=1)
             return _Result("", 0, "cancelled")
         torch.manual_seed(job.cfg.seed)
         input_ids = torch.tensor([job.prompt_ids], device=engine.model.device)
@@ -494,7 +514,9 @@ def _run(engine: Engine, job: _Job, streamer=None) -> _Result:
     finally:
         engine.slot.release()
     new = out[0, n_prompt:].tolist()
+    engine.count(requests=1, tokens=len(new))
     if job.cancel.is_set():
+        engine.count(cancelled=1)
         return _Result("", len(new), "cancelled")
     reason = "length" if len(new) >= job.cfg.max_new_tokens else "stop"
     if new and new[-1] in stops:
@@ -770,7 +792,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
                     if text:
                         yield chunk(text)
                     if stop_filter.stopped:
-                        job.cancel.set()  # the rest would be cut anyway
+                        job.enough.set()  # the rest would be cut anyway
                         break
             await asyncio.to_thread(worker.join)
             tail = stop_filter.flush()
