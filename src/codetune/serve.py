@@ -868,6 +868,9 @@ def vllm_command(
         if not (adapter / "adapter_config.json").is_file():
             raise RecipeError(f"{path} has no trained adapter ({adapter} is missing): run `codetune train` first")
         lora_name = name or path.resolve().name
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        # the adapter's own ranks, per-module ones included, are what vLLM must hold
+        rank = max([int(config.get("r") or recipe.lora.r), *map(int, (config.get("rank_pattern") or {}).values())])
         cmd += [recipe.model.name_or_path]
         if recipe.model.revision:
             cmd += ["--revision", recipe.model.revision]
@@ -876,7 +879,7 @@ def vllm_command(
             "--lora-modules",
             f"{lora_name}={adapter.resolve()}",
             "--max-lora-rank",
-            str(vllm_lora_rank(recipe.lora.r)),
+            str(vllm_lora_rank(rank)),
             "--max-model-len",
             str(recipe.tokenizer.model_max_length or 4096),
         ]
