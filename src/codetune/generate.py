@@ -95,7 +95,12 @@ def fit_to_context(prompt_lengths: list[int], max_new_tokens: int, context: int,
     cut = [i for i, lim in enumerate(limits) if lim < max_new_tokens]
     if cut:
         first = cut[0]
-        name = what if len(prompt_lengths) == 1 else f"{len(cut)} {what}(s), e.g. {what} {first}"
+        if len(prompt_lengths) == 1:
+            name = what
+        elif len(cut) == 1:
+            name = f"{what} {first}"
+        else:
+            name = f"{len(cut)} {what}s, e.g. {what} {first}"
         warnings.warn(
             f"{name} ({prompt_lengths[first]} tokens): max_new_tokens cut from {max_new_tokens} to "
             f"{limits[first]} to fit the model's context of {context} tokens",
@@ -174,7 +179,9 @@ def generate(
         pending = list(range(len(prompts)))
         wave = first_wave or max(limit)
         while pending:
-            step = min(wave, max(limit[i] - len(new[i]) for i in pending))
+            # pending rows have all generated the same count; the one nearest the context ends this wave, so no
+            # row is ever run past the context (and rows with the same limit see the waves they always did)
+            step = min(wave, min(limit[i] - len(new[i]) for i in pending))
             enc = _left_padded([prompts[i] + new[i] for i in pending], tokenizer.pad_token_id, model.device)
             with torch.inference_mode():
                 out = model.generate(
