@@ -363,7 +363,7 @@ any_message = good_message | st.fixed_dictionaries(
 )
 PARAMS = {
     "max_completion_tokens": _or_junk(st.integers(min_value=0, max_value=2)),
-    "temperature": _or_junk(st.floats(min_value=-1, max_value=3)),
+    "temperature": _or_junk(st.floats(min_value=-1, max_value=3) | st.floats(min_value=0, max_value=1e-30)),
     "top_p": _or_junk(st.floats(min_value=-0.5, max_value=1.5)),
     "n": _or_junk(st.integers(min_value=0, max_value=2)),
     "stream": _or_junk(st.booleans()),
@@ -427,6 +427,7 @@ def fuzz_client(engine):
 @example(endpoint="/v1/chat/completions", body="[" * 100_000)
 @example(endpoint="/v1/completions", body='{"model": "tiny", "prompt": "x", "max_tokens": true}')
 @example(endpoint="/v1/completions", body='{"model": "tiny", "prompt": "", "max_tokens": 1}')
+@example(endpoint="/v1/completions", body='{"model": "tiny", "prompt": "x", "max_tokens": 1, "temperature": 1e-300}')
 @example(
     endpoint="/v1/chat/completions",
     body=json.dumps({"model": "tiny", "messages": PROMPT, "max_tokens": 1, "stream": True, "stop": "a"}),

@@ -110,8 +110,13 @@ def fit_to_context(prompt_lengths: list[int], max_new_tokens: int, context: int,
     return limits
 
 
+# Below this a sample is the argmax anyway, and under ~1e-36 the scaled logits overflow to inf (a crash
+# in torch.multinomial): such temperatures decode greedily, as 0 does.
+GREEDY_BELOW = 1e-6
+
+
 def _sampling(cfg: GenerationConfig) -> dict:
-    sample = cfg.do_sample and cfg.temperature > 0  # temperature 0 is greedy, however the config was built
+    sample = cfg.do_sample and cfg.temperature >= GREEDY_BELOW  # 0 is greedy, however the config was built
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if sample else {}
     return dict(
         max_new_tokens=cfg.max_new_tokens,
