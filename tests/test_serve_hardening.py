@@ -5,6 +5,7 @@ These tests serve the untrained tiny base model: they check the protocol, not th
 """
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -99,7 +100,18 @@ def test_a_body_under_the_cap_is_served(client):
 # Clients that leave
 
 
+class _Errors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 def test_clients_that_leave_stop_their_generation_streaming_or_not(base_url, engine, no_eos):
+    errors = _Errors()  # uvicorn logs an exception in the app here, where no client sees it
+    logging.getLogger("uvicorn.error").addHandler(errors)
     before = dict(engine.stats)
     body = {"model": "tiny", "messages": PROMPT, "max_tokens": 1000, "temperature": 0, "logit_bias": no_eos}
 
@@ -130,6 +142,8 @@ def test_clients_that_leave_stop_their_generation_streaming_or_not(base_url, eng
         f"{base_url}/v1/chat/completions", json={"model": "tiny", "messages": PROMPT, "max_tokens": 2}, timeout=120
     )
     assert quick.status_code == 200 and quick.json()["usage"]["completion_tokens"] <= 2
+    logging.getLogger("uvicorn.error").removeHandler(errors)
+    assert not errors.records, [r.getMessage() for r in errors.records]
 
 
 # ---------------------------------------------------------------------------------------

@@ -700,6 +700,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
                 _stream(request, job, rid, created, kind, include_usage), media_type="text/event-stream"
             )
         result = await _until_done_or_gone(request, job)
+        if result.reason == "cancelled":
+            # nobody is there to read it; nginx's "client closed request", so a log shows what happened
+            return JSONResponse(APIError(499, "the client closed the request").body(), status_code=499)
         usage = Usage(
             prompt_tokens=len(job.prompt_ids),
             completion_tokens=result.completion_tokens,
