@@ -220,7 +220,7 @@ def test_stream_usage_when_asked(client):
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] <= 3
 
 
-def test_a_prompt_near_the_context_is_cut_to_fit_and_one_over_it_is_refused(client, engine):
+def test_a_prompt_near_the_context_is_cut_to_fit_and_one_over_it_is_refused(client, engine, caplog):
     room = 5
     filler = "word " * 2000
     ids = engine.tokenizer(filler, add_special_tokens=False)["input_ids"]
@@ -229,11 +229,13 @@ def test_a_prompt_near_the_context_is_cut_to_fit_and_one_over_it_is_refused(clie
     )
     overhead = len(engine.tokenizer(over, add_special_tokens=False)["input_ids"]) - 1
     near = engine.tokenizer.decode(ids[: engine.context - overhead - room])
-    res = client.post(
-        "/v1/chat/completions",
-        json={"model": "tiny", "messages": [{"role": "user", "content": near}], "max_tokens": 50},
-    )
+    with caplog.at_level(logging.WARNING, logger="codetune.serve"):
+        res = client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": near}], "max_tokens": 50},
+        )
     assert res.status_code == 200, res.text
+    assert "max_new_tokens cut from 50 to" in caplog.text  # the same rule and message as generate and chat
     usage = res.json()["usage"]
     assert usage["total_tokens"] <= engine.context and usage["completion_tokens"] <= usage["total_tokens"]
     res = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": filler}]})
@@ -417,7 +419,8 @@ any_bodies = st.dictionaries(st.sampled_from(["model", "messages", "prompt", *PA
 def fuzz_client(engine):
     """The same model with answers of at most 2 tokens (by default too): a hundred bodies in seconds."""
     generation = engine.recipe.generation.model_copy(update={"max_new_tokens": 2})
-    small = Engine(engine.model, engine.tokenizer, engine.recipe.model_copy(update={"generation": generation}), "tiny", 4)
+    recipe = engine.recipe.model_copy(update={"generation": generation})
+    small = Engine(engine.model, engine.tokenizer, recipe, "tiny", max_tokens_limit=4)
     return TestClient(create_app(small, max_request_bytes=CAP))
 
 
@@ -441,7 +444,7 @@ def fuzz_client(engine):
 @example(endpoint="/v1/chat/completions", body="[" * 100_000)
 @example(endpoint="/v1/completions", body='{"model": "tiny", "prompt": "x", "max_tokens": true}')
 @example(endpoint="/v1/completions", body='{"model": "tiny", "prompt": "", "max_tokens": 1}')
-@example(endpoint="/v1/completions", body='{"model": "tiny", "prompt": "x", "max_tokens": 1, "temperature": 1e-300}')
+@example(endpoint="/v1/completions", body='{"model": "tiny", "prompt": "x", "max_tokens": 1, "temperature": 1e-99}')
 @example(
     endpoint="/v1/chat/completions",
     body=json.dumps({"model": "tiny", "messages": PROMPT, "max_tokens": 1, "stream": True, "stop": "a"}),

@@ -74,13 +74,21 @@ def context_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
 
 
-def fit_to_context(prompt_lengths: list[int], max_new_tokens: int, context: int, *, what: str = "prompt") -> list[int]:
+def fit_to_context(
+    prompt_lengths: list[int],
+    max_new_tokens: int,
+    context: int,
+    *,
+    what: str = "prompt",
+    warn: Callable[[str], None] | None = None,
+) -> list[int]:
     """How many new tokens each prompt may have so that prompt + answer fit in ``context`` tokens.
 
     The one rule for generate, chat, eval and serve: a prompt that leaves no room for a single new
     token is refused (ContextError, naming the prompt); otherwise ``max_new_tokens`` is cut to the
-    room left, with one ContextWarning for all the prompts that were cut. Generating past the
-    context gives garbage or an index error, depending on the model.
+    room left, with one ContextWarning for all the prompts that were cut (or one call of ``warn``, for a
+    server that logs it). Generating past the context gives garbage or an index error, depending on
+    the model.
     """
     limits = []
     for i, n in enumerate(prompt_lengths):
@@ -101,12 +109,14 @@ def fit_to_context(prompt_lengths: list[int], max_new_tokens: int, context: int,
             name = f"{what} {first}"
         else:
             name = f"{len(cut)} {what}s, e.g. {what} {first}"
-        warnings.warn(
+        message = (
             f"{name} ({prompt_lengths[first]} tokens): max_new_tokens cut from {max_new_tokens} to "
-            f"{limits[first]} to fit the model's context of {context} tokens",
-            ContextWarning,
-            stacklevel=2,
+            f"{limits[first]} to fit the model's context of {context} tokens"
         )
+        if warn is not None:
+            warn(message)
+        else:
+            warnings.warn(message, ContextWarning, stacklevel=2)
     return limits
 
 

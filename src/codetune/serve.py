@@ -22,7 +22,6 @@ import re
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,7 +384,7 @@ def _job(engine: Engine, req: ChatRequest | CompletionRequest) -> _Job:
     """Check the request against the model (runs in a worker thread: templating and tokenizing take time)."""
     from jinja2 import TemplateError
 
-    from .generate import ContextError, ContextWarning, context_length, fit_to_context
+    from .generate import ContextError, context_length, fit_to_context
 
     cfg = _config(engine, req)
     tok = engine.tokenizer
@@ -402,14 +401,13 @@ def _job(engine: Engine, req: ChatRequest | CompletionRequest) -> _Job:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise APIError(400, f"{param}: the prompt is empty", param=param)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ContextWarning)
-        try:
-            (limit,) = fit_to_context([len(ids)], cfg.max_new_tokens, context_length(engine.model), what=param)
-        except ContextError as exc:
-            raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
-    for w in caught:
-        log.warning("%s", w.message)
+    try:
+        # the server log gets the warning: the warnings module's filters are process-wide, not per thread
+        (limit,) = fit_to_context(
+            [len(ids)], cfg.max_new_tokens, context_length(engine.model), what=param, warn=log.warning
+        )
+    except ContextError as exc:
+        raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
     bias = {}
     for key, value in (req.logit_bias or {}).items():
         try:
