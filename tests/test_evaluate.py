@@ -94,7 +94,7 @@ def test_bad_suite_and_sampling_settings():
     with pytest.raises(RecipeError, match="identical samples"):
         load_recipe("tiny-cpu", ["evaluation.n_samples=5", "evaluation.k=[1, 5]"])
     with pytest.raises(RecipeError, match="generation.temperature"):
-        load_recipe("tiny-cpu", ["generation.temperature=0"])
+        load_recipe("tiny-cpu", ["generation.temperature=-0.1"])  # 0 is allowed: greedy
     with pytest.raises(RecipeError, match="generation.top_p"):
         load_recipe("tiny-cpu", ["generation.top_p=1.5"])
     with pytest.raises(RecipeError, match="evaluation.suites"):

@@ -100,7 +100,7 @@ def test_clear_errors(run_dir, tmp_path):
     # a prompt longer than the context
     loaded = load_for_inference(run_dir)
     huge = [[{"role": "user", "content": "word " * 5000}]]
-    with pytest.raises(RecipeError, match=r"prompt 0 has \d+ tokens: longer than the model's context \(1024\)"):
+    with pytest.raises(RecipeError, match=r"prompt has \d+ tokens: the model's context is 1024 tokens"):
         generate(loaded.model, loaded.tokenizer, huge, loaded.recipe.generation)
     # sampling parameters out of range, through the CLI
     res = runner.invoke(app, ["generate", str(run_dir), "--prompt", "hi", "--set", "generation.top_k=-3"])

@@ -1,10 +1,12 @@
 """The OpenAI-compatible server, live on 127.0.0.1, driven by the official openai client."""
 
 import asyncio
+import json
 import socket
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -223,15 +225,66 @@ def test_vllm_command_refuses_the_local_only_tiny_model(run_dir):
         vllm_command(run_dir, host="127.0.0.1", port=9000)
 
 
-def test_vllm_command_for_a_phi3_run(run_dir, tmp_path):
-    recipe = load_recipe(run_dir / "recipe.yaml").model_copy()
-    phi = (run_dir / "recipe.yaml").read_text().replace("builtin:tiny-phi3", "microsoft/Phi-3-mini-4k-instruct")
-    (tmp_path / "recipe.yaml").write_text(phi)
-    (tmp_path / "adapter").symlink_to(run_dir / "adapter")
-    cmd = vllm_command(tmp_path, host="0.0.0.0", port=9000, name="coder", api_key="k")
+def _phi3_run(root: Path, r: int) -> Path:
+    """A run directory as vllm_command reads it: recipe, adapter config, the saved chat template."""
+    from codetune.recipe import save_recipe
+
+    run = root / "mine"
+    save_recipe(load_recipe("tiny-cpu", ["model.name_or_path=microsoft/Phi-3-mini-4k-instruct", f"lora.r={r}"]), run)
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2 * r}))
+    (run / "adapter" / "chat_template.jinja").write_text("{{ messages }}")
+    return run
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def test_vllm_command_for_a_phi3_run(tmp_path):
+    run = _phi3_run(tmp_path, r=12)
+    cmd = vllm_command(run, host="0.0.0.0", port=9000, name="coder", api_key="k")
     assert cmd[:3] == ["vllm", "serve", "microsoft/Phi-3-mini-4k-instruct"]
     i = cmd.index("--lora-modules")
-    assert cmd[i + 1] == f"coder={(tmp_path / 'adapter').resolve()}"
-    assert "--enable-lora" in cmd and cmd[cmd.index("--max-lora-rank") + 1] == str(max(8, recipe.lora.r))
+    assert cmd[i + 1] == f"coder={(run / 'adapter').resolve()}"
+    # vLLM accepts 8, 16, 32, ... only: rank 12 is served with room for 16
+    assert "--enable-lora" in cmd and cmd[cmd.index("--max-lora-rank") + 1] == "16"
+    assert cmd[cmd.index("--chat-template") + 1] == str((run / "adapter" / "chat_template.jinja").resolve())
     assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[cmd.index("--port") + 1] == "9000"
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+
+
+def test_vllm_lora_rank_rounds_up_to_what_vllm_accepts():
+    from codetune.recipe import RecipeError
+    from codetune.serve import vllm_lora_rank
+
+    assert [vllm_lora_rank(r) for r in (1, 8, 9, 12, 16, 17, 64, 65, 256, 300, 512)] == [
+        8, 8, 16, 16, 16, 32, 64, 128, 256, 320, 512,
+    ]  # fmt: skip
+    with pytest.raises(RecipeError, match="largest LoRA rank"):
+        vllm_lora_rank(513)
+
+
+def test_serve_vllm_dry_run_writes_nothing_and_refuses_missing_paths(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from codetune.cli import app
+
+    runner = CliRunner()
+    run = _phi3_run(tmp_path, r=12)
+    before = _tree(tmp_path)
+    res = runner.invoke(app, ["serve", str(run), "--engine", "vllm", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "--max-lora-rank 16" in res.output and _tree(tmp_path) == before
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for missing in (str(tmp_path / "nope"), "./nope", "runs/nope", "a/b/c"):
+        res = runner.invoke(app, ["serve", missing, "--engine", "vllm", "--dry-run"])
+        assert res.exit_code == 2 and "does not exist" in res.output, (missing, res.output)
+        assert "Traceback" not in res.output
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["serve", "empty", "--engine", "vllm", "--dry-run"])
+    assert res.exit_code == 2 and "neither a run directory" in res.output
+    # a hub id is passed on as it is
+    res = runner.invoke(app, ["serve", "microsoft/Phi-3-mini-4k-instruct", "--engine", "vllm", "--dry-run"])
+    assert res.exit_code == 0 and "vllm serve microsoft/Phi-3-mini-4k-instruct" in res.output

@@ -85,6 +85,21 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .generate import ContextWarning
+
+    show = warnings.showwarning
+    if getattr(show, "codetune", False):
+        return
+
+    def one_line(message, category, *args, **kwargs):
+        # a warning about the user's input is one line, like an error, not a source excerpt
+        if issubclass(category, ContextWarning):
+            console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        else:
+            show(message, category, *args, **kwargs)
+
+    one_line.codetune = True
+    warnings.showwarning = one_line
 
 
 @app.command("recipes")
@@ -500,6 +515,9 @@ def serve_cmd(
     ] = None,
     name: Annotated[str | None, typer.Option(help="The model id clients ask for (default: the folder name)")] = None,
     max_tokens_limit: Annotated[int, typer.Option(help="The largest max_tokens a request may ask")] = 1024,
+    max_request_bytes: Annotated[
+        int, typer.Option(min=1, help="Larger request bodies get a 413 before they are read")
+    ] = 4 * 1024 * 1024,
     engine: Annotated[str, typer.Option(help="hf (this process) or vllm (vLLM's OpenAI server)")] = "hf",
     dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the command, do not start it")] = False,
     recipe: RecipeOpt = "phi3-mini-python",
@@ -544,7 +562,8 @@ def serve_cmd(
         markup=False,
         soft_wrap=True,
     )
-    uvicorn.run(create_app(eng, api_key=api_key), host=host, port=port, log_level="warning")
+    app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command("run")

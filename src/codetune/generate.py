@@ -11,11 +11,24 @@ cache, and stop on every stop token of the recipe (``<|end|>`` as well as end-of
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .recipe import GenerationConfig, Recipe, RecipeError, load_recipe
+from pydantic import ValidationError
+
+from .recipe import GenerationConfig, Recipe, RecipeError, format_validation_error, load_recipe
+
+
+class ContextError(RecipeError):
+    """A prompt that leaves no room for an answer within the model's context."""
+
+
+class ContextWarning(UserWarning):
+    """max_new_tokens was cut so that prompt + answer fit the model's context."""
 
 
 def check_source(source: str | Path) -> None:
@@ -38,7 +51,7 @@ def check_source(source: str | Path) -> None:
     )
     if path_like:
         raise RecipeError(
-            f"no such run directory or model folder: {text} (check the path; a hub id looks like OWNER/NAME)"
+            f"no such run directory or model folder: {text} does not exist (check the path; a hub id is OWNER/NAME)"
         )
 
 
@@ -86,28 +99,74 @@ def context_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
 
 
+def fit_to_context(
+    prompt_lengths: list[int],
+    max_new_tokens: int,
+    context: int,
+    *,
+    what: str = "prompt",
+    warn: Callable[[str], None] | None = None,
+) -> list[int]:
+    """How many new tokens each prompt may have so that prompt + answer fit in ``context`` tokens.
+
+    The one rule for generate, chat, eval and serve: a prompt that leaves no room for a single new
+    token is refused (ContextError, naming the prompt); otherwise ``max_new_tokens`` is cut to the
+    room left, with one ContextWarning for all the prompts that were cut (or one call of ``warn``, for a
+    server that logs it). Generating past the context gives garbage or an index error, depending on
+    the model.
+    """
+    limits = []
+    for i, n in enumerate(prompt_lengths):
+        room = context - n
+        if room < 1:
+            name = what if len(prompt_lengths) == 1 else f"{what} {i}"
+            raise ContextError(
+                f"{name} has {n} tokens: the model's context is {context} tokens, which leaves no room for an "
+                "answer; shorten it"
+            )
+        limits.append(min(max_new_tokens, room))
+    cut = [i for i, lim in enumerate(limits) if lim < max_new_tokens]
+    if cut:
+        first = cut[0]
+        if len(prompt_lengths) == 1:
+            name = what
+        elif len(cut) == 1:
+            name = f"{what} {first}"
+        else:
+            name = f"{len(cut)} {what}s, e.g. {what} {first}"
+        message = (
+            f"{name} ({prompt_lengths[first]} tokens): max_new_tokens cut from {max_new_tokens} to "
+            f"{limits[first]} to fit the model's context of {context} tokens"
+        )
+        if warn is not None:
+            warn(message)
+        else:
+            warnings.warn(message, ContextWarning, stacklevel=2)
+    return limits
+
+
+# Below this a sample is the argmax anyway, and under ~1e-36 the scaled logits overflow to inf (a crash
+# in torch.multinomial): such temperatures decode greedily, as 0 does.
+GREEDY_BELOW = 1e-6
+
+
 def _sampling(cfg: GenerationConfig) -> dict:
-    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if cfg.do_sample else {}
+    sample = cfg.do_sample and cfg.temperature >= GREEDY_BELOW  # 0 is greedy, however the config was built
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if sample else {}
     return dict(
         max_new_tokens=cfg.max_new_tokens,
-        do_sample=cfg.do_sample,
+        do_sample=sample,
         num_beams=cfg.num_beams,
         repetition_penalty=cfg.repetition_penalty,
         **sampling,
     )
 
 
-def _prompt_ids(tokenizer, model, conversations: list[list[dict]], first_index: int = 0) -> list[list[int]]:
-    limit = context_length(model)
+def _prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     ids = []
-    for i, conv in enumerate(conversations):
+    for conv in conversations:
         text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        row = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(row) >= limit:
-            raise RecipeError(
-                f"prompt {first_index + i} has {len(row)} tokens: longer than the model's context ({limit})"
-            )
-        ids.append(row)
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return ids
 
 
@@ -147,23 +206,27 @@ def generate(
     stops = set(stop_token_ids(tokenizer, cfg.stop_tokens))
     sampling = _sampling(cfg)
     torch.manual_seed(cfg.seed)
-    all_prompts = _prompt_ids(tokenizer, model, conversations)
+    all_prompts = _prompt_ids(tokenizer, conversations)
+    limits = fit_to_context([len(p) for p in all_prompts], cfg.max_new_tokens, context_length(model))
     # Batches of similar prompt lengths carry less padding; answers go back in the caller's order.
     order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
     answers: list[str] = [""] * len(all_prompts)
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         prompts = [all_prompts[i] for i in chosen]
+        limit = [limits[i] for i in chosen]
         new: list[list[int]] = [[] for _ in prompts]
         pending = list(range(len(prompts)))
-        budget = cfg.max_new_tokens
-        wave = min(first_wave or budget, budget)
-        while pending and budget > 0:
+        wave = first_wave or max(limit)
+        while pending:
+            # pending rows have all generated the same count; the one nearest the context ends this wave, so no
+            # row is ever run past the context (and rows with the same limit see the waves they always did)
+            step = min(wave, min(limit[i] - len(new[i]) for i in pending))
             enc = _left_padded([prompts[i] + new[i] for i in pending], tokenizer.pad_token_id, model.device)
             with torch.inference_mode():
                 out = model.generate(
                     **enc,
-                    **{**sampling, "max_new_tokens": wave},
+                    **{**sampling, "max_new_tokens": step},
                     # On a CPU a preallocated cache beats growing one by concatenation every step; on a GPU
                     # transformers would compile for it, once per wave shape, which costs more than it saves.
                     cache_implementation="static" if model.device.type == "cpu" else None,
@@ -173,11 +236,11 @@ def generate(
             still = []
             for row, i in zip(out[:, enc["input_ids"].shape[1] :].tolist(), pending, strict=True):
                 cut = next((j for j, t in enumerate(row) if t in stops), None)
-                new[i] += row if cut is None else row[:cut]
-                if cut is None and len(row) == wave:
+                # a row whose context is nearly full stops at its own limit even when the batch goes on
+                new[i] = (new[i] + (row if cut is None else row[:cut]))[: limit[i]]
+                if cut is None and len(row) == step and len(new[i]) < limit[i]:
                     still.append(i)
-            budget -= wave
-            wave = min(wave * 2, budget)
+            wave *= 2
             pending = still
         for i, ids in zip(chosen, new, strict=True):
             answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -195,11 +258,13 @@ def stream(model, tokenizer, conversation: list[dict], cfg: GenerationConfig) ->
 
     from .model import stop_token_ids
 
-    enc = _left_padded(_prompt_ids(tokenizer, model, [conversation]), tokenizer.pad_token_id, model.device)
+    ids = _prompt_ids(tokenizer, [conversation])
+    (limit,) = fit_to_context([len(ids[0])], cfg.max_new_tokens, context_length(model))
+    enc = _left_padded(ids, tokenizer.pad_token_id, model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(
         **enc,
-        **_sampling(cfg),
+        **{**_sampling(cfg), "max_new_tokens": limit},
         eos_token_id=stop_token_ids(tokenizer, cfg.stop_tokens),
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,
@@ -211,6 +276,38 @@ def stream(model, tokenizer, conversation: list[dict], cfg: GenerationConfig) ->
     worker.join()
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence the libraries' load-time chatter (transformers' weight-loading bar and notices, bitsandbytes'
+    kernel notice, deprecation warnings) for the Python API, then restore every setting as it was.
+
+    codetune's own warnings (a ContextWarning, say) still show: they are about the caller's input.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bnb = logging.getLogger("bitsandbytes")
+    saved = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled(), bnb.level)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    bnb.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning, UserWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|bitsandbytes|torch)")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(saved[0])
+        if saved[1]:
+            hf_logging.enable_progress_bar()
+        if not saved[2]:
+            enable_progress_bars()
+        bnb.setLevel(saved[3])
+
+
 class Coder:
     """The Python API: ``codetune.load(source)`` returns one."""
 
@@ -220,30 +317,38 @@ class Coder:
     def _config(self, overrides: dict) -> GenerationConfig:
         data = self.recipe.generation.model_dump()
         data.update(overrides)
-        return GenerationConfig.model_validate(data)  # out-of-range sampling parameters fail here
+        try:
+            return GenerationConfig.model_validate(data)  # out-of-range sampling parameters fail here
+        except ValidationError as exc:
+            raise RecipeError(format_validation_error(exc, "generation settings")) from None
 
     def generate(self, prompt: str | list[str], **overrides) -> str | list[str]:
         """Answer one prompt (a string) or several (a list), each as a single user turn."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        answers = generate(
-            self.model,
-            self.tokenizer,
-            [[{"role": "user", "content": p}] for p in prompts],
-            self._config(overrides),
-            batch_size=self.recipe.evaluation.batch_size,
-        )
+        cfg = self._config(overrides)
+        with quiet_libraries():
+            answers = generate(
+                self.model,
+                self.tokenizer,
+                [[{"role": "user", "content": p}] for p in prompts],
+                cfg,
+                batch_size=self.recipe.evaluation.batch_size,
+            )
         return answers[0] if isinstance(prompt, str) else answers
 
     def chat(self, messages: list[dict], **overrides) -> str:
         """The assistant's next turn for a conversation of {role, content} messages."""
-        return generate(self.model, self.tokenizer, [messages], self._config(overrides))[0]
+        cfg = self._config(overrides)
+        with quiet_libraries():
+            return generate(self.model, self.tokenizer, [messages], cfg)[0]
 
     def stream(self, messages: list[dict], **overrides) -> Iterator[str]:
+        # not wrapped in quiet_libraries: its settings are process-wide and a generator may be left half-read
         return stream(self.model, self.tokenizer, messages, self._config(overrides))
 
 
 def load(source: str | Path, **recipe_overrides) -> Coder:
-    """Load a run directory, merged model folder or hub id for generation."""
+    """Load a run directory, merged model folder or hub id for generation, without the libraries' chatter."""
     recipe = None
     if recipe_overrides:
         base = Path(source) / "recipe.yaml"
@@ -251,4 +356,5 @@ def load(source: str | Path, **recipe_overrides) -> Coder:
             base if base.is_file() else "phi3-mini-python",
             [f"{k.replace('__', '.')}={v}" for k, v in recipe_overrides.items()],
         )
-    return Coder(load_for_inference(source, recipe=recipe))
+    with quiet_libraries():
+        return Coder(load_for_inference(source, recipe=recipe))

@@ -158,13 +158,22 @@ class TrainingConfig(_Section):
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(256, gt=0)
     do_sample: bool = True
-    temperature: float = Field(0.3, gt=0.0, le=5.0)
+    temperature: float = Field(0.3, ge=0.0, le=5.0, description="0 means greedy (do_sample false), as in OpenAI's API")
     top_k: int = Field(50, ge=0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     num_beams: int = Field(1, gt=0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     stop_tokens: list[str] = ["<|end|>", "<|endoftext|>"]
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _zero_temperature_is_greedy(cls, data: Any) -> Any:
+        # The API, the CLI, the recipe and the server all take temperature 0 the way OpenAI's API does.
+        t = data.get("temperature") if isinstance(data, dict) else None
+        if isinstance(t, int | float) and not isinstance(t, bool) and t == 0:
+            data = {**data, "do_sample": False}
+        return data
 
 
 class EvaluationConfig(_Section):

@@ -5,8 +5,10 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` an
 pages for people: the run report at ``GET /`` and a chat page at ``GET /chat``.
 
 One model answers one request at a time: requests wait in a queue for the generation slot and are
-never dropped. A streaming client that disconnects stops its generation at the next token and
-frees the slot. Bad requests get a 4xx with an OpenAI-style error body and the server keeps
+never dropped. A client that disconnects, streaming or not, stops its generation at the next token
+and frees the slot. Request bodies over ``max_request_bytes`` get a 413 before they are read. Every
+request body is parsed by the pydantic models below (strict types, unknown parameters refused), so
+a malformed request gets a 4xx with an OpenAI-style error body, never a 5xx, and the server keeps
 serving. For more than one machine's worth of traffic, ``--engine vllm`` hands the same model and
 adapter to vLLM's own OpenAI server instead.
 """
@@ -15,19 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
+import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .recipe import GenerationConfig, Recipe, RecipeError
+
+log = logging.getLogger("codetune.serve")
+
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 class APIError(Exception):
@@ -44,35 +52,214 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return ErrorBody(
+            error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        ).model_dump(mode="json")
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+# ---------------------------------------------------------------------------------------
+# The OpenAI request bodies. Strict: `max_tokens: true` or `"temperature": "1"` is a 400, not a
+# silent coercion; unknown parameters are refused by name rather than ignored.
 
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+# torch.manual_seed takes 64-bit seeds; OpenAI's seed is an int64.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_template_message(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        # "developer" is OpenAI's newer name for the system turn; chat templates know "system"
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Request(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
-    seed: int | None = None
+    stream_options: StreamOptions | None = None
+    seed: Seed | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[dict[str, Bias], Field(max_length=1024)] | None = None
+    user: str | None = None
 
+    def unsupported(self) -> dict[str, Any]:
+        """Parameters set to something this server does not do: refused by name, never ignored."""
+        return {}
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> dict[str, Any]:
+        bad = {
+            "logprobs": self.logprobs if self.logprobs else None,
+            "top_logprobs": self.top_logprobs if self.top_logprobs else None,
+            "tools": self.tools if self.tools else None,
+            "functions": self.functions if self.functions else None,
+            "tool_choice": self.tool_choice if self.tool_choice not in (None, "none", "auto") else None,
+            "function_call": self.function_call if self.function_call not in (None, "none", "auto") else None,
+            "response_format": self.response_format
+            if self.response_format not in (None, {"type": "text"})
+            else None,
+        }
+        return {k: v for k, v in bad.items() if v is not None}
 
 
 class CompletionRequest(_Request):
     prompt: str
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def unsupported(self) -> dict[str, Any]:
+        bad = {
+            "logprobs": self.logprobs,
+            "echo": self.echo or None,
+            "suffix": self.suffix or None,
+            "best_of": self.best_of if self.best_of not in (None, 1) else None,
+        }
+        return {k: v for k, v in bad.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------
+# The OpenAI response bodies
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Out):
+    index: int = 0
+    delta: Delta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Out):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(_Out):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class Completion(_Out):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "codetune"
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(_Out):
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------------------------------
+# The engine
 
 
 @dataclass
@@ -88,6 +275,14 @@ class Engine:
 
     def __post_init__(self):
         self.slot = threading.Lock()
+        # requests generated, requests whose client left, tokens generated: for tests and a status page
+        self.stats = {"requests": 0, "cancelled": 0, "tokens": 0}
+        self._stats_lock = threading.Lock()
+
+    def count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for key, value in deltas.items():
+                self.stats[key] += value
 
     @property
     def context(self) -> int:
@@ -95,13 +290,18 @@ class Engine:
 
         return context_length(self.model)
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
 
 def load_engine(
     source: str | Path, *, name: str | None = None, max_tokens_limit: int = 1024, recipe: Recipe | None = None
 ) -> Engine:
-    from .generate import load_for_inference
+    from .generate import load_for_inference, quiet_libraries
 
-    loaded = load_for_inference(source, recipe=recipe)
+    with quiet_libraries():
+        loaded = load_for_inference(source, recipe=recipe)
     return Engine(
         loaded.model,
         loaded.tokenizer,
@@ -120,11 +320,49 @@ def load_engine(
 class _Job:
     prompt_ids: list[int]
     cfg: GenerationConfig
-    cancel: threading.Event
+    stops: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    cancel: threading.Event = field(default_factory=threading.Event)  # the client left
+    enough: threading.Event = field(default_factory=threading.Event)  # the streamed answer hit a stop string
+
+
+@dataclass
+class _Result:
+    text: str
+    completion_tokens: int
+    reason: str  # "stop", "length" or "cancelled"
+
+
+_UNION_TAG = re.compile(r"str|int|float|bool|none|constrained-\w+|[\w-]+\[.*\]")
+
+
+def _invalid(exc: ValidationError) -> APIError:
+    """The most specific problem of a request body, as a 400 that names the field."""
+    # of a union's failed branches ("content" is a string, or a list of parts), the deepest one says the most
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
+    # pydantic adds the union member it tried ("str", "list[...]") to the location; a client knows fields only
+    *path, last = err["loc"] or ("",)
+    loc = [str(p) for p in path if not (isinstance(p, str) and _UNION_TAG.fullmatch(p))]
+    if not (isinstance(last, str) and _UNION_TAG.fullmatch(last)) or err["type"] == "extra_forbidden":
+        loc.append(str(last))
+    where = ".".join(p for p in loc if p)
+    if err["type"] == "extra_forbidden":
+        message = f"unknown parameter {where!r}: this server does not support it"
+    elif err["type"] == "json_invalid":
+        message = f"the request body is not valid JSON: {err['msg'].removeprefix('Invalid JSON: ')}"
+    elif not where:
+        message = f"the request body must be a JSON object: {err['msg']}"
+    else:
+        message = f"{where}: {err['msg']}"
+    return APIError(400, message, param=where or None)
 
 
 def _config(engine: Engine, req: _Request) -> GenerationConfig:
-    max_tokens = req.max_completion_tokens or req.max_tokens or engine.recipe.generation.max_new_tokens
+    max_tokens = (
+        getattr(req, "max_completion_tokens", None) or req.max_tokens or engine.recipe.generation.max_new_tokens
+    )
     if max_tokens > engine.max_tokens_limit:
         raise APIError(
             400,
@@ -134,55 +372,137 @@ def _config(engine: Engine, req: _Request) -> GenerationConfig:
         )
     data = engine.recipe.generation.model_dump()
     data["max_new_tokens"] = max_tokens
-    if req.temperature is not None:  # OpenAI's temperature 0 means greedy
+    if req.temperature is not None:  # OpenAI's temperature 0 means greedy, as in the recipe
+        data["temperature"] = req.temperature
         data["do_sample"] = req.temperature > 0
-        if req.temperature > 0:
-            data["temperature"] = req.temperature
     if req.top_p is not None:
         data["top_p"] = req.top_p
     if req.seed is not None:
         data["seed"] = req.seed
-    return GenerationConfig.model_validate(data)
+    try:
+        return GenerationConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"])
+        raise APIError(400, f"{param}: {err['msg']}", param=param) from None
 
 
-def _prompt_ids(engine: Engine, req: ChatRequest | CompletionRequest, cfg: GenerationConfig) -> list[int]:
+def _job(engine: Engine, req: ChatRequest | CompletionRequest) -> _Job:
+    """Check the request against the model (runs in a worker thread: templating and tokenizing take time)."""
+    from jinja2 import TemplateError
+
+    from .generate import ContextError, context_length, fit_to_context
+
+    cfg = _config(engine, req)
     tok = engine.tokenizer
+    param = "messages" if isinstance(req, ChatRequest) else "prompt"
     if isinstance(req, ChatRequest):
-        text = tok.apply_chat_template(
-            [m.model_dump() for m in req.messages], tokenize=False, add_generation_prompt=True
-        )
+        try:
+            text = tok.apply_chat_template(
+                [m.as_template_message() for m in req.messages], tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as exc:  # a template may refuse an order of roles (e.g. two system turns)
+            raise APIError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
     else:
         text = req.prompt
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    if len(ids) + cfg.max_new_tokens > engine.context:
-        raise APIError(
-            400,
-            f"the prompt has {len(ids)} tokens; with max_tokens {cfg.max_new_tokens} that is over "
-            f"the model's context of {engine.context} tokens",
-            param="messages",
-            code="context_length_exceeded",
+        raise APIError(400, f"{param}: the prompt is empty", param=param)
+    try:
+        # the server log gets the warning: the warnings module's filters are process-wide, not per thread
+        (limit,) = fit_to_context(
+            [len(ids)], cfg.max_new_tokens, context_length(engine.model), what=param, warn=log.warning
         )
-    return ids
+    except ContextError as exc:
+        raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < engine.vocab_size:
+            raise APIError(
+                400,
+                f"logit_bias: {key!r} is not a token id of this model (0 to {engine.vocab_size - 1})",
+                param="logit_bias",
+            )
+        bias[token] = value
+    return _Job(
+        ids,
+        cfg.model_copy(update={"max_new_tokens": limit}),
+        stops=req.stops,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=bias,
+    )
 
 
-def _run(engine: Engine, job: _Job, streamer=None) -> tuple[list[int], str]:
-    """Generate for one job while holding the slot; returns (new token ids, finish reason)."""
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Where the earliest stop string starts in text, or -1."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else -1
+
+
+def _run(engine: Engine, job: _Job, streamer=None) -> _Result:
+    """Generate for one job while holding the slot. A cancelled job (its client left) stops at the next token."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
     from .generate import _sampling
     from .model import stop_token_ids
 
+    tok = engine.tokenizer
+    n_prompt = len(job.prompt_ids)
+
     class Cancelled(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), job.cancel.is_set(), dtype=torch.bool)
+            halt = job.cancel.is_set() or job.enough.is_set()
+            return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
 
-    stops = stop_token_ids(engine.tokenizer, job.cfg.stop_tokens)
-    with engine.slot:
+    class StopText(StoppingCriteria):
+        # Each token is at least one character, or up to 4 byte-pieces of one: this tail holds any stop string.
+        tail = 4 * max((len(s) for s in job.stops), default=0) + 8
+
+        def __call__(self, input_ids, scores, **kwargs):
+            new = input_ids[0, max(n_prompt, input_ids.shape[1] - self.tail) :].tolist()
+            hit = _first_stop(tok.decode(new, skip_special_tokens=True), job.stops) >= 0
+            return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
+
+    class Penalties(LogitsProcessor):
+        # OpenAI's definition: counts over the generated tokens only, not the prompt.
+        def __call__(self, input_ids, scores):
+            counts = torch.bincount(input_ids[0, n_prompt:], minlength=scores.shape[-1])[: scores.shape[-1]]
+            counts = counts.to(scores.dtype).unsqueeze(0)
+            return scores - counts * job.frequency_penalty - (counts > 0).to(scores.dtype) * job.presence_penalty
+
+    class Bias(LogitsProcessor):
+        def __init__(self):
+            self.ids = torch.tensor(list(job.logit_bias), dtype=torch.long)
+            self.values = torch.tensor(list(job.logit_bias.values()))
+
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
+            return scores
+
+    criteria = [Cancelled()] + ([StopText()] if job.stops else [])
+    processors = []
+    if job.presence_penalty or job.frequency_penalty:
+        processors.append(Penalties())
+    if job.logit_bias:
+        processors.append(Bias())
+    stops = stop_token_ids(tok, job.cfg.stop_tokens)
+    # Wait for the slot, but give up as soon as the client has gone: a queue of abandoned requests
+    # must not delay the next live one.
+    while not engine.slot.acquire(timeout=0.05):
         if job.cancel.is_set():
-            return [], "cancelled"
+            engine.count(cancelled=1)
+            return _Result("", 0, "cancelled")
+    try:
+        if job.cancel.is_set():
+            engine.count(cancelled=1)
+            return _Result("", 0, "cancelled")
         torch.manual_seed(job.cfg.seed)
         input_ids = torch.tensor([job.prompt_ids], device=engine.model.device)
         with torch.inference_mode():
@@ -191,26 +511,132 @@ def _run(engine: Engine, job: _Job, streamer=None) -> tuple[list[int], str]:
                 attention_mask=torch.ones_like(input_ids),
                 **_sampling(job.cfg),
                 eos_token_id=stops,
-                pad_token_id=engine.tokenizer.pad_token_id,
+                pad_token_id=tok.pad_token_id,
                 streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                stopping_criteria=StoppingCriteriaList(criteria),
+                logits_processor=LogitsProcessorList(processors),
             )
-    new = out[0, len(job.prompt_ids) :].tolist()
+    finally:
+        engine.slot.release()
+    new = out[0, n_prompt:].tolist()
+    engine.count(requests=1, tokens=len(new))
+    if job.cancel.is_set():
+        engine.count(cancelled=1)
+        return _Result("", len(new), "cancelled")
+    reason = "length" if len(new) >= job.cfg.max_new_tokens else "stop"
     if new and new[-1] in stops:
-        return new[:-1], "stop"
-    return new, "length" if len(new) >= job.cfg.max_new_tokens else "stop"
+        new, reason = new[:-1], "stop"
+    text = tok.decode(new, skip_special_tokens=True)
+    cut = _first_stop(text, job.stops)
+    if cut >= 0:
+        text, reason = text[:cut], "stop"
+    return _Result(text, len(new), reason)
+
+
+class _StopFilter:
+    """Streamed text with the stop strings held back: a piece that could begin a stop string waits until
+    the next piece shows whether it does, so no part of a stop string ever reaches the client."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        cut = _first_stop(self.text, self.stops)
+        if cut >= 0:
+            self.stopped = True
+            return self._emit(cut)
+        held = max(
+            (k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])),
+            default=0,
+        )
+        return self._emit(len(self.text) - held)
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        out = self.text[self.sent : max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Request guard: body size cap and API key, as plain ASGI so that nothing reads the body first
+
+
+class _Guard:
+    """Refuses an oversized body with 413 before reading it (by Content-Length, and by counting the
+    bytes of a chunked body as they arrive), and requests to /v1/ without the API key with 401."""
+
+    def __init__(self, app, *, max_bytes: int, api_key: str | None):
+        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"].startswith("/v1/"):
+            if headers.get("authorization", "") != f"Bearer {self.api_key}":
+                err = APIError(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    code="invalid_api_key",
+                    type_="authentication_error",
+                )
+                return await _send_error(send, err)
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return await _send_error(send, APIError(400, f"Content-Length {length!r} is not a number"))
+            if int(length) > self.max_bytes:
+                return await _send_error(send, self._too_large())
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()  # answered by the app's APIError handler; the rest is never read
+            return message
+
+        return await self.app(scope, counted_receive, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413,
+            f"the request body is over this server's limit of {self.max_bytes} bytes (--max-request-bytes)",
+            code="request_too_large",
+        )
+
+
+async def _send_error(send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": err.status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 # ---------------------------------------------------------------------------------------
 # The app
 
 
-def create_app(engine: Engine, *, api_key: str | None = None):
+def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+    """The FastAPI app. Routes that need no model (pages, health) are plain ``@app.get`` functions here."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="codetune", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="codetune", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, max_bytes=max_request_bytes, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -221,38 +647,42 @@ def create_app(engine: Engine, *, api_key: str | None = None):
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         return JSONResponse(APIError(400, err["msg"], param=".".join(str(p) for p in err["loc"][1:])).body(), 400)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                err = APIError(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer ...)",
-                    code="invalid_api_key",
-                    type_="authentication_error",
-                )
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        # 404 / 405 in the same OpenAI error shape as everything else
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
     async def _parse(request: Request, schema: type[_Request]) -> _Request:
-        raw = await request.body()
+        ctype = request.headers.get("content-type")
+        if ctype is not None:
+            media = ctype.split(";")[0].strip().lower()
+            if media != "application/json" and not media.endswith("+json"):
+                raise APIError(
+                    400, f"Content-Type {ctype!r}: the request body must be JSON (Content-Type: application/json)"
+                )
+        raw = await request.body()  # bounded by _Guard
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
-        try:
-            req = schema.model_validate(data)
+            # pydantic's own JSON parser: bounded nesting depth, no lone surrogates, no NaN
+            req = await asyncio.to_thread(schema.model_validate_json, raw)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise APIError(
-                400, f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}", param=".".join(str(p) for p in err["loc"])
-            ) from None
+            raise _invalid(exc) from None
         if req.model != engine.name:
             raise APIError(
                 404,
                 f"the model {req.model!r} does not exist; this server has {engine.name!r}",
                 param="model",
                 code="model_not_found",
+            )
+        unsupported = req.unsupported()
+        if unsupported:
+            names = ", ".join(sorted(unsupported))
+            first = sorted(unsupported)[0]
+            raise APIError(
+                400,
+                f"this server does not support {names} (got {json.dumps(unsupported)[:200]}); leave "
+                f"{'it' if len(unsupported) == 1 else 'them'} out",
+                param=first,
+                code="unsupported_parameter",
             )
         return req
 
@@ -262,87 +692,88 @@ def create_app(engine: Engine, *, api_key: str | None = None):
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "codetune"}],
-        }
+        return ModelList(data=[ModelCard(id=engine.name)]).model_dump(mode="json")
 
     async def _complete(request: Request, schema: type[_Request], kind: str):
         req = await _parse(request, schema)
-        try:
-            cfg = _config(engine, req)
-        except ValidationError as exc:
-            raise APIError(400, exc.errors()[0]["msg"]) from None
-        job = _Job(_prompt_ids(engine, req, cfg), cfg, threading.Event())
+        job = await asyncio.to_thread(_job, engine, req)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if req.stream:
-            return StreamingResponse(_stream(request, job, rid, created, kind), media_type="text/event-stream")
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(request, job, rid, created, kind, include_usage), media_type="text/event-stream"
+            )
+        result = await _until_done_or_gone(request, job)
+        if result.reason == "cancelled":
+            # nobody is there to read it; nginx's "client closed request", so a log shows what happened
+            return JSONResponse(APIError(499, "the client closed the request").body(), status_code=499)
+        usage = Usage(
+            prompt_tokens=len(job.prompt_ids),
+            completion_tokens=result.completion_tokens,
+            total_tokens=len(job.prompt_ids) + result.completion_tokens,
+        )
+        if kind == "chat":
+            body: BaseModel = ChatCompletion(
+                id=rid,
+                created=created,
+                model=engine.name,
+                choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.reason)],
+                usage=usage,
+            )
+        else:
+            body = Completion(
+                id=rid,
+                created=created,
+                model=engine.name,
+                choices=[CompletionChoice(text=result.text, finish_reason=result.reason)],
+                usage=usage,
+            )
+        return JSONResponse(body.model_dump(mode="json"))
+
+    async def _until_done_or_gone(request: Request, job: _Job) -> _Result:
+        """Generate in a worker thread while watching the connection: a client that left cancels its job."""
+        task = asyncio.ensure_future(asyncio.to_thread(_run, engine, job))
         try:
-            ids, reason = await asyncio.to_thread(_run, engine, job)
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.1)
+                if not task.done() and await request.is_disconnected():
+                    job.cancel.set()
+            return task.result()
         except asyncio.CancelledError:
             job.cancel.set()
             raise
-        text = engine.tokenizer.decode(ids, skip_special_tokens=True)
-        usage = {
-            "prompt_tokens": len(job.prompt_ids),
-            "completion_tokens": len(ids),
-            "total_tokens": len(job.prompt_ids) + len(ids),
-        }
-        if kind == "chat":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reason,
-                "logprobs": None,
-            }
-            return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": engine.name,
-                "choices": [choice],
-                "usage": usage,
-            }
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": engine.name,
-            "choices": [choice],
-            "usage": usage,
-        }
 
-    async def _stream(request: Request, job: _Job, rid: str, created: int, kind: str) -> AsyncIterator[str]:
+    async def _stream(
+        request: Request, job: _Job, rid: str, created: int, kind: str, include_usage: bool
+    ) -> AsyncIterator[str]:
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.05)
-        result: dict[str, Any] = {}
+        result: dict[str, _Result] = {}
 
         def work():
             try:
-                result["ids"], result["reason"] = _run(engine, job, streamer)
+                result["r"] = _run(engine, job, streamer)
             finally:
                 streamer.end()
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
 
-        def chunk(delta: str | None, reason: str | None = None, first: bool = False) -> str:
+        def chunk(delta: str | None, reason: str | None = None, first: bool = False, usage: Usage | None = None):
             if kind == "chat":
-                d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
-                obj = "chat.completion.chunk"
+                d = Delta(role="assistant", content="") if first else Delta(content=delta)
+                choices = [] if usage else [ChunkChoice(delta=d, finish_reason=reason)]
+                obj: BaseModel = ChatCompletionChunk(
+                    id=rid, created=created, model=engine.name, choices=choices, usage=usage
+                )
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
-                obj = "text_completion"
-            return (
-                "data: "
-                + json.dumps({"id": rid, "object": obj, "created": created, "model": engine.name, "choices": [choice]})
-                + "\n\n"
-            )
+                choices = [] if usage else [CompletionChoice(text=delta or "", finish_reason=reason)]
+                obj = Completion(id=rid, created=created, model=engine.name, choices=choices, usage=usage)
+            return f"data: {obj.model_dump_json()}\n\n"
 
+        stop_filter = _StopFilter(job.stops)
         try:
             if kind == "chat":
                 yield chunk(None, first=True)
@@ -365,9 +796,24 @@ def create_app(engine: Engine, *, api_key: str | None = None):
                 if piece is done:
                     break
                 if piece:
-                    yield chunk(piece)
+                    text = stop_filter.feed(piece)
+                    if text:
+                        yield chunk(text)
+                    if stop_filter.stopped:
+                        job.enough.set()  # the rest would be cut anyway
+                        break
             await asyncio.to_thread(worker.join)
-            yield chunk(None, result.get("reason", "stop"))
+            tail = stop_filter.flush()
+            if tail:
+                yield chunk(tail)
+            r = result.get("r")
+            reason = "stop" if stop_filter.stopped or r is None or r.reason == "cancelled" else r.reason
+            yield chunk(None, reason)
+            if include_usage:
+                n = r.completion_tokens if r else 0
+                n_prompt = len(job.prompt_ids)
+                usage = Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
+                yield chunk(None, usage=usage)
             yield "data: [DONE]\n\n"
         finally:
             job.cancel.set()
@@ -391,6 +837,17 @@ def create_app(engine: Engine, *, api_key: str | None = None):
 # ---------------------------------------------------------------------------------------
 # vLLM
 
+# vLLM sizes its LoRA buffers for one of these ranks and refuses any other --max-lora-rank.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts that holds an adapter of rank r."""
+    for rank in VLLM_LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise RecipeError(f"lora.r {r} is over the largest LoRA rank vLLM serves ({VLLM_LORA_RANKS[-1]}): merge it first")
+
 
 def vllm_command(
     source: str | Path,
@@ -401,11 +858,11 @@ def vllm_command(
     api_key: str | None = None,
     max_tokens_limit: int = 1024,
 ) -> list[str]:
-    """The ``vllm serve`` command for a run directory (base model + LoRA adapter) or a merged model."""
+    """The ``vllm serve`` command for a run directory (base model + LoRA adapter), a merged model folder or
+    a hub id. It writes nothing: ``--dry-run`` only prints it."""
+    from .generate import check_source
     from .recipe import load_recipe
     from .train import ADAPTER
-
-    from .generate import check_source
 
     check_source(source)
     path = Path(source)
@@ -416,8 +873,11 @@ def vllm_command(
             raise RecipeError("vLLM needs a hub id or a model folder: merge the tiny model first (codetune merge)")
         adapter = path / ADAPTER
         if not (adapter / "adapter_config.json").is_file():
-            raise RecipeError(f"{path} has no trained adapter ({adapter} is missing)")
-        lora_name = name or path.name
+            raise RecipeError(f"{path} has no trained adapter ({adapter} is missing): run `codetune train` first")
+        lora_name = name or path.resolve().name
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        # the adapter's own ranks, per-module ones included, are what vLLM must hold
+        rank = max([int(config.get("r") or recipe.lora.r), *map(int, (config.get("rank_pattern") or {}).values())])
         cmd += [recipe.model.name_or_path]
         if recipe.model.revision:
             cmd += ["--revision", recipe.model.revision]
@@ -426,18 +886,25 @@ def vllm_command(
             "--lora-modules",
             f"{lora_name}={adapter.resolve()}",
             "--max-lora-rank",
-            str(max(8, recipe.lora.r)),
+            str(vllm_lora_rank(rank)),
             "--max-model-len",
             str(recipe.tokenizer.model_max_length or 4096),
         ]
         if recipe.tokenizer.chat_template:
-            from .templates import resolve_template
-
-            template = path / "chat_template.jinja"
-            template.write_text(resolve_template(recipe.tokenizer.chat_template) or "")
+            # training saved the tokenizer, with the recipe's template, next to the adapter
+            template = adapter / "chat_template.jinja"
+            if not template.is_file():
+                raise RecipeError(
+                    f"{template} is missing: the recipe names a chat template that vLLM would not know; "
+                    "retrain, or merge the run and serve the merged folder"
+                )
             cmd += ["--chat-template", str(template.resolve())]
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise RecipeError(f"{path} is neither a run directory (recipe.yaml) nor a model folder (config.json)")
+        cmd += [str(path.resolve()), "--served-model-name", name or path.resolve().name]
     else:
-        cmd += [str(source), "--served-model-name", name or path.name or str(source)]
+        cmd += [str(source), "--served-model-name", name or path.name]
     cmd += ["--host", host, "--port", str(port), "--max-num-seqs", "64"]
     if api_key:
         cmd += ["--api-key", api_key]
