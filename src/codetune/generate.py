@@ -25,8 +25,12 @@ class Loaded:
     recipe: Recipe
 
 
-def load_for_inference(source: str | Path, *, recipe: Recipe | None = None) -> Loaded:
-    """A run directory (its recipe's base model plus ``adapter/``), or anything ``from_pretrained`` takes."""
+def load_for_inference(source: str | Path, *, recipe: Recipe | None = None, merged: bool = False) -> Loaded:
+    """A run directory (its recipe's base model plus ``adapter/``), or anything ``from_pretrained`` takes.
+
+    ``merged``: for a run directory, the adapter merged into the unquantized base in the compute dtype
+    (as the reference notebook evaluated) instead of the 4-bit base with the adapter on top.
+    """
     from .model import disable_avx512_bf16_path, load_base_model, load_tokenizer
     from .train import ADAPTER
 
@@ -36,9 +40,14 @@ def load_for_inference(source: str | Path, *, recipe: Recipe | None = None) -> L
         adapter = path / ADAPTER
         if not (adapter / "adapter_config.json").is_file():
             raise RecipeError(f"{path} has no trained adapter ({adapter} is missing): run `codetune train` first")
-        from peft import PeftModel
+        if merged:
+            from .export import merged_model
 
-        model = PeftModel.from_pretrained(load_base_model(recipe), str(adapter))
+            model = merged_model(recipe, adapter)
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_base_model(recipe), str(adapter))
     else:
         if path.exists() and not (path / "config.json").is_file():
             raise RecipeError(f"{path} is neither a run directory (recipe.yaml) nor a model folder (config.json)")
