@@ -220,10 +220,32 @@ def test_loss_normalization_matches_a_hand_computation(tmp_path, tiny_dir, norma
 def test_seed_makes_the_cards_1656_steps():
     recipe = load_recipe("phi3-mini-python-seed")
     assert recipe.training.accumulation_windows == "across_epochs"
-    assert across_epochs_steps(recipe, REFERENCE_TRAIN_ROWS) == 1656
+    assert across_epochs_steps(recipe, REFERENCE_TRAIN_ROWS) == (1656, 3)
     # what transformers 5.24 makes of the same epochs: a short window closes each epoch
     micro_batches = math.ceil(REFERENCE_TRAIN_ROWS / 4)
     assert micro_batches == 4421 and 3 * math.ceil(micro_batches / 8) == 1659
+
+
+def test_seed_schedule_evaluation_and_saving_follow_the_reference(tmp_path):
+    recipe = load_recipe("phi3-mini-python-seed")
+    steps, epochs = across_epochs_steps(recipe, REFERENCE_TRAIN_ROWS)
+    args = _training_arguments(recipe, tmp_path, False, steps, epochs)
+    assert (args.max_steps, args.get_warmup_steps(args.max_steps)) == (1656, 166)  # 4.40: ceil(0.1 x 1656)
+    assert (args.eval_steps, args.save_strategy, args.save_steps) == (100, "steps", 552)  # saved each epoch
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed) == (4, 8, 42)
+
+
+@needs_phi3_tokenizer
+def test_seed_pins_revisions_lengths_stop_tokens_and_sampling_seed():
+    from codetune.model import stop_token_ids
+
+    recipe = seed_recipe()
+    assert recipe.model.revision == "920b6cf52a79ecff578cc33f61922b23cbc88115"
+    assert recipe.data.revision == "7cae181e29701a8663a07a3ea43c8e105b663ba1"
+    tok = load_tokenizer(recipe)
+    assert tok.model_max_length == 4096 and tok.padding_side == "left" and tok.pad_token_id == 0
+    assert stop_token_ids(tok, recipe.generation.stop_tokens) == [32007, 32000]
+    assert recipe.generation.seed == 1234 and recipe.evaluation.batch_size == 1
 
 
 def test_epochs_batch_sampler_shuffles_each_epoch_and_keeps_its_short_batch():
@@ -238,9 +260,11 @@ def test_epochs_batch_sampler_shuffles_each_epoch_and_keeps_its_short_batch():
     assert list(sampler) == batches  # deterministic: a resumed run sees the same batches
 
 
-def test_across_epochs_needs_whole_epochs():
+def test_across_epochs_needs_whole_epochs_or_max_steps():
     with pytest.raises(RecipeError, match="accumulation_windows"):
         load_recipe("phi3-mini-python-seed", ["training.epochs=1.5"])
+    capped = load_recipe("phi3-mini-python-seed", ["training.epochs=1.5", "training.max_steps=700"])
+    assert across_epochs_steps(capped, REFERENCE_TRAIN_ROWS) == (700, 2)  # 5,600 micro-batches: 2 epochs of them
 
 
 def test_across_epochs_training_runs_the_4_40_step_count(tmp_path, tiny_dir):
@@ -262,11 +286,14 @@ def test_across_epochs_training_runs_the_4_40_step_count(tmp_path, tiny_dir):
             "training.save_strategy=no",
             "training.accumulation_windows=across_epochs",
             "training.loss_normalization=micro_batch",
+            "training.logging_steps=1",
         ],
     )
     result = train(recipe, tmp_path / "run")
     assert load_split(tmp_path / "run", "train").num_rows == 21
-    assert result.global_step == across_epochs_steps(recipe, 21) == 9
+    assert result.global_step == across_epochs_steps(recipe, 21)[0] == 9
+    last = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 9 and last["epoch"] == pytest.approx(27 / 11, abs=1e-3)  # 27 of 33 micro-batches
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,6 +343,20 @@ def test_seed_pads_on_the_left_without_position_ids():
     assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, 8]]
     assert "position_ids" not in batch
     assert load_recipe("phi3-mini-python-seed").tokenizer.padding_side == "left"
+
+
+def test_right_padded_rows_are_trls_batches():
+    """Unpacked recipes padding on the right get exactly the batches TRL's collator made before."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    gen = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": torch.randint(5, 900, (n,), generator=gen).tolist()} for n in (12, 8, 20, 5)]
+    for e in examples:
+        e["labels"] = [IGNORE_INDEX] * 3 + e["input_ids"][3:]
+    ours, trls = PaddedRowsCollator(3, "right")(examples), DataCollatorForLanguageModeling(pad_token_id=3)(examples)
+    assert ours.keys() == trls.keys()
+    for key in ours:
+        assert torch.equal(ours[key], trls[key]), key
 
 
 def test_left_padding_changes_the_loss_by_rounding_only(tiny_dir):

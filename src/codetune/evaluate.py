@@ -442,8 +442,15 @@ def evaluate(
         if merged:  # the merged model has no adapter to switch off: the base, unquantized, in the same dtype
             from .model import disable_avx512_bf16_path, load_base_model
 
+            import gc
+
+            import torch
+
             del loaded.model
-            base = load_base_model(recipe, quantize=False)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            base = load_base_model(recipe, quantize=False, device_map={"": 0} if torch.cuda.is_available() else None)
             disable_avx512_bf16_path(base)
             results["base"] = run_all("base", out_dir / "base", base.eval())
         else:

@@ -15,13 +15,13 @@ from .recipe import RecipeError, load_recipe
 MERGED = "merged"
 
 
-def merged_model(recipe, adapter_dir: Path, *, dtype: str | None = None):
+def merged_model(recipe, adapter_dir: Path, *, dtype: str | None = None, device_map=None):
     """The recipe's base, unquantized in ``dtype`` (default: the compute dtype), with the adapter folded in."""
     from peft import PeftModel
 
     from .model import load_base_model
 
-    base = load_base_model(recipe, quantize=False, dtype=dtype)
+    base = load_base_model(recipe, quantize=False, dtype=dtype, device_map=device_map)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 

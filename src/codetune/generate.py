@@ -41,9 +41,12 @@ def load_for_inference(source: str | Path, *, recipe: Recipe | None = None, merg
         if not (adapter / "adapter_config.json").is_file():
             raise RecipeError(f"{path} has no trained adapter ({adapter} is missing): run `codetune train` first")
         if merged:
+            import torch
+
             from .export import merged_model
 
-            model = merged_model(recipe, adapter)
+            # unquantized weights stay where they load; the 4-bit path is placed on the GPU by bitsandbytes
+            model = merged_model(recipe, adapter, device_map={"": 0} if torch.cuda.is_available() else None)
         else:
             from peft import PeftModel
 

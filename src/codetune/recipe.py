@@ -239,10 +239,10 @@ class Recipe(_Section):
                 f"evaluation.n_samples {self.evaluation.n_samples} with generation.do_sample false gives "
                 "identical samples: set generation.do_sample true (or n_samples 1)"
             )
-        if t.accumulation_windows == "across_epochs" and (t.max_steps > 0 or t.epochs != int(t.epochs)):
+        if t.accumulation_windows == "across_epochs" and t.max_steps <= 0 and t.epochs != int(t.epochs):
             raise ValueError(
-                'training.accumulation_windows "across_epochs" needs a whole number of training.epochs and '
-                f"max_steps -1 (got epochs {t.epochs}, max_steps {t.max_steps})"
+                f'training.accumulation_windows "across_epochs" needs a whole number of training.epochs '
+                f"(got {t.epochs}) or training.max_steps"
             )
         if self.tokenizer.model_max_length and d.max_length > self.tokenizer.model_max_length:
             raise ValueError(

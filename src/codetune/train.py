@@ -152,7 +152,7 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _metrics_callback(run_dir: Path, console):
+def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
     from transformers import TrainerCallback
 
     class MetricsAndProgress(TrainerCallback):
@@ -211,7 +211,8 @@ def _metrics_callback(run_dir: Path, console):
             dt, rate = self._rate(state)
             row = {
                 "step": state.global_step,
-                "epoch": round(state.epoch or 0.0, 4),
+                # across-epoch windows give the Trainer all epochs as one pass: count real epochs
+                "epoch": round((state.epoch or 0.0) * epochs_per_pass, 4),
                 "train_loss": logs.get("loss"),
                 "eval_loss": logs.get("eval_loss"),
                 "learning_rate": logs.get("learning_rate"),
@@ -402,12 +403,15 @@ class EpochsBatchSampler:
                 yield order[start : start + self.batch_size]
 
 
-def across_epochs_steps(recipe: Recipe, n_rows: int, processes: int = 1) -> int:
-    """Optimizer steps of an ``across_epochs`` run, counted as transformers 4.40 did:
-    floor(micro-batches per epoch / accumulation) x epochs (a trailing partial window is never stepped)."""
+def across_epochs_steps(recipe: Recipe, n_rows: int, processes: int = 1) -> tuple[int, int]:
+    """(optimizer steps, epochs of batches) of an ``across_epochs`` run, counted as transformers 4.40 did:
+    floor(micro-batches per epoch / accumulation) x epochs (a trailing partial window is never stepped),
+    or ``max_steps`` when set, with as many epochs as those steps need."""
     t = recipe.training
     per_process = math.ceil(math.ceil(n_rows / t.batch_size) / processes)
-    return max(per_process // t.gradient_accumulation_steps, 1) * int(t.epochs)
+    if t.max_steps > 0:
+        return t.max_steps, math.ceil(t.max_steps * t.gradient_accumulation_steps / per_process)
+    return max(per_process // t.gradient_accumulation_steps, 1) * int(t.epochs), int(t.epochs)
 
 
 def _datasets(recipe: Recipe, run_dir: Path):
@@ -429,7 +433,13 @@ def _datasets(recipe: Recipe, run_dir: Path):
     return train, evaluation
 
 
-def _training_arguments(recipe: Recipe, run_dir: Path, cuda: bool, across_epochs_max_steps: int | None = None):
+def _training_arguments(
+    recipe: Recipe,
+    run_dir: Path,
+    cuda: bool,
+    across_epochs_max_steps: int | None = None,
+    across_epochs_epochs: int = 1,
+):
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -440,7 +450,7 @@ def _training_arguments(recipe: Recipe, run_dir: Path, cuda: bool, across_epochs
         # steps outright; saving "each epoch" becomes every steps-per-epoch steps.
         epochs, max_steps = 1.0, across_epochs_max_steps
         if save_strategy == "epoch":
-            save_strategy, save_steps = "steps", max(across_epochs_max_steps // int(t.epochs), 1)
+            save_strategy, save_steps = "steps", max(across_epochs_max_steps // across_epochs_epochs, 1)
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
         per_device_train_batch_size=t.batch_size,
@@ -611,13 +621,13 @@ def train(
         say(f"note: {why}: training uses the model's own loss (full logits)")
 
     collator = _collator(recipe, tokenizer)
-    sampler = steps = None
+    sampler, steps, epochs = None, None, 1
     if recipe.training.accumulation_windows == "across_epochs":
         t = recipe.training
-        sampler = EpochsBatchSampler(len(train_ds), t.batch_size, int(t.epochs), t.seed)
-        steps = across_epochs_steps(recipe, len(train_ds), state.num_processes)
-        say(f"accumulation windows run across epochs: {steps} optimizer steps ({int(t.epochs)} epochs)")
-    args = _training_arguments(recipe, run_dir, cuda, steps)
+        steps, epochs = across_epochs_steps(recipe, len(train_ds), state.num_processes)
+        sampler = EpochsBatchSampler(len(train_ds), t.batch_size, epochs, t.seed)
+        say(f"accumulation windows run across epochs: {steps} optimizer steps ({epochs} epochs of batches)")
+    args = _training_arguments(recipe, run_dir, cuda, steps, epochs)
     trainer = _trainer_class()(
         model=model,
         args=args,
@@ -625,7 +635,10 @@ def train(
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[_metrics_callback(run_dir, console if state.is_main_process else None), *(callbacks or [])],
+        callbacks=[
+            _metrics_callback(run_dir, console if state.is_main_process else None, sampler.epochs if sampler else 1.0),
+            *(callbacks or []),
+        ],
     )
     trainer.loss_normalization = recipe.training.loss_normalization
     trainer.epochs_batch_sampler = sampler
