@@ -338,9 +338,11 @@ class PaddedRowsCollator:
     """One example per row, padded to the longest on ``padding_side``, with an attention mask and no position ids.
 
     The reference run padded on the left (TRL's collator honoured the tokenizer's padding side) and
-    passed no position ids, so a left-padded row's tokens sat at positions shifted by its padding, in
-    4.40 as here. Rotary attention depends only on the distance between positions, so the shift
-    changes nothing but rounding (tests/test_fidelity.py measures it). Padding never carries loss.
+    passed no position ids, so a left-padded row's tokens sat at positions shifted by its padding,
+    there as here. Rotary attention depends only on the distance between positions, so the shift
+    changes each target's loss by rounding only (tests/test_fidelity.py measures it). Pad labels are
+    ignored, but with left padding a row's first token is a target predicted from the last pad
+    position, as in the reference.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right"):
