@@ -152,6 +152,19 @@ def _count_collated_batches(stats: dict) -> None:
 
     PackedRowsCollator.__call__ = call
 
+    from codetune.train import PaddedRowsCollator
+
+    padded_call = PaddedRowsCollator.__call__
+
+    def padded(self, examples):
+        out = padded_call(self, examples)
+        stats["positions"] += out["input_ids"].numel()
+        stats["real_tokens"] += int(out["attention_mask"].sum())
+        stats["batches"] += 1
+        return out
+
+    PaddedRowsCollator.__call__ = padded
+
 
 class StepClock:
     """A TrainerCallback (duck-typed) timing every optimizer step against the collators' real-token count."""

@@ -9,7 +9,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# ../shared beside the repo; CODETUNE_SHARED points elsewhere (a git worktree sits one level deeper).
+SHARED = Path(os.environ.get("CODETUNE_SHARED") or ROOT.parent / "shared")
 PHI3_TOKENIZER = SHARED / "tokenizers" / "phi3-mini-4k-instruct"
 PHI3_TOKENIZER_2024_05 = PHI3_TOKENIZER / "revision-2024-05"
 MBPP_JSONL = SHARED / "data" / "mbpp" / "mbpp.jsonl"

@@ -248,15 +248,20 @@ def tokenize_example(tokenizer, recipe: Recipe, messages, text: str) -> Tokenize
         trained = [any(s <= start < e for s, e in spans) for start, _ in offsets]
     else:
         trained = [True] * len(ids)
-    if recipe.tokenizer.add_bos_token:
-        ids, trained = [tokenizer.bos_token_id, *ids], [recipe.data.loss_on == "all", *trained]
-    if recipe.tokenizer.add_eos_token:
-        ids, trained = [*ids, tokenizer.eos_token_id], [*trained, True]
-    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
-    full = len(ids)
+    add_bos, add_eos = recipe.tokenizer.add_bos_token, recipe.tokenizer.add_eos_token
+    full = len(ids) + add_bos + add_eos
     max_len = recipe.data.max_length
     truncated = full > max_len
-    return Tokenized(ids[:max_len], labels[:max_len], truncated, full)
+    # Cut the text, never the added special tokens: a tokenizer called with truncation=True does the
+    # same (the reference's over-long rows end in their eos, 32000, as the 512th token).
+    room = max_len - add_bos - add_eos
+    ids, trained = ids[:room], trained[:room]
+    if add_bos:
+        ids, trained = [tokenizer.bos_token_id, *ids], [recipe.data.loss_on == "all", *trained]
+    if add_eos:
+        ids, trained = [*ids, tokenizer.eos_token_id], [*trained, True]
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
+    return Tokenized(ids, labels, truncated, full)
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,40 +441,65 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
     rows, where = read_source(d.source, revision=d.revision, hub_split=d.hub_split)
     log(f"read {len(rows)} rows from {where}")
 
-    examples: list[Example] = []
-    rejected: list[dict] = []
-    for row in rows:
-        try:
-            examples.append(row_to_example(row, d.format, d.formatting))
-        except _Bad as bad:
-            problem = RowProblem(row["__row__"], bad.field, bad.reason)
-            if not skip_invalid:
-                raise DataError(problem.message(where) + " (use --skip-invalid to set such rows aside)") from None
-            rejected.append(
-                {
-                    "row": problem.row,
-                    "field": problem.field,
-                    "reason": problem.reason,
-                    "data": {k: v for k, v in row.items() if k != "__row__"},
-                }
-            )
-    if not examples:
-        raise DataError(f"{where}: no usable rows")
-
     import datasets
 
-    split = datasets.Dataset.from_dict({"i": list(range(len(examples)))}).train_test_split(
-        test_size=d.split.test_size, seed=d.split.seed
-    )
-    train = [examples[i] for i in split["train"]["i"]]
-    test = [examples[i] for i in split["test"]["i"]]
-    counts: dict[str, Any] = {
-        "read": len(rows),
-        "invalid": len(rejected),
-        "valid": len(examples),
-        "train_split": len(train),
-        "test_split": len(test),
-    }
+    def split_indices(n: int) -> tuple[list[int], list[int]]:
+        split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
+            test_size=d.split.test_size, seed=d.split.seed
+        )
+        return split["train"]["i"], split["test"]["i"]
+
+    after_split = d.invalid_rows == "drop_after_split"
+    rejected: list[dict] = []
+
+    def checked(chosen: list[dict], split_name: str | None) -> list[Example]:
+        kept = []
+        for row in chosen:
+            try:
+                kept.append(row_to_example(row, d.format, d.formatting))
+            except _Bad as bad:
+                problem = RowProblem(row["__row__"], bad.field, bad.reason)
+                if not (skip_invalid or after_split):
+                    raise DataError(problem.message(where) + " (use --skip-invalid to set such rows aside)") from None
+                entry = {"row": problem.row, "field": problem.field, "reason": problem.reason}
+                if split_name:
+                    entry["split"] = split_name
+                entry["data"] = {k: v for k, v in row.items() if k != "__row__"}
+                rejected.append(entry)
+        return kept
+
+    if after_split:
+        # The reference split every row it read; a bad row dropped first would shift every later one.
+        if len(rows) < 2:
+            raise DataError(f"{where}: {len(rows)} row(s): too few to split")
+        train_i, test_i = split_indices(len(rows))
+        train = checked([rows[i] for i in train_i], "train")
+        test = checked([rows[i] for i in test_i], "test")
+        counts: dict[str, Any] = {
+            "read": len(rows),
+            "train_split": len(train_i),
+            "test_split": len(test_i),
+            "invalid": len(rejected),
+            "invalid_train": len(train_i) - len(train),
+            "invalid_test": len(test_i) - len(test),
+            "valid": len(train) + len(test),
+        }
+        if not train:
+            raise DataError(f"{where}: no usable rows in the training split")
+    else:
+        examples = checked(rows, None)
+        if not examples:
+            raise DataError(f"{where}: no usable rows")
+        train_i, test_i = split_indices(len(examples))
+        train = [examples[i] for i in train_i]
+        test = [examples[i] for i in test_i]
+        counts = {
+            "read": len(rows),
+            "invalid": len(rejected),
+            "valid": len(examples),
+            "train_split": len(train),
+            "test_split": len(test),
+        }
 
     if d.dedupe:
         seen: set[str] = set()

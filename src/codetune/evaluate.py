@@ -419,32 +419,57 @@ def evaluate(
     unknown = [s for s in suites if s not in ("rouge", *EXECUTED)]
     if unknown:
         raise RecipeError(f"unknown suite(s) {unknown}: choose from rouge, {', '.join(EXECUTED)}")
-    loaded = load_for_inference(source, recipe=recipe)
+    if run_dir is not None and recipe is None:
+        from .recipe import load_recipe
+
+        recipe = load_recipe(run_dir / "recipe.yaml")
+    merged = run_dir is not None and recipe.evaluation.model == "merged"
+    loaded = load_for_inference(source, recipe=recipe, merged=merged)
     recipe = loaded.recipe
     tasks = {s: load_tasks(s, recipe, run_dir) for s in suites}  # fail on a missing suite before generating
 
-    def run_all(label: str, folder: Path) -> dict[str, dict]:
+    def run_all(label: str, folder: Path, model) -> dict[str, dict]:
         results = {}
         for suite in suites:
             if console is not None:
                 console.print(f"[{label}] {suite}: {len(tasks[suite])} tasks", highlight=False, markup=False)
-            completions = generate_completions(
-                loaded.model, loaded.tokenizer, tasks[suite], recipe, console, batch_size
-            )
+            completions = generate_completions(model, loaded.tokenizer, tasks[suite], recipe, console, batch_size)
             results[suite] = score_suite(suite, tasks[suite], completions, recipe, folder, console)
         return results
 
-    results = {"fine-tuned" if run_dir else "model": run_all("model", out_dir)}
+    results = {"fine-tuned" if run_dir else "model": run_all("model", out_dir, loaded.model)}
     if compare_base:
-        if not hasattr(loaded.model, "disable_adapter"):
+        if run_dir is None:
             raise RecipeError("--compare-base needs a run directory (base model + adapter)")
-        with loaded.model.disable_adapter():
-            results["base"] = run_all("base", out_dir / "base")
+        if merged:  # the merged model has no adapter to switch off: the base, unquantized, in the same dtype
+            from .model import disable_avx512_bf16_path, load_base_model
+
+            import gc
+
+            import torch
+
+            del loaded.model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            base = load_base_model(recipe, quantize=False, device_map={"": 0} if torch.cuda.is_available() else None)
+            disable_avx512_bf16_path(base)
+            results["base"] = run_all("base", out_dir / "base", base.eval())
+        else:
+            with loaded.model.disable_adapter():
+                results["base"] = run_all("base", out_dir / "base", loaded.model)
+    if merged:
+        evaluated = f"adapter merged into the base in {recipe.quantization.compute_dtype}"
+    elif run_dir is not None:
+        evaluated = "base" + (" (4-bit)" if recipe.quantization.load_in_4bit else "") + " + adapter"
+    else:
+        evaluated = "model folder or hub id"
     summary = {
         "source": str(source),
         "recipe": recipe.name,
         "suites": suites,
         "results": results,
+        "model": evaluated,
         "generation": recipe.generation.model_dump(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

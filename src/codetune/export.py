@@ -15,12 +15,20 @@ from .recipe import RecipeError, load_recipe
 MERGED = "merged"
 
 
+def merged_model(recipe, adapter_dir: Path, *, dtype: str | None = None, device_map=None):
+    """The recipe's base, unquantized in ``dtype`` (default: the compute dtype), with the adapter folded in."""
+    from peft import PeftModel
+
+    from .model import load_base_model
+
+    base = load_base_model(recipe, quantize=False, dtype=dtype, device_map=device_map)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
 def merge(run_dir: Path, out_dir: Path | None = None, *, dtype: str = "bfloat16", log=print) -> Path:
     """Base (unquantized, ``dtype``) + adapter -> one model folder with safetensors, tokenizer and a
     generation config that stops on every stop token of the recipe (``<|end|>`` included)."""
-    from peft import PeftModel
-
-    from .model import load_base_model, load_tokenizer, stop_token_ids
+    from .model import load_tokenizer, stop_token_ids
     from .train import ADAPTER
 
     run_dir = Path(run_dir)
@@ -32,8 +40,7 @@ def merge(run_dir: Path, out_dir: Path | None = None, *, dtype: str = "bfloat16"
     recipe = load_recipe(run_dir / "recipe.yaml")
     out_dir = Path(out_dir) if out_dir else run_dir / MERGED
 
-    base = load_base_model(recipe, quantize=False, dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    model = merged_model(recipe, adapter, dtype=dtype)
     tokenizer = load_tokenizer(recipe)
     stops = stop_token_ids(tokenizer, recipe.generation.stop_tokens)
     model.generation_config.eos_token_id = stops

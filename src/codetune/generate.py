@@ -62,8 +62,12 @@ class Loaded:
     recipe: Recipe
 
 
-def load_for_inference(source: str | Path, *, recipe: Recipe | None = None) -> Loaded:
-    """A run directory (its recipe's base model plus ``adapter/``), or anything ``from_pretrained`` takes."""
+def load_for_inference(source: str | Path, *, recipe: Recipe | None = None, merged: bool = False) -> Loaded:
+    """A run directory (its recipe's base model plus ``adapter/``), or anything ``from_pretrained`` takes.
+
+    ``merged``: for a run directory, the adapter merged into the unquantized base in the compute dtype
+    (as the reference notebook evaluated) instead of the 4-bit base with the adapter on top.
+    """
     from .model import disable_avx512_bf16_path, load_base_model, load_tokenizer
     from .train import ADAPTER
 
@@ -74,9 +78,17 @@ def load_for_inference(source: str | Path, *, recipe: Recipe | None = None) -> L
         adapter = path / ADAPTER
         if not (adapter / "adapter_config.json").is_file():
             raise RecipeError(f"{path} has no trained adapter ({adapter} is missing): run `codetune train` first")
-        from peft import PeftModel
+        if merged:
+            import torch
 
-        model = PeftModel.from_pretrained(load_base_model(recipe), str(adapter))
+            from .export import merged_model
+
+            # unquantized weights stay where they load; the 4-bit path is placed on the GPU by bitsandbytes
+            model = merged_model(recipe, adapter, device_map={"": 0} if torch.cuda.is_available() else None)
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_base_model(recipe), str(adapter))
     else:
         if path.exists() and not (path / "config.json").is_file():
             raise RecipeError(f"{path} is neither a run directory (recipe.yaml) nor a model folder (config.json)")

@@ -266,13 +266,16 @@ def load_tokenizer(recipe: Recipe):
     field = "tokenizer.name_or_path" if recipe.tokenizer.name_or_path else "model.name_or_path"
     check_model_source(recipe.tokenizer_path, field)
     path = resolve_model_path(recipe.tokenizer_path)
+    cfg = recipe.tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=recipe.tokenizer_revision, trust_remote_code=recipe.model.trust_remote_code
-        )
+        if cfg.encode_with == "tokenizer_json":
+            tokenizer = _tokenizer_json_as_written(path, recipe.tokenizer_revision, field)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, revision=recipe.tokenizer_revision, trust_remote_code=recipe.model.trust_remote_code
+            )
     except OSError as exc:
         raise RecipeError(f"{field}: cannot load a tokenizer from {path!r}: {exc}") from None
-    cfg = recipe.tokenizer
     template = resolve_template(cfg.chat_template)
     if template is not None:
         tokenizer.chat_template = template
@@ -287,6 +290,20 @@ def load_tokenizer(recipe: Recipe):
     tokenizer.padding_side = cfg.padding_side
     if cfg.model_max_length:
         tokenizer.model_max_length = cfg.model_max_length
+    return tokenizer
+
+
+def _tokenizer_json_as_written(path: str, revision: str | None, field: str):
+    """tokenizer.json run by the `tokenizers` library as written, the way transformers 4.40 ran it.
+
+    The generic fast class keeps the file's normalizer, pre-tokenizer and decoder; the model's own
+    class in transformers 5.24 (LlamaTokenizer for Phi-3) rebuilds them, and its ids differ.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, revision=revision)
+    if getattr(tokenizer, "_tokenizer", None) is None:
+        raise RecipeError(f"tokenizer.encode_with tokenizer_json: {field} {path!r} has no tokenizer.json")
     return tokenizer
 
 

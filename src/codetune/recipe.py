@@ -63,6 +63,11 @@ class TokenizerConfig(_Section):
     # tokenizer's post-processor does with add_special_tokens=True.
     add_bos_token: bool = False
     add_eos_token: bool = False
+    # transformers: AutoTokenizer as transformers 5.24 builds it (for Llama-style files it swaps the
+    # tokenizer.json normalizer for its own Metaspace pre-tokenizer). tokenizer_json: tokenizer.json
+    # exactly as written, through the `tokenizers` library: the ids transformers 4.40 gave, which
+    # keep a "▁" (29871) before each "\n" that follows a special token in Phi-3's 2024-05 files.
+    encode_with: Literal["transformers", "tokenizer_json"] = "transformers"
 
 
 class QuantizationConfig(_Section):
@@ -122,6 +127,10 @@ class DataConfig(_Section):
     decontamination_ngram: int = Field(
         13, ge=4, description="Word n-gram length that counts as overlap (13, as GPT-3's decontamination)"
     )
+    # error: an invalid row stops prepare; --skip-invalid sets it aside *before* the split (the split shifts).
+    # drop_after_split: split every row as read (row for row the reference's split), then set invalid rows
+    # aside from whichever split holds them, counted in stats.json; never stops.
+    invalid_rows: Literal["error", "drop_after_split"] = "error"
 
 
 class TrainingConfig(_Section):
@@ -145,6 +154,14 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    # tokens: the loss of an optimizer step is the mean over every trained token of its accumulated
+    # micro-batches (transformers >= 4.46). micro_batch: each micro-batch's mean, divided by
+    # gradient_accumulation_steps (transformers 4.40, the reference run): short rows weigh more.
+    loss_normalization: Literal["tokens", "micro_batch"] = "tokens"
+    # per_epoch: each epoch ends with a shorter accumulation window (transformers 5.24: ceil(batches /
+    # accumulation) steps per epoch). across_epochs: windows run on across epoch boundaries and the run
+    # makes floor(batches / accumulation) x epochs steps (transformers 4.40: 1,656 for the reference).
+    accumulation_windows: Literal["per_epoch", "across_epochs"] = "per_epoch"
 
     @model_validator(mode="after")
     def _length_and_cadence(self) -> TrainingConfig:
@@ -182,6 +199,11 @@ class EvaluationConfig(_Section):
     n_samples: int = Field(1, gt=0, description="Completions per task for pass@k")
     batch_size: int = Field(16, gt=0, description="Prompts generated together")
     compare_base: bool = Field(False, description="Also score the base model without the adapter")
+    model: Literal["adapter", "merged"] = Field(
+        "adapter",
+        description="adapter: the 4-bit base plus the unmerged adapter; merged: the adapter merged into the "
+        "unquantized base in quantization.compute_dtype (the reference notebook's evaluation)",
+    )
     k: list[int] = [1]
     mbpp_source: str = Field(
         "google-research-datasets/mbpp", description="Hub id (config 'full') or a local mbpp.jsonl"
@@ -225,6 +247,11 @@ class Recipe(_Section):
             raise ValueError(
                 f"evaluation.n_samples {self.evaluation.n_samples} with generation.do_sample false gives "
                 "identical samples: set generation.do_sample true (or n_samples 1)"
+            )
+        if t.accumulation_windows == "across_epochs" and t.max_steps <= 0 and t.epochs != int(t.epochs):
+            raise ValueError(
+                f'training.accumulation_windows "across_epochs" needs a whole number of training.epochs '
+                f"(got {t.epochs}) or training.max_steps"
             )
         if self.tokenizer.model_max_length and d.max_length > self.tokenizer.model_max_length:
             raise ValueError(

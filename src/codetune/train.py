@@ -152,7 +152,7 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _metrics_callback(run_dir: Path, console):
+def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
     from transformers import TrainerCallback
 
     class MetricsAndProgress(TrainerCallback):
@@ -211,7 +211,8 @@ def _metrics_callback(run_dir: Path, console):
             dt, rate = self._rate(state)
             row = {
                 "step": state.global_step,
-                "epoch": round(state.epoch or 0.0, 4),
+                # across-epoch windows give the Trainer all epochs as one pass: count real epochs
+                "epoch": round((state.epoch or 0.0) * epochs_per_pass, 4),
                 "train_loss": logs.get("loss"),
                 "eval_loss": logs.get("eval_loss"),
                 "learning_rate": logs.get("learning_rate"),
@@ -333,13 +334,86 @@ class PackedRowsCollator:
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, REAL_TOKENS: torch.tensor(real)}
 
 
+class PaddedRowsCollator:
+    """One example per row, padded to the longest on ``padding_side``, with an attention mask and no position ids.
+
+    The reference run padded on the left (TRL's collator honoured the tokenizer's padding side) and
+    passed no position ids, so a left-padded row's tokens sat at positions shifted by its padding,
+    there as here. Rotary attention depends only on the distance between positions, so the shift
+    changes each target's loss by rounding only (tests/test_fidelity.py measures it). Pad labels are
+    ignored, but with left padding a row's first token is a target predicted from the last pad
+    position, as in the reference.
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        from .data import IGNORE_INDEX
+
+        longest = max(len(e["input_ids"]) for e in examples)
+        shape = (len(examples), longest)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros(shape, dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            cols = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
+            input_ids[i, cols] = torch.tensor(e["input_ids"])
+            labels[i, cols] = torch.tensor(e["labels"])
+            mask[i, cols] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
 def _collator(recipe: Recipe, tokenizer):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    if recipe.data.packing and recipe.model.attn_implementation != "flash_attention_2":
+    if not recipe.data.packing:
+        return PaddedRowsCollator(tokenizer.pad_token_id, recipe.tokenizer.padding_side)
+    if recipe.model.attn_implementation != "flash_attention_2":
         return PackedRowsCollator(tokenizer.pad_token_id)
     # flash-attention's variable-length kernels attend within each example of one flattened row
-    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=recipe.data.packing)
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+
+
+class EpochsBatchSampler:
+    """The batches of ``epochs`` epochs as one pass: each epoch shuffled on its own and ending in its own
+    (possibly short) batch, as a per-epoch DataLoader makes them, but with no break between epochs.
+
+    With it the Trainer's accumulation windows run on across epoch boundaries, as transformers 4.40's
+    did (it counted micro-batches over the whole run), instead of ending each epoch with a short window.
+    """
+
+    def __init__(self, n_rows: int, batch_size: int, epochs: int, seed: int):
+        self.n_rows, self.batch_size, self.epochs, self.seed = n_rows, batch_size, epochs, seed
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.n_rows / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() * self.epochs
+
+    def __iter__(self):
+        import torch
+
+        for epoch in range(self.epochs):
+            order = torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            for start in range(0, self.n_rows, self.batch_size):
+                yield order[start : start + self.batch_size]
+
+
+def across_epochs_steps(recipe: Recipe, n_rows: int, processes: int = 1) -> tuple[int, int]:
+    """(optimizer steps, epochs of batches) of an ``across_epochs`` run, counted as transformers 4.40 did:
+    floor(micro-batches per epoch / accumulation) x epochs (a trailing partial window is never stepped),
+    or ``max_steps`` when set, with as many epochs as those steps need."""
+    t = recipe.training
+    per_process = math.ceil(math.ceil(n_rows / t.batch_size) / processes)
+    if t.max_steps > 0:
+        return t.max_steps, math.ceil(t.max_steps * t.gradient_accumulation_steps / per_process)
+    return max(per_process // t.gradient_accumulation_steps, 1) * int(t.epochs), int(t.epochs)
 
 
 def _datasets(recipe: Recipe, run_dir: Path):
@@ -361,11 +435,24 @@ def _datasets(recipe: Recipe, run_dir: Path):
     return train, evaluation
 
 
-def _training_arguments(recipe: Recipe, run_dir: Path, cuda: bool):
+def _training_arguments(
+    recipe: Recipe,
+    run_dir: Path,
+    cuda: bool,
+    across_epochs_max_steps: int | None = None,
+    across_epochs_epochs: int = 1,
+):
     from transformers import TrainingArguments
 
     t = recipe.training
     bf16, fp16 = resolve_precision(recipe, cuda)
+    epochs, max_steps, save_strategy, save_steps = t.epochs, t.max_steps, t.save_strategy, t.save_steps or 500
+    if across_epochs_max_steps:
+        # The Trainer sees every epoch's batches as one pass (EpochsBatchSampler), so it is told the
+        # steps outright; saving "each epoch" becomes every steps-per-epoch steps.
+        epochs, max_steps = 1.0, across_epochs_max_steps
+        if save_strategy == "epoch":
+            save_strategy, save_steps = "steps", max(across_epochs_max_steps // across_epochs_epochs, 1)
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
         per_device_train_batch_size=t.batch_size,
@@ -374,15 +461,15 @@ def _training_arguments(recipe: Recipe, run_dir: Path, cuda: bool):
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
         optim=t.optimizer,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps,
-        save_strategy=t.save_strategy,
-        save_steps=t.save_steps or 500,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         logging_first_step=True,
@@ -407,9 +494,35 @@ def _trainer_class():
     from transformers import Trainer
 
     class CodetuneTrainer(Trainer):
-        """The HF Trainer with real-token counts and a non-finite-loss guard (the lean loss is in the model)."""
+        """The HF Trainer with real-token counts and a non-finite-loss guard (the lean loss is in the model).
+
+        ``loss_normalization`` ("tokens" or "micro_batch", from the recipe) and ``epochs_batch_sampler``
+        (an EpochsBatchSampler for across-epoch accumulation windows) are set after construction.
+        """
+
+        loss_normalization = "tokens"
+        epochs_batch_sampler = None
+
+        def get_train_dataloader(self):
+            if self.epochs_batch_sampler is None:
+                return super().get_train_dataloader()
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(
+                self.train_dataset,
+                batch_sampler=self.epochs_batch_sampler,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+            return self.accelerator.prepare(loader)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.loss_normalization == "micro_batch":
+                # transformers 4.40: the model's mean over this micro-batch's trained tokens, divided by
+                # the accumulation steps (always the full count, as 4.40's accelerate did).
+                num_items_in_batch = None
+                self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
                 ckpts = complete_checkpoints(Path(self.args.output_dir).parent)
@@ -510,7 +623,13 @@ def train(
         say(f"note: {why}: training uses the model's own loss (full logits)")
 
     collator = _collator(recipe, tokenizer)
-    args = _training_arguments(recipe, run_dir, cuda)
+    sampler, steps, epochs = None, None, 1
+    if recipe.training.accumulation_windows == "across_epochs":
+        t = recipe.training
+        steps, epochs = across_epochs_steps(recipe, len(train_ds), state.num_processes)
+        sampler = EpochsBatchSampler(len(train_ds), t.batch_size, epochs, t.seed)
+        say(f"accumulation windows run across epochs: {steps} optimizer steps ({epochs} epochs of batches)")
+    args = _training_arguments(recipe, run_dir, cuda, steps, epochs)
     trainer = _trainer_class()(
         model=model,
         args=args,
@@ -518,8 +637,13 @@ def train(
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[_metrics_callback(run_dir, console if state.is_main_process else None), *(callbacks or [])],
+        callbacks=[
+            _metrics_callback(run_dir, console if state.is_main_process else None, sampler.epochs if sampler else 1.0),
+            *(callbacks or []),
+        ],
     )
+    trainer.loss_normalization = recipe.training.loss_normalization
+    trainer.epochs_batch_sampler = sampler
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our callback reports; the Trainer's would print raw dicts
