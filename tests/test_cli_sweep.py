@@ -77,7 +77,8 @@ def cli(*args: str, cwd: Path | None = None):
 
 def cli_subprocess(*args: str, cwd: Path, stdin: bytes | None = None, timeout=300):
     # PYTHONIOENCODING: stdin strictly UTF-8, as on a UTF-8 terminal (the C locale would smuggle bad bytes in)
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONIOENCODING": "utf-8:strict"}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env["PYTHONIOENCODING"] = "utf-8:strict"
     res = subprocess.run(
         [sys.executable, "-m", "codetune.cli", *map(str, args)],
         cwd=cwd,
@@ -301,7 +302,8 @@ def test_parse_rate_counts_bare_humaneval_bodies_as_they_run(work):
 
     problems = load_humaneval()[:4]
     path = work / "bodies.jsonl"
-    path.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": p["canonical_solution"]}) + "\n" for p in problems))
+    rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, output = cli("eval", "--completions", path, "--suite", "humaneval", "--out", work / "scores")
     assert code == 0, output
     result = json.loads((work / "scores/summary.json").read_text())["results"]["completions"]["humaneval"]
@@ -381,7 +383,8 @@ def test_eval_out_replaces_only_its_own_results_and_only_with_overwrite(work):
     assert snapshot(work) == first
     code, output = cli(*args, "--overwrite")
     assert code == 0, output
-    assert json.loads((work / "scores/summary.json").read_text())["results"]["completions"]["humaneval"]["pass@1"] == 100
+    summary = json.loads((work / "scores/summary.json").read_text())
+    assert summary["results"]["completions"]["humaneval"]["pass@1"] == 100
 
 
 @pytest.mark.parametrize("kind", ["missing", "folder"])
@@ -423,7 +426,8 @@ def test_a_split_that_leaves_nothing_to_train_on(work, rows, test_size):
 
 def test_a_latin1_recipe_file(work):
     recipe = work / "mine.yaml"
-    recipe.write_bytes("name: caf\xe9\nmodel: {name_or_path: builtin:tiny-phi3}\ndata: {source: starter}\n".encode("latin-1"))
+    text = "name: caf\xe9\nmodel: {name_or_path: builtin:tiny-phi3}\ndata: {source: starter}\n"
+    recipe.write_bytes(text.encode("latin-1"))
     assert_clear_error(*cli("recipe", "show", recipe), str(recipe), "UTF-8")
 
 

@@ -434,7 +434,9 @@ def export_cmd(
 
     if format_ != "gguf":
         _fail(f"--format {format_!r}: only gguf is supported")
-    path = export(run_dir, out_file, outtype=outtype, overwrite=overwrite, log=lambda m: console.print(m, highlight=False))
+    path = export(
+        run_dir, out_file, outtype=outtype, overwrite=overwrite, log=lambda m: console.print(m, highlight=False)
+    )
     out.print(f"gguf     -> {path}")
 
 
@@ -492,7 +494,7 @@ def serve_cmd(
             out.print(line, highlight=False, markup=False, soft_wrap=True)
             return
         if shutil.which("vllm") is None:
-            _fail(f"vLLM is not installed here (pip install vllm; it needs a CUDA GPU). The command would be:\n{line}")
+            _fail(f"vLLM is not installed here (pip install vllm; it needs a CUDA GPU); the command would be: {line}")
         os.execvp(cmd[0], cmd)
     if engine != "hf":
         _fail(f"--engine {engine!r}: use hf or vllm")

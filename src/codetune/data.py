@@ -226,7 +226,9 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
             else:
                 convs.append([{"role": "user", "content": _check_text(obj, "prompt")}])
         except _Bad as bad:
-            raise InputError(f"{path}, row {lineno}, field {bad.field!r}: {bad.reason} (give 'prompt' or 'messages')") from None
+            raise InputError(
+                f"{path}, row {lineno}, field {bad.field!r}: {bad.reason} (give 'prompt' or 'messages')"
+            ) from None
     if not convs:
         raise InputError(f"{path}: no prompts")
     return convs

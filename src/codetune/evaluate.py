@@ -533,7 +533,8 @@ def score_completions_file(
     if suite not in EXECUTED:
         raise RecipeError(f"--completions scores an executed suite: {', '.join(EXECUTED)} (not {suite!r})")
     if not path.is_file():
-        raise InputError(f"--completions {path} {'is a folder' if path.is_dir() else 'does not exist'}: give a JSON-lines file")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"--completions {path} {what}: give a JSON-lines file")
     with staged_dir(out_dir, "eval", overwrite=overwrite, protect=[path], what="--out") as staging:
         return _score_completions(path, suite, recipe, staging, console)
 

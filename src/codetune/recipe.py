@@ -296,7 +296,9 @@ def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
         try:
             text, where = path.read_bytes().decode("utf-8"), str(path)
         except UnicodeDecodeError as exc:
-            raise RecipeError(f"recipe file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
+            raise RecipeError(
+                f"recipe file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
+            ) from None
         except OSError as exc:
             raise RecipeError(f"recipe file {path} cannot be read: {exc.strerror}") from None
     else:
@@ -411,7 +413,9 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 def save_recipe(recipe: Recipe, run_dir: Path) -> Path:
     from .rundir import RunDir, atomic_write
 
-    return atomic_write(RunDir(run_dir).ensure().recipe_file, recipe.to_yaml())
+    # the commands check that they may write into run_dir (RunDir.ensure) before they get here
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return atomic_write(RunDir(run_dir).recipe_file, recipe.to_yaml())
 
 
 def check_integrations(recipe: Recipe) -> None:

@@ -177,7 +177,9 @@ def _move_into_place(staging: Path, target: Path, recheck: Callable[[], None], w
     except OSError as exc:
         if old is not None:
             os.rename(old, target)
-        raise OutputError(f"cannot move the finished {what} into {target}: {exc.strerror}; nothing was replaced") from None
+        raise OutputError(
+            f"cannot move the finished {what} into {target}: {exc.strerror}; nothing was replaced"
+        ) from None
     if old is not None:
         remove_tree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
@@ -330,7 +332,9 @@ class RunDir:
             if read_marker(p) is None:
                 atomic_write(p / MARKER, marker_text("run"))
         except OSError as exc:
-            raise OutputError(f"cannot write to run directory {p}: {exc.strerror}; choose a writable --run-dir") from None
+            raise OutputError(
+                f"cannot write to run directory {p}: {exc.strerror}; choose a writable --run-dir"
+            ) from None
         return self
 
     def check_mutable(self, overwrite: bool, action: str) -> bool:
