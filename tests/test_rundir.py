@@ -151,3 +151,21 @@ def test_a_read_only_parent_is_an_output_error(tmp_path):
                 pass
     finally:
         locked.chmod(0o755)
+
+
+def test_outputs_from_before_markers_count_as_ours_only_inside_a_run(tmp_path):
+    from codetune.rundir import ours_or_legacy
+
+    ours = ours_or_legacy("eval", "summary.json")
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("name: x\n")
+    (run / "data" / "stats.json").write_text("{}")
+    for folder in (run / "eval", tmp_path / "eval"):
+        folder.mkdir()
+        (folder / "summary.json").write_text("{}")
+    assert ours(run / "eval")  # an earlier run's results
+    assert not ours(tmp_path / "eval")  # the same files anywhere else could be anyone's
+    (run / "eval" / "summary.json").unlink()
+    (run / "eval" / "summary.json").symlink_to(tmp_path / "eval" / "summary.json")
+    assert not ours(run / "eval")

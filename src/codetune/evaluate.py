@@ -34,7 +34,7 @@ from typing import Any
 from .data import read_jsonl, write_jsonl
 from .errors import InputError
 from .recipe import Recipe, RecipeError
-from .rundir import check_target, staged_dir
+from .rundir import check_target, ours_or_legacy, staged_dir
 
 EVAL_DIR = "eval"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -465,11 +465,12 @@ def evaluate(
         out_dir = run_dir / EVAL_DIR
     out_dir = Path(out_dir)
     protect = [Path(source)] if Path(source).exists() else []
-    check_target(out_dir, "eval", overwrite=overwrite, protect=protect, what="--out")  # before the model loads
+    rules = dict(overwrite=overwrite, protect=protect, ours=_earlier_eval, what="--out")
+    check_target(out_dir, "eval", **rules)  # before the model loads
     unknown = [s for s in suites if s not in ("rouge", *EXECUTED)]
     if unknown:
         raise RecipeError(f"unknown suite(s) {unknown}: choose from rouge, {', '.join(EXECUTED)}")
-    with staged_dir(out_dir, "eval", overwrite=overwrite, protect=protect, what="--out") as staging:
+    with staged_dir(out_dir, "eval", **rules) as staging:
         # the staging folder exists from the start: an unwritable --out fails before any generation
         return _evaluate(source, suites, recipe, run_dir, staging, compare_base, console, batch_size)
 
@@ -514,6 +515,9 @@ def _write_summary(folder: Path, summary: dict, title: str) -> None:
     (folder / "summary.md").write_text(summary_markdown(summary["results"], title), encoding="utf-8", errors="replace")
 
 
+_earlier_eval = ours_or_legacy("eval", "summary.json")
+
+
 def completions_out_dir(path: Path) -> Path:
     """``eval --completions FILE``'s default output: ``runs/eval-<stem>`` under the current directory,
     never a folder derived from the input's own location (which may be a shared, world-writable one)."""
@@ -535,7 +539,7 @@ def score_completions_file(
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise InputError(f"--completions {path} {what}: give a JSON-lines file")
-    with staged_dir(out_dir, "eval", overwrite=overwrite, protect=[path], what="--out") as staging:
+    with staged_dir(out_dir, "eval", overwrite=overwrite, protect=[path], ours=_earlier_eval, what="--out") as staging:
         return _score_completions(path, suite, recipe, staging, console)
 
 

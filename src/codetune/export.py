@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .recipe import load_recipe
-from .rundir import RunDir, check_target, is_regular_file, staged_dir
+from .rundir import RunDir, check_target, is_regular_file, ours_or_legacy, staged_dir
 
 MERGED = RunDir.MERGED
 
@@ -29,7 +29,8 @@ def merge(
     rd = RunDir(run_dir)
     adapter = rd.require_adapter()
     out_dir = Path(out_dir) if out_dir else rd.merged
-    check_target(out_dir, "merged", overwrite=overwrite, protect=[rd.path], what="--out")  # before the model loads
+    rules = dict(overwrite=overwrite, protect=[rd.path], ours=ours_or_legacy("merged", "codetune_merge.json"))
+    check_target(out_dir, "merged", what="--out", **rules)  # before the model loads
     recipe = load_recipe(rd.recipe_file)
 
     base = load_base_model(recipe, quantize=False, dtype=dtype)
@@ -41,7 +42,7 @@ def merge(
     model.config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.config.use_cache = True
 
-    with staged_dir(out_dir, "merged", overwrite=overwrite, protect=[rd.path], what="--out") as staging:
+    with staged_dir(out_dir, "merged", what="--out", **rules) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "codetune_merge.json").write_text(

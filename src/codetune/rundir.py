@@ -246,6 +246,24 @@ def is_regular_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
+def ours_or_legacy(kind: str, legacy_file: str) -> Callable[[Path], bool]:
+    """Whether a folder is a codetune ``kind`` output: its marker, or, for outputs written before
+    markers existed, ``legacy_file`` in a folder that sits directly in a codetune run directory
+    (where nobody else could have planted it)."""
+
+    def ours(path: Path) -> bool:
+        if is_kind(path, kind):
+            return True
+        return (
+            path.is_dir()
+            and not path.is_symlink()
+            and RunDir(path.parent).is_run
+            and is_regular_file(path / legacy_file)
+        )
+
+    return ours
+
+
 # ---------------------------------------------------------------------------------------
 # The run directory
 
