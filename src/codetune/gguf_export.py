@@ -443,7 +443,6 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
     from .rundir import check_target, staged_file
 
     gguf = _gguf()
-    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     model_dir, out_file = Path(model_dir), Path(out_file)
@@ -475,6 +474,8 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
 
 
 def _write_gguf(gguf, staging: Path, hp, tensors, vocab, tokenizer, tokenizer_json, model_dir: Path, ftype, log):
+    from safetensors import safe_open
+
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3]
     writer = gguf.GGUFWriter(str(staging), arch)
     try:
