@@ -504,3 +504,10 @@ def test_unreadable_recipe_is_not_a_recipe(work):
     folder.mkdir()
     assert_clear_error(*cli("recipe", "show", folder), str(folder))
     assert stat.S_ISDIR(folder.stat().st_mode)
+
+
+def test_eval_of_a_source_that_does_not_exist_creates_nothing(work):
+    before = snapshot(work)
+    code, output = cli("eval", "runs/tiny-cpx", "--recipe", "tiny-cpu")
+    assert code != 0 and "Traceback" not in output
+    assert snapshot(work) == before  # no runs/tiny-cpx/ made for the results of a model that is not there

@@ -303,8 +303,7 @@ def eval_cmd(
         if source is None:
             _fail("give a SOURCE to evaluate, or --completions FILE")
         r = _source_recipe(source, recipe, set_)
-        out_dir = out_dir or Path(source) / "eval"
-        summary = evaluate(
+        summary = evaluate(  # out_dir None: the run's eval/ (a model folder or hub id needs --out)
             source,
             suite or r.evaluation.suites,
             recipe=r,
@@ -313,6 +312,7 @@ def eval_cmd(
             compare_base=compare_base or (r.evaluation.compare_base and (Path(source) / "adapter").is_dir()),
             console=console,
         )
+        out_dir = out_dir or Path(source) / "eval"
     _print_summary(summary)
     out.print(f"results  -> {out_dir}")
 
