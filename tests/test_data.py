@@ -184,7 +184,7 @@ def test_cli_bad_row_exits_2_and_keeps_earlier_data(tmp_path, tiny_dir):
     assert res.exit_code == 2
     assert "bad.jsonl, row 11, field 'output': missing" in res.output
     assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
-    assert sorted(p.name for p in run.iterdir()) == ["data", "recipe.yaml"]  # no staging folders left
+    assert sorted(p.name for p in run.iterdir()) == [".codetune.json", "data", "recipe.yaml"]  # no staging left
 
 
 def test_missing_source_file_names_the_field(tmp_path):

@@ -82,7 +82,7 @@ def test_merge_needs_an_adapter(tmp_path, run_dir):
 def test_card_has_metadata_tables_and_real_numbers(run_dir):
     import yaml
 
-    text = write_card(run_dir).read_text()
+    text = write_card(run_dir, overwrite=True).read_text()
     assert text.startswith("---\n")
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta["base_model"] == "builtin:tiny-phi3" and meta["library_name"] == "peft"
@@ -99,7 +99,7 @@ def test_card_has_metadata_tables_and_real_numbers(run_dir):
 
 
 def test_card_usage_snippet_runs_as_written(run_dir, tmp_path):
-    snippet = extract_usage(write_card(run_dir).read_text())
+    snippet = extract_usage(write_card(run_dir, overwrite=True).read_text())
     script = tmp_path / "usage.py"
     script.write_text(snippet)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -3,17 +3,71 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
+from .errors import CodetuneError, InputError
+from .recipe import Recipe, load_recipe, shipped_recipes
 
 HELP = "Fine-tune a small open LLM into a Python coder with QLoRA, and prove the gain by running the code it writes."
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP, pretty_exceptions_show_locals=False)
+
+def _print_error(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+
+
+class _Commands(TyperGroup):
+    """The one error handler: bad input of any command is one ``error: ...`` line and exit code 2,
+    never a traceback. CODETUNE_DEBUG=1 shows the traceback instead."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        code = 0
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else 0
+        except typer.TyperException as exc:  # usage errors: a bad option value, a missing argument
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `codetune` alone: the help, as before
+                exc.show()
+                code = 2
+            else:
+                _print_error(_escape(" ".join(exc.format_message().split())))
+                code = exc.exit_code
+        except typer.Abort:
+            _print_error("aborted")
+            code = 1
+        except CodetuneError as exc:
+            if os.environ.get("CODETUNE_DEBUG"):
+                raise
+            _print_error(_escape(str(exc)))
+            code = 2
+        except OSError as exc:  # a read-only folder, a full disk: name the file, no traceback
+            if os.environ.get("CODETUNE_DEBUG"):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            _print_error(_escape(f"{where}{exc.strerror or exc}"))
+            code = 2
+        except KeyboardInterrupt:
+            _print_error("interrupted")
+            code = 130
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+app = typer.Typer(
+    cls=_Commands, no_args_is_help=True, add_completion=False, help=HELP, pretty_exceptions_show_locals=False
+)
 recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.")
 app.add_typer(recipe_app, name="recipe")
 console = Console(stderr=True)
@@ -36,20 +90,18 @@ SetOpt = Annotated[
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", "-o", help="Default: runs/<recipe name>")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from the run directory's last complete checkpoint")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Delete the run directory's earlier training and start over")]
+ReplaceOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output, only when codetune wrote it (same kind)")
+]
 SkipOpt = Annotated[bool, typer.Option(help="Set bad rows aside in data/rejected.jsonl")]
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise InputError(message)
 
 
 def _load(recipe: str, overrides: list[str] | None) -> Recipe:
-    try:
-        return load_recipe(recipe, overrides or [])
-    except RecipeError as exc:
-        _fail(str(exc))
-        raise  # unreachable, for type checkers
+    return load_recipe(recipe, overrides or [])
 
 
 def _run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
@@ -117,14 +169,12 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
     _emit(_load(recipe, set_).to_yaml())
 
 
-def _prepare(recipe: Recipe, run_dir: Path, skip_invalid: bool) -> None:
-    from .data import DataError, prepare
+def _prepare(recipe: Recipe, run_dir: Path, skip_invalid: bool, overwrite: bool = False) -> None:
+    from .data import prepare
 
-    try:
-        result = prepare(recipe, run_dir, skip_invalid=skip_invalid, log=lambda m: console.print(m, highlight=False))
-    except (RecipeError, DataError) as exc:
-        _fail(str(exc))
-        return
+    result = prepare(
+        recipe, run_dir, skip_invalid=skip_invalid, overwrite=overwrite, log=lambda m: console.print(m, highlight=False)
+    )
     s = result.stats
     rows, tokens, pad = s["rows"], s["tokens"]["train"], s["padding"]
     table = Table("", "", title=f"prepared {recipe.name}", show_header=False)
@@ -171,21 +221,19 @@ def prepare_cmd(
     run_dir: RunDirOpt = None,
     set_: SetOpt = None,
     skip_invalid: SkipOpt = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Re-prepare a run that has trained: its earlier training is deleted")
+    ] = False,
 ) -> None:
     """Check, format, split, deduplicate, decontaminate and tokenize the recipe's data."""
     r = _load(recipe, set_)
-    _prepare(r, _run_dir(r, run_dir), skip_invalid)
+    _prepare(r, _run_dir(r, run_dir), skip_invalid, overwrite)
 
 
 def _train(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool, skip_invalid: bool):
-    from .data import DataError
-    from .train import NonFiniteLossError, train
+    from .train import train
 
-    try:
-        result = train(recipe, run_dir, resume=resume, overwrite=overwrite, console=console, skip_invalid=skip_invalid)
-    except (RecipeError, DataError, NonFiniteLossError) as exc:
-        _fail(str(exc))
-        return None
+    result = train(recipe, run_dir, resume=resume, overwrite=overwrite, console=console, skip_invalid=skip_invalid)
     s = result.summary
     if s["world_size"] > 1 and not _is_main():
         return result
@@ -270,41 +318,42 @@ def eval_cmd(
     completions: Annotated[
         Path | None, typer.Option(help="Score completions made elsewhere: JSON lines with task_id, completion")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/eval")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Default: RUN_DIR/eval; with --completions, runs/eval-<file stem>")
+    ] = None,
+    overwrite: ReplaceOpt = False,
     recipe: RecipeOpt = "phi3-mini-python",
     set_: SetOpt = None,
 ) -> None:
     """Score a model: ROUGE as the reference card did, and pass@k of executed tests in a sandbox."""
-    from .data import DataError
-    from .evaluate import evaluate, score_completions_file
+    from .evaluate import completions_out_dir, evaluate, score_completions_file
 
-    try:
-        if completions is not None:
-            if not suite or len(suite) != 1:
-                _fail("--completions needs exactly one --suite (humaneval, mbpp or starter)")
-            r = _load(recipe, set_)
-            summary = score_completions_file(
-                completions, suite[0], recipe=r, out_dir=out_dir or completions.with_suffix(""), console=console
-            )
-            out_dir = out_dir or completions.with_suffix("")
-        else:
-            if source is None:
-                _fail("give a SOURCE to evaluate, or --completions FILE")
-            r = _source_recipe(source, recipe, set_)
-            summary = evaluate(
-                source,
-                suite or r.evaluation.suites,
-                recipe=r,
-                out_dir=out_dir,
-                compare_base=compare_base
-                if compare_base is not None
-                else r.evaluation.compare_base and (Path(source) / "adapter").is_dir(),
-                console=console,
-            )
-            out_dir = out_dir or Path(source) / "eval"
-    except (RecipeError, DataError) as exc:
-        _fail(str(exc))
-        return
+    if completions is not None:
+        if source is not None:
+            _fail("give a SOURCE to evaluate or --completions FILE, not both")
+        if not suite or len(suite) != 1:
+            _fail("--completions needs exactly one --suite (humaneval, mbpp or starter)")
+        r = _load(recipe, set_)
+        out_dir = out_dir or completions_out_dir(completions)
+        summary = score_completions_file(
+            completions, suite[0], recipe=r, out_dir=out_dir, overwrite=overwrite, console=console
+        )
+    else:
+        if source is None:
+            _fail("give a SOURCE to evaluate, or --completions FILE")
+        r = _source_recipe(source, recipe, set_)
+        summary = evaluate(  # out_dir None: the run's eval/ (a model folder or hub id needs --out)
+            source,
+            suite or r.evaluation.suites,
+            recipe=r,
+            out_dir=out_dir,
+            overwrite=overwrite,
+            compare_base=compare_base
+            if compare_base is not None
+            else r.evaluation.compare_base and (Path(source) / "adapter").is_dir(),
+            console=console,
+        )
+        out_dir = out_dir or Path(source) / "eval"
     _print_summary(summary)
     out.print(f"results  -> {out_dir}")
 
@@ -315,51 +364,36 @@ def generate_cmd(
     prompt: Annotated[str | None, typer.Option(help="One prompt (a user turn)")] = None,
     file: Annotated[Path | None, typer.Option(help="JSON lines with a prompt or messages each")] = None,
     out_file: Annotated[Path | None, typer.Option("--out", help="Where --file's answers go (JSON lines)")] = None,
+    overwrite: ReplaceOpt = False,
     recipe: RecipeOpt = "phi3-mini-python",
     set_: SetOpt = None,
 ) -> None:
     """Answer one prompt, or a file of prompts written to JSON lines."""
-    from .data import DataError, read_jsonl, write_jsonl
+    from .data import read_prompts, write_jsonl_new
     from .generate import generate, load_for_inference
 
     if (prompt is None) == (file is None):
         _fail("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
     r = _source_recipe(source, recipe, set_)
-    convs: list[list[dict]] = []
     if file is not None:
-        if not file.is_file():
-            _fail(f"--file: {file} does not exist")
-        try:
-            rows = read_jsonl(file)
-        except DataError as exc:
-            _fail(str(exc))
-        for obj in rows:
-            lineno = obj["__row__"]
-            if isinstance(obj.get("messages"), list):
-                convs.append(obj["messages"])
-            elif isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
-                convs.append([{"role": "user", "content": obj["prompt"]}])
-            else:
-                _fail(f"{file}, row {lineno}, field 'prompt': missing or empty (or give 'messages')")
+        convs = read_prompts(file)
+        target = out_file or file.with_name(file.stem + ".completions.jsonl")
+        write_jsonl_new(target, None, overwrite=overwrite, protect=[file], check_only=True)  # refuse before generating
     else:
         convs = [[{"role": "user", "content": prompt}]]
-    try:
-        loaded = load_for_inference(source, recipe=r)
-        answers = generate(
-            loaded.model,
-            loaded.tokenizer,
-            convs,
-            loaded.recipe.generation,
-            batch_size=loaded.recipe.evaluation.batch_size,
-        )
-    except RecipeError as exc:
-        _fail(str(exc))
-        return
+    loaded = load_for_inference(source, recipe=r)
+    answers = generate(
+        loaded.model,
+        loaded.tokenizer,
+        convs,
+        loaded.recipe.generation,
+        batch_size=loaded.recipe.evaluation.batch_size,
+    )
     if file is None:
         _emit(answers[0])
         return
-    target = out_file or file.with_name(file.stem + ".completions.jsonl")
-    write_jsonl(target, [{"messages": c, "completion": a} for c, a in zip(convs, answers, strict=True)])
+    rows = [{"messages": c, "completion": a} for c, a in zip(convs, answers, strict=True)]
+    write_jsonl_new(target, rows, overwrite=overwrite, protect=[file])
     out.print(f"{len(answers)} answers -> {target}")
 
 
@@ -369,11 +403,7 @@ def chat_cmd(source: SourceArg, recipe: RecipeOpt = "phi3-mini-python", set_: Se
     from .generate import load_for_inference, stream
 
     r = _source_recipe(source, recipe, set_)
-    try:
-        loaded = load_for_inference(source, recipe=r)
-    except RecipeError as exc:
-        _fail(str(exc))
-        return
+    loaded = load_for_inference(source, recipe=r)
     from .chat_input import BadInput, turns
 
     history: list[dict] = []
@@ -401,9 +431,9 @@ def chat_cmd(source: SourceArg, recipe: RecipeOpt = "phi3-mini-python", set_: Se
             for piece in stream(loaded.model, loaded.tokenizer, history, loaded.recipe.generation):
                 parts.append(piece)
                 print(piece, end="", flush=True)
-        except RecipeError as exc:
+        except CodetuneError as exc:  # a turn that cannot be answered; the session goes on
             print()
-            console.print(f"error: {exc}", highlight=False, markup=False)
+            _print_error(_escape(str(exc)))
             history.pop()
             continue
         print()
@@ -418,17 +448,14 @@ def merge_cmd(
     run_dir: RunDirArg,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/merged")] = None,
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+    overwrite: ReplaceOpt = False,
 ) -> None:
     """Fold the adapter into the unquantized base model: one folder any tool can load."""
     from .export import merge
 
     if dtype not in ("bfloat16", "float16", "float32"):
         _fail(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
-    try:
-        path = merge(run_dir, out_dir, dtype=dtype, log=lambda m: console.print(m, highlight=False))
-    except RecipeError as exc:
-        _fail(str(exc))
-        return
+    path = merge(run_dir, out_dir, dtype=dtype, overwrite=overwrite, log=lambda m: console.print(m, highlight=False))
     out.print(f"merged   -> {path}")
 
 
@@ -438,21 +465,16 @@ def export_cmd(
     format_: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama)")] = "gguf",
     out_file: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/model-OUTTYPE.gguf")] = None,
     outtype: Annotated[str, typer.Option(help="f16, bf16, f32 or q8_0")] = "f16",
+    overwrite: ReplaceOpt = False,
 ) -> None:
     """Export a fine-tune for llama.cpp / Ollama: merged first (bf16 base + adapter), then written as GGUF."""
-    from .export import MERGED, merge
-    from .gguf_export import export_gguf
+    from .export import export
 
     if format_ != "gguf":
         _fail(f"--format {format_!r}: only gguf is supported")
-    try:
-        merged = run_dir / MERGED
-        if not (merged / "config.json").is_file():
-            merge(run_dir, merged, log=lambda m: console.print(m, highlight=False))
-        path = export_gguf(merged, out_file or run_dir / f"model-{outtype}.gguf", outtype=outtype)
-    except RecipeError as exc:
-        _fail(str(exc))
-        return
+    path = export(
+        run_dir, out_file, outtype=outtype, overwrite=overwrite, log=lambda m: console.print(m, highlight=False)
+    )
     out.print(f"gguf     -> {path}")
 
 
@@ -460,15 +482,12 @@ def export_cmd(
 def card_cmd(
     run_dir: RunDirArg,
     repo_id: Annotated[str | None, typer.Option(help="The hub repo the card will live in (for its snippet)")] = None,
+    overwrite: ReplaceOpt = False,
 ) -> None:
     """Write RUN_DIR/README.md: a Hugging Face model card with the run's real numbers."""
     from .card import write_card
 
-    try:
-        path = write_card(run_dir, repo_id=repo_id)
-    except RecipeError as exc:
-        _fail(str(exc))
-        return
+    path = write_card(run_dir, repo_id=repo_id, overwrite=overwrite)
     out.print(f"card     -> {path}")
 
 
@@ -480,12 +499,8 @@ def report_cmd(
     """Write RUN_DIR/report.html: loss curves, base vs fine-tuned scores and every sample, in one offline page."""
     from .report import write_report
 
-    try:
-        path = write_report(run_dir, out_file)
-    except RecipeError as exc:
-        _fail(str(exc))
-        return
-    out.print(f"report   -> {path}", highlight=False, soft_wrap=True)
+    path = write_report(run_dir, out_file)
+    out.print(f"report   -> {path}", highlight=False)
 
 
 @app.command("push")
@@ -497,11 +512,7 @@ def push_cmd(
     """Upload the adapter, the model card and the plots to the Hugging Face hub."""
     from .card import push
 
-    try:
-        url = push(run_dir, repo_id, private=private)
-    except RecipeError as exc:
-        _fail(str(exc))
-        return
+    url = push(run_dir, repo_id, private=private)
     out.print(f"pushed   -> {url}")
 
 
@@ -509,7 +520,7 @@ def push_cmd(
 def serve_cmd(
     source: SourceArg,
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on", min=1, max=65535)] = 8000,
     api_key: Annotated[
         str | None, typer.Option(envvar="CODETUNE_API_KEY", help="Require 'Authorization: Bearer KEY'")
     ] = None,
@@ -530,31 +541,19 @@ def serve_cmd(
     from .serve import create_app, load_engine, vllm_command
 
     if engine == "vllm":
-        try:
-            cmd = vllm_command(
-                source, host=host, port=port, name=name, api_key=api_key, max_tokens_limit=max_tokens_limit
-            )
-        except RecipeError as exc:
-            _fail(str(exc))
-            return
+        cmd = vllm_command(source, host=host, port=port, name=name, api_key=api_key, max_tokens_limit=max_tokens_limit)
         line = shlex.join(cmd)
         if dry_run:
             _emit(line)
             return
         if shutil.which("vllm") is None:
-            _fail(f"vLLM is not installed here (pip install vllm; it needs a CUDA GPU). The command would be:\n{line}")
+            _fail(f"vLLM is not installed here (pip install vllm; it needs a CUDA GPU); the command would be: {line}")
         os.execvp(cmd[0], cmd)
     if engine != "hf":
         _fail(f"--engine {engine!r}: use hf or vllm")
     import uvicorn
 
-    try:
-        eng = load_engine(
-            source, name=name, max_tokens_limit=max_tokens_limit, recipe=_source_recipe(source, recipe, set_)
-        )
-    except RecipeError as exc:
-        _fail(str(exc))
-        return
+    eng = load_engine(source, name=name, max_tokens_limit=max_tokens_limit, recipe=_source_recipe(source, recipe, set_))
     console.print(
         f"serving {eng.name!r} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'}); "
         f"report at http://{host}:{port}/, chat at http://{host}:{port}/chat",
@@ -579,28 +578,36 @@ def run_cmd(
     r = _load(recipe, set_)
     rd = _run_dir(r, run_dir)
     if not resume:
+        from .recipe import check_integrations
         from .train import check_fresh
 
-        try:
-            check_fresh(rd, overwrite)  # before prepare touches data/ of an earlier run
-        except RecipeError as exc:
-            _fail(str(exc))
-        _prepare(r, rd, skip_invalid)
-    if _train(r, rd, resume, overwrite, skip_invalid) is None or not _is_main():
+        check_integrations(r)
+        check_fresh(rd, overwrite)  # before prepare touches data/ of an earlier run
+        _prepare(r, rd, skip_invalid, overwrite)
+    _train(r, rd, resume, overwrite, skip_invalid)
+    if not _is_main():
         return
     from .evaluate import evaluate
 
-    try:
-        summary = evaluate(rd, r.evaluation.suites, recipe=r, console=console, compare_base=r.evaluation.compare_base)
-    except RecipeError as exc:
-        _fail(str(exc))
+    summary = evaluate(
+        rd,
+        r.evaluation.suites,
+        recipe=r,
+        console=console,
+        compare_base=r.evaluation.compare_base,
+        overwrite=overwrite or resume,
+    )
     _print_summary(summary)
     out.print(f"results  -> {rd / 'eval'}")
     from .card import write_card
 
-    out.print(f"card     -> {write_card(rd)}")
+    out.print(f"card     -> {write_card(rd, overwrite=overwrite or resume)}")
     out.print(f"run      -> {rd}")
 
 
-if __name__ == "__main__":  # pragma: no cover
+def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -13,23 +13,18 @@ import hashlib
 import json
 import random
 import re
-import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError, InputError
 from .recipe import Recipe, RecipeError
 
 DATA_DIR = "data"
 IGNORE_INDEX = -100
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A problem with the input data, naming the file, the row and the field."""
 
 
 @dataclass
@@ -53,8 +48,17 @@ class Example:
 # Reading
 
 
+def _check_input_file(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"{path} is a folder: give a JSON-lines file")
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: give a JSON-lines file")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """JSON lines, each row a dict with ``__row__`` (its line number); non-objects as ``__not_an_object__``."""
+    path = Path(path)
+    _check_input_file(path)
     rows = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -68,6 +72,8 @@ def read_jsonl(path: Path) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, row {lineno}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}, row {lineno}: nested too deeply to read; remove or fix the row") from None
             rows.append(obj if isinstance(obj, dict) else {"__not_an_object__": obj})
             rows[-1]["__row__"] = lineno
     return rows
@@ -102,6 +108,8 @@ def read_source(source: str, *, revision: str | None = None, hub_split: str = "t
                 obj = json.loads(path.read_bytes().decode("utf-8"))
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}: undecodable text (not UTF-8: {exc.reason})") from None
+            except RecursionError:
+                raise DataError(f"{path}: nested too deeply to read; remove or fix the deep row") from None
             except json.JSONDecodeError:
                 return read_jsonl(path), str(path)  # JSON lines saved as .json
             if not isinstance(obj, list):
@@ -172,7 +180,16 @@ def row_to_example(row: dict, fmt: str, formatting: str) -> Example:
             {"role": "assistant", "content": output},
         ]
         return Example(row["__row__"], messages, meta)
-    msgs = row.get("messages")
+    clean = _clean_messages(row.get("messages"))
+    if clean[-1]["role"] != "assistant":
+        raise _Bad(f"messages[{len(clean) - 1}].role", "the last message must be the assistant's answer")
+    if not any(m["role"] == "user" for m in clean):
+        raise _Bad("messages", "no user message")
+    return Example(row["__row__"], clean, meta)
+
+
+def _clean_messages(msgs) -> list[dict[str, str]]:
+    """A conversation checked message by message: a list of {role, content}, known roles, text content."""
     if msgs is None:
         raise _Bad("messages", "missing")
     if not isinstance(msgs, list) or not msgs:
@@ -188,11 +205,33 @@ def row_to_example(row: dict, fmt: str, formatting: str) -> Example:
             clean.append({"role": role, "content": _check_text(m, "content")})
         except _Bad as bad:
             raise _Bad(f"messages[{i}].{bad.field}", bad.reason) from None
-    if clean[-1]["role"] != "assistant":
-        raise _Bad(f"messages[{len(clean) - 1}].role", "the last message must be the assistant's answer")
-    if not any(m["role"] == "user" for m in clean):
-        raise _Bad("messages", "no user message")
-    return Example(row["__row__"], clean, meta)
+    return clean
+
+
+def read_prompts(path: Path) -> list[list[dict[str, str]]]:
+    """``generate --file``: one conversation per JSON line, ``{"prompt": TEXT}`` or ``{"messages": [...]}``
+    ending with a user turn; a malformed row stops it, naming the file, row and field."""
+    path = Path(path)
+    convs = []
+    for obj in read_jsonl(path):
+        lineno = obj["__row__"]
+        try:
+            if "__not_an_object__" in obj:
+                raise _Bad("(row)", f"expected a JSON object, got {type(obj['__not_an_object__']).__name__}")
+            if "messages" in obj:
+                clean = _clean_messages(obj["messages"])
+                if clean[-1]["role"] != "user":
+                    raise _Bad(f"messages[{len(clean) - 1}].role", "the last message must be the user's, to answer")
+                convs.append(clean)
+            else:
+                convs.append([{"role": "user", "content": _check_text(obj, "prompt")}])
+        except _Bad as bad:
+            raise InputError(
+                f"{path}, row {lineno}, field {bad.field!r}: {bad.reason} (give 'prompt' or 'messages')"
+            ) from None
+    if not convs:
+        raise InputError(f"{path}: no prompts")
+    return convs
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,14 +446,52 @@ def _example_record(ex: Example, tok: Tokenized, text: str) -> dict[str, Any]:
     }
 
 
+def _json_line(row: dict) -> str:
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate has no UTF-8 form; JSON's \\u escape keeps it, losslessly
+        line = json.dumps(row, ensure_ascii=True)
+    return line + "\n"
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write JSON lines through a temporary file, so a reader never sees half a file."""
+    """Write JSON lines through a new temporary file renamed over ``path``: a reader never sees half
+    a file, and a link planted at a predictable temporary name is never followed."""
+    from .rundir import atomic_write
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "".join(_json_line(r) for r in rows))
+
+
+def _is_completions_file(path: Path) -> bool:
+    from .rundir import is_regular_file
+
+    if not is_regular_file(path):
+        return False
+    with path.open("rb") as fh:
+        first = fh.readline(1 << 20)
+    try:
+        obj = json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and "completion" in obj
+
+
+def write_jsonl_new(
+    path: Path, rows: list[dict] | None, *, overwrite: bool = False, protect=(), check_only: bool = False
+) -> None:
+    """Write an output file the user named: an existing file is replaced only with ``overwrite`` and only
+    when it is codetune's completions file. ``check_only``: refuse now, before any work, write nothing."""
+    from .rundir import check_target, staged_file
+
+    kw = dict(overwrite=overwrite, protect=protect, ours=_is_completions_file, what="--out")
+    if check_only:
+        check_target(Path(path), "completions", **kw)
+        return
+    with staged_file(Path(path), "completions", **kw) as tmp:
+        tmp.write_text("".join(_json_line(r) for r in rows or []), encoding="utf-8")
 
 
 def _write_split(path: Path, records: list[dict]) -> None:
@@ -427,15 +504,23 @@ def _write_split(path: Path, records: list[dict]) -> None:
         path.write_bytes(b"")
 
 
-def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=print) -> PrepareResult:
+def prepare(
+    recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, overwrite: bool = False, log=print
+) -> PrepareResult:
     """Write ``RUN_DIR/data/{train,test}.parquet`` and ``stats.json`` for ``recipe``.
 
     Everything is written to a staging folder first and moved into place at the end, so a
     failure never leaves a half-written ``data/`` that later stages would take for complete.
+    A run that has trained is left alone unless ``overwrite`` (its training is then deleted, since it
+    would no longer match the data).
     """
     from .model import load_tokenizer
     from .recipe import save_recipe
+    from .rundir import RunDir
 
+    rd = RunDir(run_dir)
+    rd.ensure()  # a foreign or read-only folder fails here, before any work
+    retrain = rd.check_mutable(overwrite, "preparing its data again")
     d = recipe.data
     tokenizer = load_tokenizer(recipe)  # fails on a bad tokenizer before any data is read
     rows, where = read_source(d.source, revision=d.revision, hub_split=d.hub_split)
@@ -444,9 +529,15 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
     import datasets
 
     def split_indices(n: int) -> tuple[list[int], list[int]]:
-        split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
-            test_size=d.split.test_size, seed=d.split.seed
-        )
+        try:
+            split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
+                test_size=d.split.test_size, seed=d.split.seed
+            )
+        except ValueError as exc:  # datasets' own message says which way the sizes fail
+            raise DataError(
+                f"{where}: data.split.test_size {d.split.test_size} cannot split {n} usable row(s) into "
+                f"non-empty train and test splits ({exc}); give more rows or a smaller test_size"
+            ) from None
         return split["train"]["i"], split["test"]["i"]
 
     after_split = d.invalid_rows == "drop_after_split"
@@ -593,10 +684,14 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
         },
     }
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".data-", dir=run_dir))
-    staging.chmod(0o755)
-    try:
+    from .rundir import staged_dir
+
+    target = rd.data
+
+    def earlier_data(p: Path) -> bool:  # data/ of this codetune run (also from before markers)
+        return p.is_dir() and not p.is_symlink() and (p / "stats.json").is_file()
+
+    with staged_dir(target, "data", overwrite=True, ours=earlier_data, what="data folder") as staging:
         _write_split(staging / "train.parquet", train_records)
         _write_split(staging / "test.parquet", test_records)
         if rejected:
@@ -604,17 +699,9 @@ def prepare(recipe: Recipe, run_dir: Path, *, skip_invalid: bool = False, log=pr
         if contaminated:
             write_jsonl(staging / "decontaminated.jsonl", contaminated)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        target = run_dir / DATA_DIR
-        if target.exists():
-            old = run_dir / f".data-old-{staging.name}"
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    if retrain:
+        log(f"--overwrite: deleted the earlier training of {run_dir}, which no longer matches its data")
+        rd.clear_training()
     save_recipe(recipe, run_dir)
     if rejected:
         log(f"set aside {len(rejected)} invalid rows -> {target / 'rejected.jsonl'}")

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from .data import read_jsonl, write_jsonl
+from .errors import InputError
 from .recipe import Recipe, RecipeError
+from .rundir import check_target, ours_or_legacy, staged_dir
 
 EVAL_DIR = "eval"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -180,20 +182,55 @@ def extract_code(answer: str, entry_point: str | None = None) -> str:
     return blocks[0] if len(blocks) == 1 else "\n\n".join(blocks)
 
 
+def _parse(code: str) -> ast.Module | None:
+    try:
+        return ast.parse(code)
+    # a 3,000-deep expression is a RecursionError, a deeper one a MemoryError: it does not parse
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
 def parses(code: str) -> bool:
     """Code that Python parses into at least one statement (an empty or comment-only answer says nothing)."""
-    try:
-        return bool(ast.parse(code).body)
-    except (SyntaxError, ValueError):
+    tree = _parse(code)
+    return tree is not None and bool(tree.body)
+
+
+def _continues_preamble(task: Task, code: str) -> bool:
+    """HumanEval: a complete ``def`` replaces the stub; anything else is a body that continues the prompt."""
+    if not task.preamble:
         return False
+    defines = task.entry_point and re.search(rf"def\s+{re.escape(task.entry_point)}\s*\(", code)
+    return not defines
+
+
+def program_parses(task: Task, code: str) -> bool:
+    """Whether the code parses the way it is executed: a bare HumanEval body after the problem's prompt
+    (alone it is an indented fragment), and it adds at least one statement to what the prompt had."""
+    if not _continues_preamble(task, code):
+        return parses(code)
+    full, alone = _parse(task.preamble + code), _parse(task.preamble)
+    if full is None:
+        return False
+    if alone is None:  # a prompt that does not parse alone: judge the whole program
+        return bool(full.body)
+    return sum(1 for _ in ast.walk(full)) > sum(1 for _ in ast.walk(alone))
 
 
 def build_program(task: Task, code: str) -> str:
     if task.preamble:  # HumanEval: a full def replaces the stub; a bare body continues the prompt
-        defines = task.entry_point and re.search(rf"def\s+{re.escape(task.entry_point)}\s*\(", code)
-        body = f"\n\n{code}\n" if defines else code
+        body = code if _continues_preamble(task, code) else f"\n\n{code}\n"
         return f"{task.preamble}{body}\n\n{task.tests}"
     return f"{code}\n\n{task.tests}"
+
+
+def _unrunnable(program: str) -> str | None:
+    """Why a program cannot be handed to Python at all (it is sent as UTF-8), else None."""
+    try:
+        program.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not valid text: {exc.reason} at character {exc.start} (a lone surrogate); not run"
+    return None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -307,12 +344,22 @@ def score_suite(
         flat = [(t, c) for t, cs in zip(tasks, completions, strict=True) for c in cs]
         codes = [extract_code(c, t.entry_point) for t, c in flat]
         programs = [build_program(t, code) for (t, _), code in zip(flat, codes, strict=True)]
+        # A program that cannot even be sent to Python fails on its own; the others still run.
+        refused = {i: why for i, p in enumerate(programs) if (why := _unrunnable(p)) is not None}
+        runnable = [i for i in range(len(programs)) if i not in refused]
         reporter = _Reporter(console, f"{suite} tests", len(programs))
-        verdicts = run_programs(programs, Limits(), on_done=lambda i, v: reporter.advance(1, int(v.passed)))
+        ran = run_programs(
+            [programs[i] for i in runnable], Limits(), on_done=lambda i, v: reporter.advance(1, int(v.passed))
+        )
+        if refused:
+            reporter.advance(len(refused), 0)
         reporter.close()
+        outcome = {i: (v.passed, v.status, v.error) for i, v in zip(runnable, ran, strict=True)}
+        outcome.update({i: (False, "error", why) for i, why in refused.items()})
         per_task: dict[str, list[bool]] = {}
-        for (task, completion), code, verdict in zip(flat, codes, verdicts, strict=True):
-            per_task.setdefault(task.task_id, []).append(verdict.passed)
+        for i, ((task, completion), code) in enumerate(zip(flat, codes, strict=True)):
+            passed, status, error = outcome[i]
+            per_task.setdefault(task.task_id, []).append(passed)
             rows.append(
                 {
                     "task_id": task.task_id,
@@ -320,10 +367,10 @@ def score_suite(
                     "reference": task.reference,
                     "completion": completion,
                     "code": code,
-                    "parses": parses(code),
-                    "scores": {"passed": verdict.passed},
-                    "verdict": verdict.status,
-                    "error": verdict.error,
+                    "parses": program_parses(task, code),
+                    "scores": {"passed": passed},
+                    "verdict": status,
+                    "error": error,
                 }
             )
         n = min(len(v) for v in per_task.values()) if per_task else 0
@@ -406,9 +453,13 @@ def evaluate(
     compare_base: bool = False,
     console=None,
     batch_size: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a run directory (base + adapter), a merged model folder or a hub id on ``suites``."""
-    from .generate import check_source, load_for_inference
+    """Evaluate a run directory (base + adapter), a merged model folder or a hub id on ``suites``.
+
+    Results are built in a fresh staging folder and moved to ``out_dir`` at the end; an existing
+    ``out_dir`` is replaced only with ``overwrite`` and only when it holds earlier codetune results."""
+    from .generate import check_source
 
     check_source(source)
     run_dir = Path(source) if (Path(source) / "recipe.yaml").is_file() else None
@@ -416,6 +467,10 @@ def evaluate(
         if run_dir is None:
             raise RecipeError("evaluating a model folder or hub id needs --out DIR for the results")
         out_dir = run_dir / EVAL_DIR
+    out_dir = Path(out_dir)
+    protect = [Path(source)] if Path(source).exists() else []
+    rules = dict(overwrite=overwrite, protect=protect, ours=_earlier_eval, what="--out")
+    check_target(out_dir, "eval", **rules)  # before the model loads
     unknown = [s for s in suites if s not in ("rouge", *EXECUTED)]
     if unknown:
         raise RecipeError(f"unknown suite(s) {unknown}: choose from rouge, {', '.join(EXECUTED)}")
@@ -424,6 +479,18 @@ def evaluate(
 
         recipe = load_recipe(run_dir / "recipe.yaml")
     merged = run_dir is not None and recipe.evaluation.model == "merged"
+    if compare_base and run_dir is None:
+        raise RecipeError("--compare-base needs a run directory (base model + adapter)")
+    with staged_dir(out_dir, "eval", **rules) as staging:
+        # the staging folder exists from the start: an unwritable --out fails before any generation
+        return _evaluate(source, suites, recipe, run_dir, staging, compare_base, console, batch_size, merged)
+
+
+def _evaluate(
+    source, suites, recipe, run_dir, staging: Path, compare_base, console, batch_size, merged: bool
+) -> dict[str, Any]:
+    from .generate import load_for_inference
+
     loaded = load_for_inference(source, recipe=recipe, merged=merged)
     recipe = loaded.recipe
     tasks = {s: load_tasks(s, recipe, run_dir) for s in suites}  # fail on a missing suite before generating
@@ -437,10 +504,8 @@ def evaluate(
             results[suite] = score_suite(suite, tasks[suite], completions, recipe, folder, console)
         return results
 
-    results = {"fine-tuned" if run_dir else "model": run_all("model", out_dir, loaded.model)}
+    results = {"fine-tuned" if run_dir else "model": run_all("model", staging, loaded.model)}
     if compare_base:
-        if run_dir is None:
-            raise RecipeError("--compare-base needs a run directory (base model + adapter)")
         if merged:  # the merged model has no adapter to switch off: the base, unquantized, in the same dtype
             from .model import disable_avx512_bf16_path, load_base_model
 
@@ -454,10 +519,10 @@ def evaluate(
                 torch.cuda.empty_cache()
             base = load_base_model(recipe, quantize=False, device_map={"": 0} if torch.cuda.is_available() else None)
             disable_avx512_bf16_path(base)
-            results["base"] = run_all("base", out_dir / "base", base.eval())
+            results["base"] = run_all("base", staging / "base", base.eval())
         else:
             with loaded.model.disable_adapter():
-                results["base"] = run_all("base", out_dir / "base", loaded.model)
+                results["base"] = run_all("base", staging / "base", loaded.model)
     if merged:
         evaluated = f"adapter merged into the base in {recipe.quantization.compute_dtype}"
     elif run_dir is not None:
@@ -472,16 +537,44 @@ def evaluate(
         "model": evaluated,
         "generation": recipe.generation.model_dump(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "summary.md").write_text(summary_markdown(results, f"Evaluation of {source}"))
+    _write_summary(staging, summary, f"Evaluation of {source}")
     return summary
 
 
-def score_completions_file(path: Path, suite: str, *, recipe: Recipe, out_dir: Path, console=None) -> dict:
-    """Score completions made anywhere else: one JSON line per completion with ``task_id`` and ``completion``."""
+def _write_summary(folder: Path, summary: dict, title: str) -> None:
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / "summary.md").write_text(summary_markdown(summary["results"], title), encoding="utf-8", errors="replace")
+
+
+_earlier_eval = ours_or_legacy("eval", "summary.json")
+
+
+def completions_out_dir(path: Path) -> Path:
+    """``eval --completions FILE``'s default output: ``runs/eval-<stem>`` under the current directory,
+    never a folder derived from the input's own location (which may be a shared, world-writable one)."""
+    stem = Path(path).stem or Path(path).name or "completions"
+    return Path("runs") / f"eval-{stem}"
+
+
+def score_completions_file(
+    path: Path, suite: str, *, recipe: Recipe, out_dir: Path | None = None, overwrite: bool = False, console=None
+) -> dict:
+    """Score completions made anywhere else: one JSON line per completion with ``task_id`` and ``completion``.
+
+    Results go to ``out_dir`` (default ``runs/eval-<stem>``), built in a fresh staging folder: an
+    existing folder is refused unless ``overwrite`` and it holds earlier codetune results."""
+    path = Path(path)
+    out_dir = Path(out_dir) if out_dir is not None else completions_out_dir(path)
     if suite not in EXECUTED:
         raise RecipeError(f"--completions scores an executed suite: {', '.join(EXECUTED)} (not {suite!r})")
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"--completions {path} {what}: give a JSON-lines file")
+    with staged_dir(out_dir, "eval", overwrite=overwrite, protect=[path], ours=_earlier_eval, what="--out") as staging:
+        return _score_completions(path, suite, recipe, staging, console)
+
+
+def _score_completions(path: Path, suite: str, recipe: Recipe, staging: Path, console) -> dict:
     tasks = {t.task_id: t for t in load_tasks(suite, recipe, None)}
     by_task: dict[str, list[str]] = {}
     for obj in read_jsonl(path):
@@ -497,10 +590,8 @@ def score_completions_file(path: Path, suite: str, *, recipe: Recipe, out_dir: P
     chosen = [tasks[t] for t in by_task]
     n = min(len(v) for v in by_task.values())
     ks = [k for k in sorted({1, 10, 100}) if k <= n]
-    result = score_suite(suite, chosen, [by_task[t.task_id] for t in chosen], recipe, out_dir, console, ks)
+    result = score_suite(suite, chosen, [by_task[t.task_id] for t in chosen], recipe, staging, console, ks)
     result["missing_tasks"] = len(tasks) - len(by_task)
     summary = {"source": str(path), "suites": [suite], "results": {"completions": {suite: result}}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "summary.md").write_text(summary_markdown(summary["results"], f"Scores of {path.name}"))
+    _write_summary(staging, summary, f"Scores of {path.name}")
     return summary

@@ -1,18 +1,20 @@
 """``codetune merge`` and ``codetune export``: a fine-tune as a plain model folder, and as GGUF.
 
 Merging reloads the base model *unquantized* (bf16 by default) and folds the adapter into it. It
-never merges into 4-bit weights: that would round the adapter's small updates away.
+never merges into 4-bit weights: that would round the adapter's small updates away. Both write
+through ``codetune.rundir``'s staging: an existing output is replaced only with ``overwrite`` and
+only when codetune wrote it; the run itself and the current directory are never a target.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from .recipe import RecipeError, load_recipe
+from .recipe import load_recipe
+from .rundir import RunDir, check_target, is_regular_file, ours_or_legacy, staged_dir
 
-MERGED = "merged"
+MERGED = RunDir.MERGED
 
 
 def merged_model(recipe, adapter_dir: Path, *, dtype: str | None = None, device_map=None):
@@ -25,20 +27,19 @@ def merged_model(recipe, adapter_dir: Path, *, dtype: str | None = None, device_
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-def merge(run_dir: Path, out_dir: Path | None = None, *, dtype: str = "bfloat16", log=print) -> Path:
+def merge(
+    run_dir: Path, out_dir: Path | None = None, *, dtype: str = "bfloat16", overwrite: bool = False, log=print
+) -> Path:
     """Base (unquantized, ``dtype``) + adapter -> one model folder with safetensors, tokenizer and a
     generation config that stops on every stop token of the recipe (``<|end|>`` included)."""
     from .model import load_tokenizer, stop_token_ids
-    from .train import ADAPTER
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise RecipeError(f"{run_dir} is not a run directory (no recipe.yaml)")
-    adapter = run_dir / ADAPTER
-    if not (adapter / "adapter_config.json").is_file():
-        raise RecipeError(f"{run_dir} has no trained adapter ({adapter} is missing): run `codetune train` first")
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    out_dir = Path(out_dir) if out_dir else run_dir / MERGED
+    rd = RunDir(run_dir)
+    adapter = rd.require_adapter()
+    out_dir = Path(out_dir) if out_dir else rd.merged
+    rules = dict(overwrite=overwrite, protect=[rd.path], ours=ours_or_legacy("merged", "codetune_merge.json"))
+    check_target(out_dir, "merged", what="--out", **rules)  # before the model loads
+    recipe = load_recipe(rd.recipe_file)
 
     model = merged_model(recipe, adapter, dtype=dtype)
     tokenizer = load_tokenizer(recipe)
@@ -48,18 +49,41 @@ def merge(run_dir: Path, out_dir: Path | None = None, *, dtype: str = "bfloat16"
     model.config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.config.use_cache = True
 
-    staging = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "codetune_merge.json").write_text(
-        json.dumps(
-            {"run_dir": str(run_dir), "recipe": recipe.name, "base": recipe.model.name_or_path, "dtype": dtype},
-            indent=2,
+    with staged_dir(out_dir, "merged", what="--out", **rules) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "codetune_merge.json").write_text(
+            json.dumps(
+                {"run_dir": str(rd.path), "recipe": recipe.name, "base": recipe.model.name_or_path, "dtype": dtype},
+                indent=2,
+            )
+            + "\n"
         )
-        + "\n"
-    )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
     log(f"merged {recipe.model.name_or_path} + {adapter} ({dtype}) -> {out_dir}")
     return out_dir
+
+
+def is_gguf_file(path: Path) -> bool:
+    """A GGUF file (its magic bytes): the only kind of file ``export --overwrite`` replaces."""
+    if not is_regular_file(path):
+        return False
+    with path.open("rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def export(
+    run_dir: Path, out_file: Path | None = None, *, outtype: str = "f16", overwrite: bool = False, log=print
+) -> Path:
+    """``codetune export --format gguf``: merge (once; ``RUN_DIR/merged`` is reused), then write GGUF."""
+    from .gguf_export import export_gguf
+
+    rd = RunDir(run_dir)
+    rd.require_adapter()
+    out_file = Path(out_file) if out_file else rd.path / f"model-{outtype}.gguf"
+    check_target(out_file, "gguf", overwrite=overwrite, protect=[rd.path], ours=is_gguf_file, what="--out")
+    if not (rd.merged / "config.json").is_file():
+        merge(rd.path, rd.merged, log=log)
+    return export_gguf(rd.merged, out_file, outtype=outtype, overwrite=overwrite, log=log)
+
+
+__all__ = ["MERGED", "export", "is_gguf_file", "merge"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,17 +432,22 @@ def _adds_special(tokenizer, token_id: int | None, first: bool) -> bool:
 # Export
 
 
-def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=None) -> Path:
+def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=None, overwrite: bool = False) -> Path:
     """Write the merged Phi-3 model folder ``model_dir`` as the GGUF file ``out_file``.
 
     ``outtype``: ``f32``, ``f16`` (default), ``bf16`` or ``q8_0``; norms and other 1-D tensors are
-    always f32. The file is written beside ``out_file`` and renamed into place at the end.
+    always f32. The file is written in a fresh staging folder beside ``out_file`` and renamed into
+    place at the end; an existing ``out_file`` is replaced only with ``overwrite`` and only if it is GGUF.
     """
+    from .export import is_gguf_file
+    from .rundir import check_target, staged_file
+
     gguf = _gguf()
-    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     model_dir, out_file = Path(model_dir), Path(out_file)
+    target_rules = dict(overwrite=overwrite, protect=[model_dir], ours=is_gguf_file, what="GGUF output")
+    check_target(out_file, "gguf", **target_rules)
     if outtype not in OUTTYPES:
         raise GGUFExportError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     config = _check_folder(model_dir)
@@ -462,8 +466,16 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[outtype]
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_file.with_name(f".{out_file.name}.tmp")
+    with staged_file(out_file, "gguf", **target_rules) as staging:
+        _write_gguf(gguf, staging, hp, tensors, vocab, tokenizer, tokenizer_json, model_dir, ftype, log)
+    if log:
+        log(f"gguf {outtype}: {model_dir} -> {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB)")
+    return out_file
+
+
+def _write_gguf(gguf, staging: Path, hp, tensors, vocab, tokenizer, tokenizer_json, model_dir: Path, ftype, log):
+    from safetensors import safe_open
+
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3]
     writer = gguf.GGUFWriter(str(staging), arch)
     try:
@@ -540,14 +552,9 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
                 if log and (i % 50 == 0 or i == len(tensors) - 1):
                     log(f"  [{i + 1}/{len(tensors)}] {t.name} {t.qtype.name} {list(t.shape)}")
         writer.close()
-        os.replace(staging, out_file)
     except BaseException:
         writer.close()
-        staging.unlink(missing_ok=True)
         raise
-    if log:
-        log(f"gguf {outtype}: {model_dir} -> {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB)")
-    return out_file
 
 
 def _token_id(tokenizer, text: str) -> int | None:

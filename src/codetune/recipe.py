@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
 
 
 class _Yaml12BoolLoader(yaml.SafeLoader):
@@ -35,12 +37,35 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot be used, with a message meant for the user."""
+__all__ = ["Recipe", "RecipeError", "load_recipe", "save_recipe", "check_integrations", "OPTIMIZERS", "SCHEDULERS"]
+
+# The names transformers 5.24 (pinned) accepts: OptimizerNames and SchedulerType. Spelled out so that
+# validating a recipe does not import transformers (seconds); tests/test_recipe.py checks that they equal
+# the installed enums, so a transformers upgrade cannot leave them stale.
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit",
+    "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit",
+    "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb",
+    "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+    "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo",
+    "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw",
+    "apollo_adamw_layerwise", "stable_adamw",
+)  # fmt: skip
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)  # fmt: skip
+# numpy's and torch's seeds are unsigned 32-bit integers
+SEED_MAX = 2**32 - 1
+# the Python package each training.report_to integration needs
+INTEGRATIONS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `batch_size: true` or `epochs: "3"` is a mistake, not a 1 or a 3; no inf or nan anywhere
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -85,8 +110,8 @@ class QuantizationConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(16, gt=0)
+    r: int = Field(16, gt=0, le=1024)
+    alpha: int = Field(16, gt=0, le=65536)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -100,7 +125,7 @@ class LoraConfig(_Section):
 
 class SplitConfig(_Section):
     test_size: float | int = Field(0.05, gt=0, description="A share below 1, or a row count (as datasets takes it)")
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=SEED_MAX)
 
     @model_validator(mode="after")
     def _share_or_count(self) -> SplitConfig:
@@ -118,7 +143,7 @@ class DataConfig(_Section):
     # clean: the input is appended only when it is non-empty, so no dangling "Input:" is trained on.
     formatting: Literal["reference", "clean"] = "clean"
     split: SplitConfig = SplitConfig()
-    max_length: int = Field(512, gt=8)
+    max_length: int = Field(512, gt=8, le=1_048_576)
     too_long: Literal["truncate", "drop", "error"] = "error"
     packing: bool = False
     loss_on: Literal["all", "answer"] = "answer"
@@ -134,21 +159,21 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    optimizer: str = "paged_adamw_8bit"
-    learning_rate: float = Field(1e-4, gt=0.0)
-    lr_scheduler: str = "linear"
+    optimizer: Literal[OPTIMIZERS] = "paged_adamw_8bit"
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    lr_scheduler: Literal[SCHEDULERS] = "linear"
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    epochs: float = Field(3.0, ge=0.0)
-    max_steps: int = Field(-1, description="> 0 overrides epochs")
-    batch_size: int = Field(4, gt=0)
-    eval_batch_size: int = Field(4, gt=0)
-    gradient_accumulation_steps: int = Field(8, gt=0)
+    epochs: float = Field(3.0, ge=0.0, le=10_000)
+    max_steps: int = Field(-1, ge=-1, le=10**9, description="> 0 overrides epochs")
+    batch_size: int = Field(4, gt=0, le=65536)
+    eval_batch_size: int = Field(4, gt=0, le=65536)
+    gradient_accumulation_steps: int = Field(8, gt=0, le=65536)
     eval_steps: int | None = Field(100, gt=0, description="None = no evaluation during training")
     save_strategy: Literal["steps", "epoch", "no"] = "epoch"
     save_steps: int | None = Field(None, gt=0)
     save_total_limit: int | None = Field(None, gt=0)
     logging_steps: int = Field(100, gt=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
     max_grad_norm: float = Field(1.0, ge=0.0)
@@ -173,15 +198,15 @@ class TrainingConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    max_new_tokens: int = Field(256, gt=0)
+    max_new_tokens: int = Field(256, gt=0, le=1_048_576)
     do_sample: bool = True
     temperature: float = Field(0.3, ge=0.0, le=5.0, description="0 means greedy (do_sample false), as in OpenAI's API")
     top_k: int = Field(50, ge=0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    num_beams: int = Field(1, gt=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    num_beams: int = Field(1, gt=0, le=64)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     stop_tokens: list[str] = ["<|end|>", "<|endoftext|>"]
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @model_validator(mode="before")
     @classmethod
@@ -218,7 +243,7 @@ class EvaluationConfig(_Section):
 
 
 class Recipe(_Section):
-    name: str
+    name: str = Field(description="A plain file name: the default run directory is runs/<name>")
     description: str = ""
     model: ModelConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -228,6 +253,16 @@ class Recipe(_Section):
     training: TrainingConfig = TrainingConfig()
     generation: GenerationConfig = GenerationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not _PLAIN_NAME.fullmatch(name) or ".." in name:
+            raise ValueError(
+                "must be a plain file name (letters, digits, '.', '_', '-'; no '/' or '..'; at most 100 "
+                "characters): it names the default run directory runs/<name>"
+            )
+        return name
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
@@ -294,7 +329,14 @@ def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        text, where = path.read_text(), str(path)
+        try:
+            text, where = path.read_bytes().decode("utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise RecipeError(
+                f"recipe file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise RecipeError(f"recipe file {path} cannot be read: {exc.strerror}") from None
     else:
         entry = resources.files("codetune.recipes") / f"{name_or_path}.yaml"
         if not entry.is_file():
@@ -305,6 +347,8 @@ def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
         raw = yaml_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{where} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{where} is nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{where} must be a YAML mapping of sections (model, data, training, ...)")
     return raw, where
@@ -364,7 +408,7 @@ def _fields_at(loc: tuple) -> list[str]:
 
 
 def format_validation_error(exc: ValidationError, where: str) -> str:
-    lines = [f"{where}: {exc.error_count()} problem(s)"]
+    lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         field = ".".join(str(p) for p in loc) or "(recipe)"
@@ -375,8 +419,21 @@ def format_validation_error(exc: ValidationError, where: str) -> str:
             lines.append(f"  {field}: required field is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {field}: {msg} (got {err.get('input')!r})")
-    return "\n".join(lines)
+            lines.append(f"  {field}: {msg} (got {_short_repr(err.get('input'))})")
+    if len(lines) == 1:  # one problem, one line
+        return f"{where}: {lines[0].strip()}"
+    return "\n".join([f"{where}: {len(lines)} problem(s)", *lines])
+
+
+def _short_repr(value: Any) -> str:
+    import reprlib
+
+    r = reprlib.Repr()  # Python 3.11's Repr takes no arguments
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict = 3, 60, 60, 6, 6
+    try:
+        return r.repr(value)
+    except RecursionError:
+        return "(nested too deeply to show)"
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -390,9 +447,20 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 
 
 def save_recipe(recipe: Recipe, run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "recipe.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(recipe.to_yaml())
-    tmp.replace(path)
-    return path
+    from .rundir import RunDir, atomic_write
+
+    # the commands check that they may write into run_dir (RunDir.ensure) before they get here
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return atomic_write(RunDir(run_dir).recipe_file, recipe.to_yaml())
+
+
+def check_integrations(recipe: Recipe) -> None:
+    """training.report_to names integrations whose packages are installed (checked before a model loads)."""
+    from importlib.util import find_spec
+
+    for name in recipe.training.report_to:
+        if not any(find_spec(pkg) is not None for pkg in INTEGRATIONS[name]):
+            raise RecipeError(
+                f"training.report_to: {name} is not installed (pip install {INTEGRATIONS[name][0]}), "
+                f"or remove {name} from training.report_to"
+            )

@@ -23,21 +23,22 @@ from __future__ import annotations
 import gc
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .data import DATA_DIR, load_split
-from .recipe import Recipe, RecipeError, save_recipe
+from .errors import CodetuneError
+from .recipe import Recipe, RecipeError, check_integrations, save_recipe
+from .rundir import RunDir, append_line, atomic_path, atomic_write, staged_dir
 
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-METRICS = "metrics.jsonl"
+CHECKPOINTS = RunDir.CHECKPOINTS
+ADAPTER = RunDir.ADAPTER
+METRICS = RunDir.METRICS
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CodetuneError, RuntimeError):
     def __init__(self, step: int, value: float, checkpoint: str | None):
         self.step, self.value, self.checkpoint = step, value, checkpoint
         keep = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been saved yet"
@@ -124,16 +125,17 @@ def _data_matches(recipe: Recipe, run_dir: Path) -> bool:
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoints the Trainer finished writing (trainer_state.json is written last), oldest first."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return RunDir(run_dir).complete_checkpoints()
 
 
 def check_fresh(run_dir: Path, overwrite: bool) -> bool:
-    """True when ``run_dir`` holds an earlier training run that --overwrite allows to replace."""
-    existing = bool(complete_checkpoints(run_dir)) or (run_dir / ADAPTER).exists()
+    """True when ``run_dir`` holds an earlier training run that --overwrite allows to replace.
+
+    Also refuses, before any work, a run directory codetune may not write (a foreign folder, a file)."""
+    rd = RunDir(run_dir)
+    if rd.path.exists() and not (rd.path.is_dir() and (rd.is_run or not any(rd.path.iterdir()))):
+        rd.ensure()  # raises, naming the problem
+    existing = bool(rd.complete_checkpoints()) or rd.adapter.exists()
     if existing and not overwrite:
         raise RecipeError(
             f"{run_dir} already holds a training run (checkpoints/ or adapter/): pass --resume to continue "
@@ -172,7 +174,7 @@ def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
             self.elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
             if state.is_world_process_zero:
                 # A resumed run rewinds the log to its checkpoint: steps past it are done again.
-                self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))
                 if console is not None and console.is_terminal:
                     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -224,8 +226,7 @@ def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
             for key in ("train_loss", "learning_rate"):
                 if row[key] is not None:
                     self.last[key] = row[key]
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_line(self.path, json.dumps(row) + "\n")
             if self.progress is None and console is not None:
                 done = state.global_step - self.step0
                 eta = (state.max_steps - state.global_step) * dt / done if done else float("nan")
@@ -262,7 +263,7 @@ def write_loss_table(metrics: list[dict], path: Path) -> list[tuple[int, float |
 
     lines = ["| Step | Training Loss | Validation Loss |", "|---:|---:|---:|"]
     lines += [f"| {s} | {fmt(t)} | {fmt(v)} |" for s, t, v in rows]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
     return rows
 
 
@@ -285,7 +286,8 @@ def plot_losses(metrics: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
 
 
@@ -583,23 +585,27 @@ def train(
         say(f"note: {note}")
     check_model_source(recipe.model.name_or_path, "model.name_or_path")
     check_sharded_qlora(recipe)
-    if not resume and check_fresh(run_dir, overwrite):
-        with state.main_process_first():
-            if state.is_main_process:
-                for name in (CHECKPOINTS, ADAPTER, METRICS):
-                    target = run_dir / name
-                    shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    with state.main_process_first():  # one process prepares; the others then read its files
-        if not _data_matches(recipe, run_dir):
-            if resume and complete_checkpoints(run_dir):
-                raise RecipeError(f"cannot resume {run_dir}: its data or model settings differ from this recipe")
-            if state.is_main_process:
-                say("preparing data (run directory has none for this recipe)")
-                prepare(recipe, run_dir, skip_invalid=skip_invalid, log=say)
-        if state.is_main_process:
-            save_recipe(recipe, run_dir)
+    check_integrations(recipe)
+    rd = RunDir(run_dir)
+    start_over = not resume and check_fresh(run_dir, overwrite)
+    if state.is_main_process:
+        rd.ensure()  # a foreign or read-only run directory fails here, before anything is changed
     tokenizer = load_tokenizer(recipe)
     check_lora_targets_from_config(recipe, resolve_model_path(recipe.model.name_or_path))
+    matches = _data_matches(recipe, run_dir)
+    if resume and not matches and complete_checkpoints(run_dir):
+        raise RecipeError(f"cannot resume {run_dir}: its data or model settings differ from this recipe")
+    # Every check has passed: only now is an earlier run changed.
+    if start_over:
+        with state.main_process_first():
+            if state.is_main_process:
+                rd.clear_training()
+    with state.main_process_first():  # one process prepares; the others then read its files
+        if not matches and state.is_main_process:
+            say("preparing data (run directory has none for this recipe)")
+            prepare(recipe, run_dir, skip_invalid=skip_invalid, log=say)
+        if state.is_main_process:
+            save_recipe(recipe, run_dir)
     train_ds, eval_ds = _datasets(recipe, run_dir)
     resume_from = None
     if resume:
@@ -674,16 +680,17 @@ def train(
         "device": "cuda" if cuda else "cpu",
     }
     if trainer.is_world_process_zero():
-        staging = run_dir / f".{ADAPTER}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        trainer.save_model(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        staging.rename(adapter_dir)
+
+        def earlier_adapter(p: Path) -> bool:  # this run's adapter (a resumed run that had finished once)
+            return p.is_dir() and not p.is_symlink() and (p / "adapter_config.json").is_file()
+
+        with staged_dir(adapter_dir, "adapter", overwrite=True, ours=earlier_adapter, what="adapter") as staging:
+            trainer.save_model(str(staging))
+            tokenizer.save_pretrained(str(staging))
         write_loss_table(metrics, run_dir / "loss_table.md")
         if metrics:
             plot_losses(metrics, run_dir / "loss.png", f"{recipe.name}: loss")
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(run_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     state.wait_for_everyone()
     if console is not None:
         console.print(

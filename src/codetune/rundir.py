@@ -1,0 +1,376 @@
+"""Run directories and safe writes: the one place that decides where codetune may write.
+
+Rules every command that writes follows (merge, export, eval, prepare, train, card, generate):
+
+- A folder is built in a fresh staging folder created next to its target (``mkdtemp``: new,
+  exclusive, mode 0700) and renamed into place at the end, so a failure leaves nothing half-written
+  and nothing that another user planted is ever written through.
+- A marker file, ``.codetune.json`` (``kind`` and ``version``), says that codetune made a folder.
+- An existing target is refused unless ``overwrite``; even then it is replaced only when it is a
+  codetune output of the same kind. A symbolic link is never a target.
+- A target that contains the source run or the current directory (``--out RUN``, ``--out .``,
+  ``--out ..``) is always refused.
+- Single files inside folders codetune owns are written through a new temporary file
+  (``mkstemp``, O_EXCL) renamed over the name, which replaces a planted link instead of following it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import OutputError, RecipeError
+
+MARKER = ".codetune.json"
+MARKER_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------
+# Markers
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a folder codetune made, or None (no marker, a link, not JSON)."""
+    try:
+        fd = os.open(Path(folder) / MARKER, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        raw = fh.read(65536)
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("kind"), str) else None
+
+
+def is_kind(folder: Path, kind: str) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and not folder.is_symlink() and (read_marker(folder) or {}).get("kind") == kind
+
+
+def marker_text(kind: str, **extra) -> str:
+    from . import __version__
+
+    return json.dumps({"kind": kind, "version": MARKER_VERSION, "codetune": __version__, **extra}, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Writing files and folders
+
+
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
+    """Write ``path`` through a new temporary file beside it, renamed over the name at the end.
+
+    The temporary file is created exclusively (``mkstemp``), so a link planted under a predictable
+    name is never followed, and ``os.replace`` replaces a link at ``path`` rather than its target.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A new temporary file name beside ``path`` for a library that writes by name (savefig);
+    renamed over ``path`` when the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append to a log file without following a link at its name."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
+        fh.write(line)
+
+
+def remove_tree(path: Path) -> bool:
+    """Delete a folder codetune made; a tree too deep or odd to delete is left (and False returned)
+    rather than crashing the command that already did its work."""
+    try:
+        shutil.rmtree(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except (OSError, RecursionError, MemoryError):
+        return False
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return inner == outer or inner.is_relative_to(outer)
+
+
+def check_target(
+    target: Path,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    protect: Sequence[Path] = (),
+    ours: Callable[[Path], bool] | None = None,
+    what: str = "output",
+) -> None:
+    """Refuse a write to ``target`` that could lose data; see the module's rules."""
+    target = Path(target)
+    resolved = target.resolve()
+    guarded = [(Path.cwd().resolve(), "the current directory")]
+    guarded += [(Path(p).resolve(), str(p)) for p in protect if p is not None]
+    for path, name in guarded:
+        if _contains(resolved, path):
+            raise OutputError(
+                f"{what} {target} contains {name}: codetune never writes over a folder that holds its "
+                "source or the current directory; choose a new path"
+            )
+    if target.is_symlink():
+        raise OutputError(f"{what} {target} is a symbolic link: codetune never writes through one; choose a new path")
+    if target.exists():
+        if not overwrite:
+            raise OutputError(
+                f"{what} {target} already exists: pass --overwrite to replace it (only a codetune {kind} output "
+                "is replaced), or choose a new path"
+            )
+        if not (ours(target) if ours is not None else is_kind(target, kind)):
+            raise OutputError(
+                f"{what} {target} exists and is not a codetune {kind} output (no {MARKER} of that kind): "
+                "codetune will not replace it, even with --overwrite; choose a new path"
+            )
+
+
+def _staging_folder(target: Path, what: str) -> Path:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {target}: {exc.strerror}; choose a writable place") from None
+
+
+def _move_into_place(staging: Path, target: Path, recheck: Callable[[], None], what: str) -> None:
+    recheck()  # the target may have appeared while the command ran
+    old = None
+    if target.exists() and not target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(6)}")
+        os.rename(target, old)
+    try:
+        os.replace(staging, target) if staging.is_file() else os.rename(staging, target)
+    except OSError as exc:
+        if old is not None:
+            os.rename(old, target)
+        raise OutputError(
+            f"cannot move the finished {what} into {target}: {exc.strerror}; nothing was replaced"
+        ) from None
+    if old is not None:
+        remove_tree(old) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_dir(
+    target: Path,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    protect: Sequence[Path] = (),
+    ours: Callable[[Path], bool] | None = None,
+    what: str = "output folder",
+    meta: dict | None = None,
+) -> Iterator[Path]:
+    """Build the folder ``target`` in a fresh staging folder beside it; on success it gets the
+    marker and is renamed into place (replacing an earlier codetune output of the same kind only
+    with ``overwrite``). On failure the staging folder goes and ``target`` is untouched."""
+    target = Path(target)
+
+    def recheck() -> None:
+        check_target(target, kind, overwrite=overwrite, protect=protect, ours=ours, what=what)
+
+    recheck()
+    staging = _staging_folder(target, what)
+    try:
+        yield staging
+        atomic_write(staging / MARKER, marker_text(kind, **(meta or {})))
+        staging.chmod(0o755)
+        _move_into_place(staging, target, recheck, what)
+    except BaseException:
+        remove_tree(staging)
+        raise
+
+
+@contextmanager
+def staged_file(
+    target: Path,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    protect: Sequence[Path] = (),
+    ours: Callable[[Path], bool] | None = None,
+    what: str = "output file",
+) -> Iterator[Path]:
+    """A path inside a fresh staging folder to write ``target`` to; renamed over ``target`` at the end."""
+    target = Path(target)
+
+    def recheck() -> None:
+        check_target(target, kind, overwrite=overwrite, protect=protect, ours=ours or (lambda p: False), what=what)
+
+    recheck()
+    staging = _staging_folder(target, what)
+    try:
+        tmp = staging / target.name
+        yield tmp
+        os.chmod(tmp, 0o644)
+        _move_into_place(tmp, target, recheck, what)
+    finally:
+        remove_tree(staging)
+
+
+def is_regular_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def ours_or_legacy(kind: str, legacy_file: str) -> Callable[[Path], bool]:
+    """Whether a folder is a codetune ``kind`` output: its marker, or, for outputs written before
+    markers existed, ``legacy_file`` in a folder that sits directly in a codetune run directory
+    (where nobody else could have planted it)."""
+
+    def ours(path: Path) -> bool:
+        if is_kind(path, kind):
+            return True
+        return (
+            path.is_dir()
+            and not path.is_symlink()
+            and RunDir(path.parent).is_run
+            and is_regular_file(path / legacy_file)
+        )
+
+    return ours
+
+
+# ---------------------------------------------------------------------------------------
+# The run directory
+
+
+class RunDir:
+    """A run directory's layout and the rules for changing it.
+
+    ``recipe.yaml`` (the resolved recipe), ``data/`` (prepare), ``checkpoints/``, ``adapter/``,
+    ``metrics.jsonl`` (train), ``eval/`` (eval), ``merged/`` (merge), ``README.md`` (card).
+    A run that has trained is immutable unless the command is given ``--overwrite``.
+    """
+
+    RECIPE = "recipe.yaml"
+    DATA = "data"
+    ADAPTER = "adapter"
+    CHECKPOINTS = "checkpoints"
+    METRICS = "metrics.jsonl"
+    EVAL = "eval"
+    MERGED = "merged"
+    CARD = "README.md"
+    TRAINING_OUTPUTS = (CHECKPOINTS, ADAPTER, METRICS, "train_summary.json", "loss_table.md", "loss.png")
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    recipe_file = property(lambda self: self.path / self.RECIPE)
+    data = property(lambda self: self.path / self.DATA)
+    adapter = property(lambda self: self.path / self.ADAPTER)
+    checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
+    metrics = property(lambda self: self.path / self.METRICS)
+    eval = property(lambda self: self.path / self.EVAL)
+    merged = property(lambda self: self.path / self.MERGED)
+    card = property(lambda self: self.path / self.CARD)
+
+    @property
+    def is_run(self) -> bool:
+        """A folder codetune made as a run: its marker, or (runs made before markers) a recipe with
+        prepared data or an adapter."""
+        if is_kind(self.path, "run"):
+            return True
+        return self.recipe_file.is_file() and (
+            (self.data / "stats.json").is_file() or (self.adapter / "adapter_config.json").is_file()
+        )
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoints the Trainer finished writing (trainer_state.json is written last), oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+    def is_trained(self) -> bool:
+        return (self.adapter / "adapter_config.json").is_file() or bool(self.complete_checkpoints())
+
+    def require_adapter(self) -> Path:
+        if not self.recipe_file.is_file():
+            raise RecipeError(f"{self.path} is not a run directory (no recipe.yaml)")
+        if not (self.adapter / "adapter_config.json").is_file():
+            raise RecipeError(
+                f"{self.path} has no trained adapter ({self.adapter} is missing): run `codetune train` first"
+            )
+        return self.adapter
+
+    def ensure(self) -> RunDir:
+        """Create the run directory (with its marker) or check that an existing one may be written:
+        codetune writes into a run it made, or into a new or empty folder, never into another folder."""
+        p = self.path
+        if p.exists():
+            if not p.is_dir():
+                raise OutputError(f"run directory {p} is a file, not a folder: choose another --run-dir")
+            if not self.is_run and any(p.iterdir()):
+                raise OutputError(
+                    f"run directory {p} is a folder codetune did not create (no {MARKER}) and is not empty: "
+                    "codetune will not write into it; choose a new or empty --run-dir"
+                )
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            if read_marker(p) is None:
+                atomic_write(p / MARKER, marker_text("run"))
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write to run directory {p}: {exc.strerror}; choose a writable --run-dir"
+            ) from None
+        return self
+
+    def check_mutable(self, overwrite: bool, action: str) -> bool:
+        """True when the run has trained (and ``overwrite`` allows ``action`` to start it over)."""
+        trained = self.is_trained()
+        if trained and not overwrite:
+            raise OutputError(
+                f"{self.path} holds a trained run (adapter/ or checkpoints/): {action} would leave the recipe and "
+                "data disagreeing with it. Pass --overwrite to start the run over, --resume to continue "
+                "training, or choose another --run-dir"
+            )
+        return trained
+
+    def clear_training(self) -> None:
+        """Delete the outputs of an earlier training (for --overwrite), nothing else."""
+        for name in self.TRAINING_OUTPUTS:
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                remove_tree(target)
+            else:
+                target.unlink(missing_ok=True)
