@@ -358,10 +358,12 @@ class _UidLease:
                 return uid, fd
         raise RuntimeError(f"no free sandbox uid in {UID_BASE}-{UID_BASE + UID_COUNT - 1}")
 
-    def release(self) -> None:
-        """Give the uid back; never raises, so a failed cleanup cannot keep a uid held."""
+    def release(self, sweep: bool = True) -> None:
+        """Give the uid back; never raises, so a failed cleanup cannot keep a uid held. ``sweep``: remove what
+        the uid left in the shared temporary directories (the process level has no private ones)."""
         try:
-            _remove_files_of_uid(self.uid)
+            if sweep:
+                _remove_files_of_uid(self.uid)
         except Exception:  # noqa: S110 - best effort; the uid must be released whatever happens
             log.exception("sandbox: cleaning up after uid %s failed", self.uid)
         with _uid_mutex:
@@ -883,7 +885,7 @@ def _execute(program: Program, plan: _Plan, limits: Limits) -> _Result:
                 _rmtree(run_dir)
         finally:
             for lease in leases:
-                lease.release()
+                lease.release(sweep=plan.level == "process")
 
 
 def _signal_name(num: int) -> str:
