@@ -19,16 +19,23 @@ docs/sandbox.md has the threat model; ``isolation_report()`` says what this mach
 
 from __future__ import annotations
 
+import ast
+import atexit
 import ctypes
 import fcntl
+import functools
 import glob
 import grp
+import importlib.util
 import json
 import logging
+import marshal
 import os
 import pwd
+import py_compile
 import resource
 import secrets
+import select
 import shutil
 import signal
 import stat
@@ -80,7 +87,9 @@ _PY_FLAGS = ["-I", "-S", "-B"]
 # Process level only: top-level entries in these world-writable directories that a sandbox uid leaves
 # behind are removed (under bwrap they are private tmpfs mounts that vanish with the program).
 _SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-_HARNESS_SOURCE = (Path(__file__).with_name("sandbox_harness.py")).read_text(encoding="utf-8")
+_HARNESS_FILE = Path(__file__).with_name("sandbox_harness.py")
+_HARNESS_SOURCE = _HARNESS_FILE.read_text(encoding="utf-8")
+_HARNESS_MOUNT = "/opt/codetune"  # where bwrap shows the harness's folder
 _BWRAP = shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin:" + os.environ.get("PATH", ""))
 
 
@@ -334,13 +343,15 @@ def _has_account(uid: int) -> bool:
 
 
 class _UidLease:
-    def __init__(self) -> None:
-        self.uid, self._lock_fd = self._acquire()
+    def __init__(self, busy: set[int] | None = None) -> None:
+        self.uid, self._lock_fd = self._acquire(busy)
 
     @staticmethod
-    def _acquire() -> tuple[int, int | None]:
+    def _acquire(busy: set[int] | None) -> tuple[int, int | None]:
+        """``busy``: uids known to own a process (one /proc scan can serve several leases)."""
         with _uid_mutex:
-            busy = _uids_with_processes()
+            if busy is None:
+                busy = _uids_with_processes()
             lock_dir = _uid_lock_dir()
             for uid in range(UID_BASE, UID_BASE + UID_COUNT):
                 if uid in _uids_in_use or uid in busy or _has_account(uid):
@@ -513,7 +524,8 @@ def _parent_home() -> str:
         return os.path.expanduser("~")
 
 
-def _bwrap_mounts() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _bwrap_mounts() -> tuple[str, ...]:
     """bwrap arguments that show the running interpreter (and nothing else of this machine) read-only.
 
     /usr and the merged-/usr links hold the shared libraries; an interpreter installed elsewhere (pyenv under
@@ -554,7 +566,7 @@ def _bwrap_mounts() -> list[str]:
     }
     for path in sorted(hidden):
         args += ["--tmpfs", path]
-    return args
+    return tuple(args)
 
 
 def _bwrap_command(plan: _Plan, limits: Limits) -> list[str]:
@@ -566,12 +578,51 @@ def _bwrap_command(plan: _Plan, limits: Limits) -> list[str]:
     # Not --unshare-all: as root that also makes a user namespace, in which setuid() to a dedicated uid is
     # impossible (only root is mapped). Root needs no user namespace for the others.
     cmd += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+    # Not --as-pid-1: bwrap's own init keeps its parent-death signal (setuid() clears the harness's), so the
+    # whole PID namespace dies with bwrap, which dies with codetune.
     cmd += ["--hostname", "sandbox", "--die-with-parent", "--new-session", "--chdir", "/tmp"]
+    harness = _harness_dir(plan.interpreter)
+    if harness:
+        cmd += ["--ro-bind", harness, _HARNESS_MOUNT]
     if plan.drop_uid:  # the harness starts as root without any other capability, and sets the uids itself
         cmd += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         cmd += ["--unshare-user", "--cap-drop", "ALL"]
     return cmd
+
+
+@functools.lru_cache(maxsize=None)
+def _harness_dir(interpreter: str) -> str | None:
+    """A root-owned, read-only folder with the harness and its bytecode, compiled once per process: compiling
+    it at every start costs each program about 15 ms. None (the source goes by -c) for another interpreter."""
+    if os.path.realpath(interpreter) != os.path.realpath(sys.executable):
+        return None
+    try:
+        folder = tempfile.mkdtemp(prefix="codetune-harness-", dir=_private_tmp_base())
+        atexit.register(shutil.rmtree, folder, True)
+        target = os.path.join(folder, _HARNESS_FILE.name)
+        shutil.copyfile(_HARNESS_FILE, target)
+        cache = importlib.util.cache_from_source(target)
+        py_compile.compile(
+            target, cfile=cache, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH
+        )
+        for path in (folder, os.path.dirname(cache)):
+            os.chmod(path, 0o755)  # the sandbox uids read it; nobody but its owner writes it
+        for path in (target, cache):
+            os.chmod(path, 0o644)
+        return folder
+    except (OSError, py_compile.PyCompileError) as exc:
+        log.warning("sandbox: cannot prepare the harness's bytecode (%s); it is compiled at every start", exc)
+        return None
+
+
+def _harness_command(plan: _Plan) -> list[str]:
+    folder = _harness_dir(plan.interpreter)
+    if folder is None:
+        return [plan.interpreter, *_PY_FLAGS, "-c", _HARNESS_SOURCE]
+    where = _HARNESS_MOUNT if plan.level == "bwrap" else folder
+    boot = f"import sys; sys.path.insert(0, {where!r}); import sandbox_harness; sandbox_harness.entry()"
+    return [plan.interpreter, *_PY_FLAGS, "-c", boot]
 
 
 def _probe(plan: _Plan, home: str) -> tuple[dict | None, str]:
@@ -784,14 +835,30 @@ def _tail(fd: int, n: int) -> bytes:
 
 
 def _read_verdict(fd: int, nonce: str) -> dict | None:
-    data = os.pread(fd, 1 << 16, 0)
+    """The harness's verdict line (sandbox_harness._verdict); None when there is none with this run's nonce."""
+    fields = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace").split("\n", 1)[0].split("\t", 4)
+    if len(fields) != 5 or fields[0] != nonce or not fields[2].isdigit() or not fields[3].isdigit():
+        return None
+    return {"status": fields[1], "signal": int(fields[2]), "exit_code": int(fields[3]), "error": fields[4]}
+
+
+@functools.lru_cache(maxsize=256)
+def _imports(code: str) -> frozenset[str]:
+    """Standard-library modules that trusted benchmark code imports (the harness imports them before it
+    forks, once for both processes)."""
+    if not code:
+        return frozenset()
     try:
-        verdict = json.loads(data.decode("utf-8").splitlines()[0])
-    except (ValueError, IndexError, UnicodeDecodeError):
-        return None
-    if type(verdict) is not dict or verdict.get("nonce") != nonce:
-        return None
-    return verdict
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return frozenset()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return frozenset(n for n in names if n.partition(".")[0] in sys.stdlib_module_names)
 
 
 def _write_file(path: str, data: bytes) -> int:
@@ -802,39 +869,65 @@ def _write_file(path: str, data: bytes) -> int:
     return fd
 
 
+def _wait(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait for the process to end; False at the timeout. A pidfd wakes up the moment it ends (Popen.wait with
+    a timeout polls, with sleeps of up to 50 ms: a third of a short program's time)."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if ready:
+        proc.wait()
+    return bool(ready)
+
+
 def _execute(program: Program, plan: _Plan, limits: Limits) -> _Result:
     leases: list[_UidLease] = []
     run_dir = None
     fds: list[int] = []
     try:
         if plan.drop_uid:
-            leases.append(_UidLease())  # the harness (and, at the process level, the candidate too)
+            busy = _uids_with_processes()
+            leases.append(_UidLease(busy))  # the harness (and, at the process level, the candidate too)
             if plan.level == "bwrap":
-                leases.append(_UidLease())  # the candidate: it cannot signal or trace the harness
+                leases.append(_UidLease(busy))  # the candidate: it cannot signal or trace the harness
         uids = [lease.uid for lease in leases]
         run_dir = tempfile.mkdtemp(prefix="codetune-sandbox-", dir=_private_tmp_base())
         nonce = secrets.token_hex(16)
-        candidate = json.dumps({"code": program.code, "setup": program.setup}).encode()
+        candidate = marshal.dumps({"code": program.code, "setup": program.setup})
         job = {"nonce": nonce, "tests": program.tests, "prelude": program.prelude, "entry_point": program.entry_point}
-        fds.append(in_fd := _write_file(os.path.join(run_dir, "candidate.json"), candidate))
-        fds.append(tests_fd := _write_file(os.path.join(run_dir, "tests.json"), json.dumps(job).encode()))
+        fds.append(in_fd := _write_file(os.path.join(run_dir, "candidate"), candidate))
+        fds.append(tests_fd := _write_file(os.path.join(run_dir, "tests"), marshal.dumps(job)))
         fds.append(verdict_fd := _write_file(os.path.join(run_dir, "verdict"), b""))
         fds.append(out_fd := _write_file(os.path.join(run_dir, "stdout"), b""))
         fds.append(err_fd := _write_file(os.path.join(run_dir, "stderr"), b""))
-        harness = [plan.interpreter, *_PY_FLAGS, "-c", _HARNESS_SOURCE, str(tests_fd), str(verdict_fd)]
+        harness = [*_harness_command(plan), str(tests_fd), str(verdict_fd)]
+        warm = ",".join(_imports(program.prelude) | _imports(program.tests))
+        rlimits = _rlimits(limits, bool(uids))
         if plan.level == "bwrap":
-            harness += [str(uids[1]), str(uids[0])] if uids else ["-1", "-1"]
+            # The harness sets the limits itself, before it forks: no preexec_fn, so the host (which may hold a
+            # model in memory) starts bwrap with vfork instead of copying its page tables.
+            limits_arg = ",".join(f"{r}:{soft}:{hard}" for r, soft, hard in rlimits)
+            harness += [str(uids[1]), str(uids[0]), warm, limits_arg] if uids else ["-1", "-1", warm, limits_arg]
             cmd, cwd = _bwrap_command(plan, limits) + ["--", *harness], run_dir
             env = dict(_BASE_ENV, HOME="/tmp", TMPDIR="/tmp")
         else:
-            harness += ["-1", "-1"]  # the preexec already made the whole process the dedicated uid
+            harness += ["-1", "-1", warm, ""]  # the preexec made the whole process the dedicated uid, with limits
             os.chmod(run_dir, 0o711)  # the sandbox uid may traverse it (to reach work/) but not list it
             cwd = os.path.join(run_dir, "work")
             os.mkdir(cwd, 0o700)
             if uids:
                 os.chown(cwd, uids[0], uids[0])
             cmd, env = harness, dict(_BASE_ENV, HOME=cwd, TMPDIR=cwd)
-        preexec = _make_preexec(plan, uids[0] if uids and plan.level == "process" else None, _rlimits(limits, bool(uids)))
+        preexec = _make_preexec(plan, uids[0] if uids else None, rlimits) if plan.level == "process" else None
 
         start = time.monotonic()
         try:
@@ -854,16 +947,15 @@ def _execute(program: Program, plan: _Plan, limits: Limits) -> _Result:
             raise RuntimeError(_last_line(_tail(err_fd, 1000).decode("utf-8", "replace")) or str(exc)) from exc
         timed_out = False
         try:
-            try:
-                proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            timed_out = not _wait(proc, limits.timeout_s)
         finally:
             if proc.poll() is None:
                 _kill_everything(proc.pid, uids)
                 proc.wait()
             duration = time.monotonic() - start
-            clean = _kill_everything(proc.pid, uids)  # daemons, setsid() escapees, fork-bomb leftovers
+            # Daemons, setsid() escapees, fork-bomb leftovers. Under bwrap the kernel kills the whole PID namespace
+            # when its init ends, but processes can still be on their way out when bwrap has exited: wait for them.
+            clean = _kill_everything(proc.pid, uids)
         if not clean:
             log.warning("sandbox: processes of program (pid %s, uids %s) survived SIGKILL", proc.pid, uids)
         out = _tail(out_fd, limits.output_bytes) if limits.output_bytes > 0 else b""
@@ -902,8 +994,13 @@ _SIGNAL_HINTS = {
 
 
 def _last_line(text: str) -> str | None:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else None
+    """The last line that states an error: a traceback's last line (not indented, not its header). Processes
+    of a fork bomb can still be writing tracebacks when they are killed, leaving a header last."""
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line[0].isspace() and not line.startswith("Traceback (most recent call last)"):
+            return line.strip()[:300]
+    return lines[-1].strip()[:300] if lines else None
 
 
 def _judge(res: _Result, limits: Limits) -> Verdict:
@@ -923,10 +1020,10 @@ def _judge(res: _Result, limits: Limits) -> Verdict:
     status = v.get("status")
     if status == "passed":
         return verdict(True, "passed", None)
-    if status == "killed" and type(v.get("signal")) is int:
+    if status == "killed" and v.get("signal"):
         sig = v["signal"]
         return verdict(False, "killed", f"killed by {_signal_name(sig)}{_SIGNAL_HINTS.get(sig, '')}")
-    error = v.get("error") if isinstance(v.get("error"), str) else None
+    error = v.get("error") or None
     code = v.get("exit_code")
     return verdict(False, "failed", error or _last_line(res.stderr) or f"exited with code {code}")
 

@@ -9,101 +9,161 @@ any other object the candidate returns stays in the candidate process and the ha
 equal only to itself. The verdict goes to a descriptor that only the harness holds, tagged with a nonce that
 only the harness knows.
 
-argv: TESTS_FD VERDICT_FD CANDIDATE_UID HARNESS_UID (a uid of -1: stay as is).
+argv: TESTS_FD VERDICT_FD CANDIDATE_UID HARNESS_UID WARM_MODULES RLIMITS (a uid of -1: stay as is; modules
+comma-separated; limits as resource:soft:hard, comma-separated).
 """
 
 from __future__ import annotations
 
 import builtins
-import json
+import marshal
 import os
 import select
+import struct
 import sys
-import traceback
 
-MAX_MESSAGE = 64 << 20  # bytes of one encoded value
+MAX_MESSAGE = 64 << 20  # bytes of one encoded message
 MAX_DEPTH = 200  # nesting of one encoded value
 
-_SEQ = {list: "l", tuple: "t", set: "s", frozenset: "S"}
-_SEQ_TYPES = {v: k for k, v in _SEQ.items()}
+# The wire format (no json: its import, with re's, would be a fifth of a short program's time): one tag byte,
+# then fixed-size fields or a 4-byte length / item count.
+_U32 = struct.Struct(">I")
+_F64 = struct.Struct(">d")
+_SEQ = {list: b"l", tuple: b"t", set: b"e", frozenset: b"E"}
+_SEQ_TYPES = {v[0]: k for k, v in _SEQ.items()}
 
 
 class Unplain(TypeError):
     """A value that cannot cross between the processes."""
 
 
-def encode(value, on_other, depth: int = 0):
-    """A JSON-able tree for a plain value. ``on_other(obj)`` returns the tree for anything else (or raises)."""
+def encode(value, on_other) -> bytes:
+    """Bytes for a plain value (exact types only). ``on_other(obj)`` says what to send for anything else:
+    ``("h", handle_id)`` or ``("v", plain_value)``; it raises ``Unplain`` to refuse."""
+    out: list[bytes] = []
+    _encode(value, on_other, out, 0)
+    return b"".join(out)
+
+
+def _encode(v, on_other, out: list, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise Unplain("value nested too deeply")
-    t = type(value)
-    if value is None or t is bool or t is str:
-        return value
-    if t is int:
-        return ["i", format(value, "x")]  # hex: no int-to-decimal digit limit
-    if t is float:
-        return ["f", repr(value)]
-    if t is complex:
-        return ["c", repr(value.real), repr(value.imag)]
-    if t is bytes:
-        return ["b", value.hex()]
-    if t in _SEQ:
-        return [_SEQ[t], [encode(v, on_other, depth + 1) for v in value]]
-    if t is dict:
-        return ["d", [[encode(k, on_other, depth + 1), encode(v, on_other, depth + 1)] for k, v in value.items()]]
-    return on_other(value)
+    t = type(v)
+    if v is None:
+        out.append(b"N")
+    elif t is bool:
+        out.append(b"T" if v else b"F")
+    elif t is int:
+        raw = v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True)
+        out += (b"i", _U32.pack(len(raw)), raw)
+    elif t is float:
+        out += (b"f", _F64.pack(v))
+    elif t is complex:
+        out += (b"c", _F64.pack(v.real), _F64.pack(v.imag))
+    elif t is str:
+        raw = v.encode("utf-8", "surrogatepass")
+        out += (b"s", _U32.pack(len(raw)), raw)
+    elif t is bytes:
+        out += (b"b", _U32.pack(len(v)), v)
+    elif t in _SEQ:
+        items = list(v)
+        out += (_SEQ[t], _U32.pack(len(items)))
+        for item in items:
+            _encode(item, on_other, out, depth + 1)
+    elif t is dict:
+        pairs = list(v.items())
+        out += (b"d", _U32.pack(len(pairs)))
+        for key, item in pairs:
+            _encode(key, on_other, out, depth + 1)
+            _encode(item, on_other, out, depth + 1)
+    else:
+        kind, what = on_other(v)
+        if kind == "h":
+            out += (b"h", _U32.pack(what))
+        else:
+            _encode(what, on_other, out, depth + 1)
 
 
-def decode(tree, on_handle, depth: int = 0):
-    """The plain value of a tree made by ``encode``; raises ValueError/TypeError for anything malformed."""
+def decode(data: bytes, on_handle):
+    """The plain value in ``data``; ValueError for anything malformed (TypeError for an unhashable key)."""
+    value, pos = _decode(memoryview(data), 0, on_handle, 0)
+    if pos != len(data):
+        raise ValueError("trailing bytes")
+    return value
+
+
+def _take(buf: memoryview, pos: int, n: int) -> int:
+    if pos + n > len(buf):
+        raise ValueError("truncated value")
+    return pos + n
+
+
+def _decode(buf: memoryview, pos: int, on_handle, depth: int):
     if depth > MAX_DEPTH:
         raise ValueError("value nested too deeply")
-    if tree is None or type(tree) is bool or type(tree) is str:
-        return tree
-    if type(tree) is not list or not tree or type(tree[0]) is not str:
-        raise ValueError("malformed value")
-    tag = tree[0]
-    if tag == "i" and len(tree) == 2 and type(tree[1]) is str:
-        return int(tree[1], 16)
-    if tag == "f" and len(tree) == 2 and type(tree[1]) is str:
-        return float(tree[1])
-    if tag == "c" and len(tree) == 3 and type(tree[1]) is str and type(tree[2]) is str:
-        return complex(float(tree[1]), float(tree[2]))
-    if tag == "b" and len(tree) == 2 and type(tree[1]) is str:
-        return bytes.fromhex(tree[1])
-    if tag in _SEQ_TYPES and len(tree) == 2 and type(tree[1]) is list:
-        return _SEQ_TYPES[tag](decode(v, on_handle, depth + 1) for v in tree[1])
-    if tag == "d" and len(tree) == 2 and type(tree[1]) is list:
+    end = _take(buf, pos, 1)
+    tag = buf[pos]
+    pos = end
+    if tag == 78:  # N
+        return None, pos
+    if tag in (84, 70):  # T F
+        return tag == 84, pos
+    if tag == 102:  # f
+        return _F64.unpack_from(buf, pos)[0], _take(buf, pos, 8)
+    if tag == 99:  # c
+        end = _take(buf, pos, 16)
+        return complex(_F64.unpack_from(buf, pos)[0], _F64.unpack_from(buf, pos + 8)[0]), end
+    n = _U32.unpack_from(buf, pos)[0] if pos + 4 <= len(buf) else -1
+    if n < 0:
+        raise ValueError("truncated value")
+    pos += 4
+    if tag == 104:  # h
+        return on_handle(n), pos
+    if tag in (105, 115, 98):  # i s b
+        end = _take(buf, pos, n)
+        raw = buf[pos:end]
+        if tag == 105:
+            return int.from_bytes(raw, "big", signed=True), end
+        if tag == 115:
+            return str(raw, "utf-8", "surrogatepass"), end
+        return bytes(raw), end
+    if tag in _SEQ_TYPES:
+        items = []
+        for _ in range(n):  # every item takes at least one byte: a huge count runs out of data quickly
+            item, pos = _decode(buf, pos, on_handle, depth + 1)
+            items.append(item)
+        return _SEQ_TYPES[tag](items), pos
+    if tag == 100:  # d
         out = {}
-        for pair in tree[1]:
-            if type(pair) is not list or len(pair) != 2:
-                raise ValueError("malformed dict")
-            out[decode(pair[0], on_handle, depth + 1)] = decode(pair[1], on_handle, depth + 1)
-        return out
-    if tag == "h" and len(tree) == 2 and type(tree[1]) is int:
-        return on_handle(tree[1])
-    raise ValueError(f"malformed value (tag {tag!r})")
+        for _ in range(n):
+            key, pos = _decode(buf, pos, on_handle, depth + 1)
+            out[key], pos = _decode(buf, pos, on_handle, depth + 1)
+        return out, pos
+    raise ValueError(f"unknown tag {tag}")
 
 
-def send(fd: int, obj) -> None:
-    data = json.dumps(obj, ensure_ascii=True, allow_nan=False).encode()
-    data = len(data).to_bytes(4, "big") + data
+def send(fd: int, message: tuple, on_other) -> None:
+    data = encode(message, on_other)
+    data = _U32.pack(len(data)) + data
     while data:
         data = data[os.write(fd, data) :]
 
 
-def recv(fd: int):
-    """One message, or None at end of file."""
+def recv_raw(fd: int) -> bytes | None:
+    """One message's bytes, or None at end of file."""
     head = _read_exactly(fd, 4)
     if head is None:
         return None
-    size = int.from_bytes(head, "big")
+    size = _U32.unpack(head)[0]
     if size > MAX_MESSAGE:
         raise ValueError(f"message of {size} bytes is over the limit")
-    body = _read_exactly(fd, size)
-    if body is None:
-        return None
-    return json.loads(body)
+    return _read_exactly(fd, size)
+
+
+def recv(fd: int, on_handle):
+    """One decoded message, or None at end of file."""
+    body = recv_raw(fd)
+    return None if body is None else decode(body, on_handle)
 
 
 def _read_exactly(fd: int, n: int) -> bytes | None:
@@ -173,9 +233,7 @@ def candidate_main(rfd: int, wfd: int, uid: int) -> None:
     code = 1
     try:
         _become(uid)
-        if uid >= 0:
-            _set_dumpable(1)  # setuid() cleared it; the program may read its own /proc/self as usual
-        program = json.loads(_read_all(0))
+        program = marshal.loads(_read_all(0))  # written by codetune, not by the candidate
         sys.argv = [""]
         builtins.exit = builtins.quit = _quit  # -S skips the site module, which would have defined them
         ns = {"__name__": "__main__", "__builtins__": builtins}
@@ -189,12 +247,23 @@ def candidate_main(rfd: int, wfd: int, uid: int) -> None:
         code = _exit_code(exc)
     except BaseException:
         try:
+            import traceback  # only now: an import costs every program's start
+
             traceback.print_exc()
         except BaseException:  # noqa: S110
             pass
     finally:
         _flush()
         os._exit(code)
+
+
+class _Ref:
+    """Send this object as a handle, whatever it is."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
 
 
 def _serve(rfd: int, wfd: int, ns: dict) -> None:
@@ -207,16 +276,18 @@ def _serve(rfd: int, wfd: int, ns: dict) -> None:
     # references return Counters); what crosses is still a plain value, whatever the class did.
     as_dict = (collections.Counter, collections.OrderedDict, collections.defaultdict)
 
-    def handle(obj) -> list:
-        if type(obj) in as_dict:
-            return encode(dict.copy(obj), handle)
-        if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):  # a namedtuple
-            return encode(tuple(tuple.__iter__(obj)), handle)
+    def other(obj) -> tuple:
+        if type(obj) is _Ref:
+            obj = obj.obj
+        elif type(obj) in as_dict:
+            return "v", dict.copy(obj)
+        elif isinstance(obj, tuple) and hasattr(type(obj), "_fields"):  # a namedtuple
+            return "v", tuple(tuple.__iter__(obj))
         key = id(obj)
         if key not in ids:
             ids[key] = len(objects)
             objects[ids[key]] = obj
-        return ["h", ids[key]]
+        return "h", ids[key]
 
     def lookup(hid: int):
         if hid not in objects:
@@ -225,39 +296,35 @@ def _serve(rfd: int, wfd: int, ns: dict) -> None:
 
     names = {}
     for name, value in list(ns.items()):
-        if name.startswith("__"):
-            continue
-        if isinstance(value, types.ModuleType):
-            names[name] = ["m", value.__name__]
-        else:
-            names[name] = handle(value)
-    send(wfd, ["ready", names])
+        if not name.startswith("__"):
+            names[name] = ("m", value.__name__) if isinstance(value, types.ModuleType) else _Ref(value)
+    send(wfd, ("ready", names), other)
     while True:
-        msg = recv(rfd)
+        msg = recv(rfd, lookup)
         if msg is None:
             return
         try:
             op, target = msg[0], lookup(msg[1])
             if op == "call":
-                args = decode(msg[2], lookup)
-                kwargs = decode(msg[3], lookup)
-                result = target(*args, **kwargs)
+                result = target(*msg[2], **msg[3])
             elif op == "getattr":
                 result = getattr(target, msg[2])
             elif op == "iter":
                 result = list(target)
             else:
                 raise ValueError(f"unknown operation {op!r}")
-            reply = ["ok", encode(result, handle)]
+            reply = encode(("ok", result), other)
         except SystemExit:
             raise
         except BaseException as exc:
             try:
-                reply = ["raise", type(exc).__name__, str(exc)[:2000]]
+                reply = encode(("raise", type(exc).__name__, str(exc)[:2000]), other)
             except BaseException:
-                reply = ["raise", "Exception", "unprintable exception"]
+                reply = encode(("raise", "Exception", "unprintable exception"), other)
         _flush()
-        send(wfd, reply)
+        reply = _U32.pack(len(reply)) + reply
+        while reply:
+            reply = reply[os.write(wfd, reply) :]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -283,15 +350,15 @@ class Handle:
         object.__setattr__(self, "_link", link)
 
     def __call__(self, *args, **kwargs):
-        return self._link.request("call", self._id, self._link.encode(args), self._link.encode(kwargs))
+        return self._link.request(("call", self._id, args, kwargs))
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        return self._link.request("getattr", self._id, name)
+        return self._link.request(("getattr", self._id, name))
 
     def __iter__(self):
-        return iter(self._link.request("iter", self._id))
+        return iter(self._link.request(("iter", self._id)))
 
     def __setattr__(self, name, value):
         raise TypeError("objects of the candidate cannot be modified by the tests")
@@ -315,27 +382,29 @@ class Link:
             self.handles[hid] = Handle(hid, label or f"#{hid}", self)
         return self.handles[hid]
 
-    def encode(self, value):
-        def other(obj):
-            if type(obj) is Handle and obj._link is self:
-                return ["h", obj._id]
-            raise Unplain(f"a {type(obj).__name__} cannot be passed to the candidate's code (plain data only)")
-
-        return encode(value, other)
+    def _other(self, obj) -> tuple:
+        if type(obj) is Handle and obj._link is self:
+            return "h", obj._id
+        raise Unplain(f"a {type(obj).__name__} cannot be passed to the candidate's code (plain data only)")
 
     def receive(self):
-        """The candidate's next message; None once it ended (its wait status is then in ``status``)."""
+        """The candidate's next message, decoded to plain data; None once it ended (its wait status is then in
+        ``status``). A malformed message raises Unplain: it fails the call, and the next message is read
+        from its own length prefix."""
         while True:
             watch = [self.rfd] + ([self.pidfd] if self.pidfd is not None else [])
             ready, _, _ = select.select(watch, [], [], None if self.pidfd is not None else 0.05)
             if self.rfd in ready:
                 try:
-                    msg = recv(self.rfd)
+                    body = recv_raw(self.rfd)
                 except (OSError, ValueError) as exc:
                     self.kill()
                     raise CandidateGone(f"the candidate broke the protocol: {exc}") from None
-                if msg is not None:
-                    return msg
+                if body is not None:
+                    try:
+                        return decode(body, self.handle)
+                    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+                        raise Unplain(f"the candidate sent something that is not plain data: {exc}") from None
             if self.reap(block=self.rfd in ready):
                 return None
 
@@ -356,26 +425,25 @@ class Link:
             except OSError:
                 pass
 
-    def request(self, op: str, hid: int, *args):
+    def request(self, message: tuple):
         if self.status is not None:
             raise CandidateGone("the candidate process has ended")
+        data = encode(message, self._other)  # Unplain for a test's non-plain argument: that call fails
         try:
-            send(self.wfd, [op, hid, *args])
+            os.write(self.wfd, _U32.pack(len(data)))
+            while data:
+                data = data[os.write(self.wfd, data) :]
         except OSError:
             self.reap(block=True)
             raise CandidateGone("the candidate process has ended") from None
         msg = self.receive()
         if msg is None:
             raise CandidateGone("the candidate process ended during a call")
-        try:
-            if type(msg) is list and msg and msg[0] == "ok" and len(msg) == 2:
-                return decode(msg[1], self.handle)
-            if type(msg) is list and len(msg) == 3 and msg[0] == "raise":
-                name, text = str(msg[1]), str(msg[2])
-            else:
-                raise ValueError("malformed reply")
-        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
-            raise Unplain(f"the candidate returned something that is not plain data: {exc}") from None
+        if type(msg) is tuple and len(msg) == 2 and msg[0] == "ok":
+            return msg[1]
+        if not (type(msg) is tuple and len(msg) == 3 and msg[0] == "raise" and type(msg[1]) is type(msg[2]) is str):
+            raise Unplain("the candidate sent a malformed reply")
+        name, text = msg[1], msg[2]
         cls = getattr(builtins, name, None)
         if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, Warning):
             try:
@@ -385,22 +453,41 @@ class Link:
         raise RemoteError(f"{name}: {text}")
 
 
-def _verdict(fd: int, nonce: str, **fields) -> None:
-    data = json.dumps({"nonce": nonce, **fields}).encode() + b"\n"
+def _verdict(fd: int, nonce: str, status: str, error: str = "", signal: int = 0, exit_code: int = 0) -> None:
+    """One line: nonce, status, signal, exit code, error (tab-separated; the error last, tabs and lines out)."""
+    error = " ".join(str(error).split())[:500]
+    data = f"{nonce}\t{status}\t{signal}\t{exit_code}\t{error}\n".encode("utf-8", "replace")
     while data:
         data = data[os.write(fd, data) :]
     os.close(fd)
 
 
 def _last_line(exc: BaseException) -> str:
+    import traceback
+
     return traceback.format_exception_only(type(exc), exc)[-1].strip()[:300]
 
 
 def main(argv: list[str]) -> int:
-    tests_fd, verdict_fd, candidate_uid, harness_uid = (int(a) for a in argv)
-    # Not dumpable before the fork, so the candidate can never trace or read this process; the child undoes it
-    # for itself only after it stopped sharing anything with us.
-    _set_dumpable(0)
+    tests_fd, verdict_fd, candidate_uid, harness_uid = (int(a) for a in argv[:4])
+    if argv[5]:
+        import resource
+
+        for spec in argv[5].split(","):
+            which, soft, hard = (int(x) for x in spec.split(":"))
+            resource.setrlimit(which, (soft, hard))
+    for module in filter(None, argv[4].split(",")):
+        # Modules the tests or the prelude import, named by codetune: imported once, before the fork, so the
+        # two processes do not each pay for them.
+        try:
+            __import__(module)
+        except Exception:  # noqa: S110 - the tests will raise it themselves
+            pass
+    same_uid = candidate_uid < 0 or candidate_uid == harness_uid
+    if same_uid:
+        # Not dumpable before the fork, so the candidate (same uid) can never trace or read this process; the
+        # child undoes it for itself. With two uids the kernel already forbids it, and ctypes is not imported.
+        _set_dumpable(0)
     c_read, c_write = os.pipe()  # candidate -> harness
     h_read, h_write = os.pipe()  # harness -> candidate
     pid = os.fork()
@@ -409,14 +496,16 @@ def main(argv: list[str]) -> int:
         os.close(verdict_fd)
         os.close(c_read)
         os.close(h_write)
-        if candidate_uid < 0:
+        if same_uid:
             _set_dumpable(1)
         candidate_main(h_read, c_write, candidate_uid)
     os.close(0)
     os.close(c_write)
     os.close(h_read)
     _become(harness_uid)
-    job = json.loads(_read_all(tests_fd))
+    if "random" in sys.modules:  # not the candidate's random sequence: the tests' random inputs stay unknown
+        sys.modules["random"].seed()
+    job = marshal.loads(_read_all(tests_fd))  # written by codetune, never seen by the candidate
     os.close(tests_fd)
     nonce = job["nonce"]
     link = Link(pid, c_read, h_write)
@@ -435,21 +524,30 @@ def main(argv: list[str]) -> int:
     except CandidateGone as exc:
         _verdict(verdict_fd, nonce, status="failed", error=str(exc))
         return 0
+    except Unplain:
+        ready = ()
     if ready is None:
         _verdict(verdict_fd, nonce, **ended("the tests finished"))
         return 0
-    if type(ready) is not list or len(ready) != 2 or ready[0] != "ready" or type(ready[1]) is not dict:
+    if type(ready) is not tuple or len(ready) != 2 or ready[0] != "ready" or type(ready[1]) is not dict:
         link.kill()
         _verdict(verdict_fd, nonce, status="failed", error="the candidate broke the protocol")
         return 0
 
     ns: dict = {"__name__": "__tests__", "__builtins__": builtins}
     for name, ref in ready[1].items():
-        if type(name) is not str or type(ref) is not list or len(ref) != 2:
+        if type(name) is not str:
             continue
-        if ref[0] == "h" and type(ref[1]) is int:
-            ns[name] = link.handle(ref[1], name)
-        elif ref[0] == "m" and type(ref[1]) is str and ref[1].partition(".")[0] in sys.stdlib_module_names:
+        if type(ref) is Handle:
+            object.__setattr__(ref, "_label", name)
+            ns[name] = ref
+        elif (
+            type(ref) is tuple
+            and len(ref) == 2
+            and ref[0] == "m"
+            and type(ref[1]) is str
+            and ref[1].partition(".")[0] in sys.stdlib_module_names
+        ):
             # a module the candidate imported: the tests get the real one, imported here
             try:
                 __import__(ref[1])
@@ -470,6 +568,8 @@ def main(argv: list[str]) -> int:
     except CandidateGone as exc:
         error = exc
     except BaseException as exc:  # a failed test, a wrong return, a SystemExit in the tests
+        import traceback
+
         traceback.print_exc()
         error = exc
     if error is None:
@@ -484,7 +584,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
     main(sys.argv[1:])
     _flush()
     os._exit(0)  # no interpreter teardown: nothing of the candidate is waited for
+
+
+if __name__ == "__main__":
+    entry()
