@@ -36,6 +36,13 @@ def test_starter_reference_solutions_pass_through_the_eval_path():
     assert [t.task_id for t, v in zip(tasks, verdicts, strict=True) if not v.passed] == []
 
 
+def test_starter_stubs_fail_through_the_eval_path():
+    tasks = starter_tasks()
+    stubs = [f"def {t.entry_point}(*args, **kwargs):\n    return None\n" for t in tasks]
+    verdicts = run_programs([scored_program(t, stub) for t, stub in zip(tasks, stubs, strict=True)], LIMITS)
+    assert [t.task_id for t, v in zip(tasks, verdicts, strict=True) if v.passed] == []
+
+
 @needs_mbpp
 def test_mbpp_reference_solutions_pass_or_are_listed_with_a_reason():
     tasks = mbpp_tasks(str(MBPP_JSONL))
