@@ -92,6 +92,7 @@ def test_ci_runs_the_strong_isolation_level():
         pytest.skip(f"not CI and not root with bwrap: the fallback is allowed here ({REPORT['level']})")
     assert REPORT["level"] == "bwrap", REPORT["notes"]
 
+
 # ---------------------------------------------------------------------------------------------- verdicts
 
 

@@ -87,7 +87,7 @@ def test_a_result_that_equals_anything_fails(tmp_path, returned):
 
 # ---------------------------------------------------------------------------------------------- attack 4
 
-FORGER = r'''
+FORGER = r"""
 import gc, os, sys
 
 def _text(values):
@@ -143,7 +143,7 @@ def _forge():
                 except OSError:
                     pass
     os._exit(0)
-'''
+"""
 
 
 @pytest.mark.parametrize("when", ["at import", "when called"])
@@ -248,7 +248,7 @@ def test_a_program_sees_nothing_of_the_host_and_its_tmp_vanishes():
 
 # ---------------------------------------------------------------------------------------------- attacks 1, 2
 
-LEFTOVERS = r'''
+LEFTOVERS = r"""
 import ctypes, os, time
 
 KEY = {key}
@@ -285,7 +285,7 @@ if os.fork() == 0:  # a daemon that leaves the session and outlives the program
         time.sleep(60)
     os._exit(0)
 time.sleep(0.2)
-'''
+"""
 
 
 def shm_keys() -> set[int]:

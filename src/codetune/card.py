@@ -40,9 +40,7 @@ def _eval_summary(run_dir: Path) -> dict | None:
 
 def _sandbox_levels(summary: dict) -> str:
     """The isolation level(s) the executed suites ran under (summary.json records one per suite)."""
-    levels = sorted(
-        {str(r["sandbox"]) for m in summary["results"].values() for r in m.values() if "sandbox" in r}
-    )
+    levels = sorted({str(r["sandbox"]) for m in summary["results"].values() for r in m.values() if "sandbox" in r})
     return f" (isolation level: {', '.join(levels)})" if levels else ""
 
 

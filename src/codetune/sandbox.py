@@ -180,6 +180,7 @@ def _write_proc(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
 
+
 # --------------------------------------------------------------------------------------------------------------
 # /proc: who is running
 
@@ -254,7 +255,6 @@ def _live_pids_of_tree(leader: int) -> list[int]:
                     stack.append(child)
     found.discard(me)
     return sorted(found)
-
 
 
 def _kill_everything(leader: int, uids: list[int], grace_s: float = 5.0) -> bool:
@@ -591,7 +591,7 @@ def _bwrap_command(plan: _Plan, limits: Limits) -> list[str]:
     return cmd
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _harness_dir(interpreter: str) -> str | None:
     """A root-owned, read-only folder with the harness and its bytecode, compiled once per process: compiling
     it at every start costs each program about 15 ms. None (the source goes by -c) for another interpreter."""
