@@ -734,8 +734,8 @@ def check_isolation(policy: str = "auto") -> dict[str, bool | str]:
     why = str(report.get("notes") or "no reason recorded")
     if policy == "strict" or report["level"] == "none":
         raise SandboxUnavailable(
-            f"evaluation.sandbox is {policy!r} but the sandbox level here is {report['level']!r}, not 'bwrap' "
-            f"({why}); install bubblewrap or set evaluation.sandbox: auto to accept the process-level fallback"
+            f"{policy!r} needs the 'bwrap' isolation level but this machine gives {report['level']!r} ({why}); "
+            "install bubblewrap (apt-get install bubblewrap) or set evaluation.sandbox: auto to accept the fallback"
         )
     log.warning(FALLBACK_WARNING.format(why=why))
     return report
