@@ -17,7 +17,8 @@ Suites and their prompts (one user turn, rendered with the model's chat template
   (and input) as the recipe formats training rows. Program: the extracted code and its asserts.
 
 pass@k uses the unbiased estimator of Chen et al. (2021) over ``evaluation.n_samples`` completions
-per task.
+per task. The candidate's code and the tests run in separate processes of the sandbox (``scored_program``;
+docs/sandbox.md): the tests, the setup code's placement and HumanEval's prompt helpers are trusted.
 """
 
 from __future__ import annotations
