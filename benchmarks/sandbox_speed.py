@@ -5,6 +5,7 @@ where bwrap is missing; a trusted harness process plus a candidate process), in 
 
     python benchmarks/sandbox_speed.py                 # 164 HumanEval solutions, both paths, 2 rounds
     python benchmarks/sandbox_speed.py --mechanisms    # also count how each suite's tasks are scored
+    python benchmarks/sandbox_speed.py --ballast-gb 2  # the scoring process holds 2 GB, as eval holds a model
 
 ``--mechanisms`` runs each suite's reference solutions in this process (no sandbox: they are the
 benchmarks' own code) with the candidate's top-level names wrapped, and counts which tasks need what of the
@@ -140,6 +141,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="old/new pairs, alternating (best of each is kept)")
     ap.add_argument("--workers", type=int, default=None, help="parallel programs (default: the sandbox's own)")
     ap.add_argument("--mechanisms", action="store_true", help="count how each suite's tasks are scored")
+    ap.add_argument(
+        "--ballast-gb",
+        type=float,
+        default=0.0,
+        help="GB this process holds while it scores, as `codetune eval` holds a model (a fork copies page tables)",
+    )
     ap.add_argument("--mbpp", default=str(MBPP), help="a local mbpp.jsonl for --mechanisms")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sandbox_speed.json"))
     args = ap.parse_args()
@@ -148,6 +155,9 @@ def main() -> None:
     from codetune import sandbox
     from codetune.evaluate import build_program, humaneval_tasks, mbpp_tasks, scored_program, starter_tasks
 
+    ballast = bytearray(int(args.ballast_gb * (1 << 30)))
+    for i in range(0, len(ballast), 4096):  # touched, so the pages are really mapped
+        ballast[i] = 1
     old = load_old_sandbox()
     tasks = humaneval_tasks()
     old_programs = [build_program(t, t.reference) for t in tasks]
@@ -167,6 +177,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
         "programs": len(tasks),
         "workers": args.workers or min(4, os.cpu_count() or 1),
+        "ballast_gb": args.ballast_gb,
         "old": {
             "what": f"process-level sandbox as of {OLD_COMMIT}: one process per program, marker after the tests",
             "interpreter": old_report["interpreter"],

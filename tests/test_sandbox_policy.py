@@ -25,7 +25,8 @@ def test_the_setting_is_validated_and_defaults_to_auto():
 def test_strict_refuses_the_fallback_before_running_anything(fallback, tmp_path):
     task = starter_tasks()[0]
     recipe = load_recipe("tiny-cpu", ["evaluation.sandbox=strict"])
-    with pytest.raises(RecipeError, match=r"evaluation.sandbox: 'strict' needs the 'bwrap' isolation level but this machine gives 'process'"):
+    refused = r"evaluation.sandbox: 'strict' needs the 'bwrap' isolation level but this machine gives 'process'"
+    with pytest.raises(RecipeError, match=refused):
         score_suite("starter", [task], [[task.reference]], recipe, tmp_path)
     assert not (tmp_path / "starter.jsonl").exists()
 
