@@ -109,7 +109,8 @@ def _decode(buf: memoryview, pos: int, on_handle, depth: int):
     if tag in (84, 70):  # T F
         return tag == 84, pos
     if tag == 102:  # f
-        return _F64.unpack_from(buf, pos)[0], _take(buf, pos, 8)
+        end = _take(buf, pos, 8)
+        return _F64.unpack_from(buf, pos)[0], end
     if tag == 99:  # c
         end = _take(buf, pos, 16)
         return complex(_F64.unpack_from(buf, pos)[0], _F64.unpack_from(buf, pos + 8)[0]), end
@@ -403,7 +404,7 @@ class Link:
                 if body is not None:
                     try:
                         return decode(body, self.handle)
-                    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+                    except Exception as exc:  # whatever went wrong decoding it, it is not plain data
                         raise Unplain(f"the candidate sent something that is not plain data: {exc}") from None
             if self.reap(block=self.rfd in ready):
                 return None
