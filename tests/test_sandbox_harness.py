@@ -178,3 +178,26 @@ def test_the_candidate_cannot_read_the_tests():
     # the same search does find a value that is in the candidate's own memory
     v = run_program(Program(code=code + f"\nKNOWN = {secret!r}\n", tests=f"assert answer() == {secret!r}\n"), FAST)
     assert v.passed, v
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xff\xff\xff\xff", b"\x00\x00\x00\x05Qxxxx", b"\x00\x00\x00\x02t\x00", b"\x00\x00\x00\x01N"],
+    ids=["huge-length", "unknown-tag", "truncated", "not-a-reply"],
+)
+def test_a_candidate_that_writes_garbage_into_the_protocol_fails_cleanly(garbage):
+    code = textwrap.dedent(
+        f"""
+        import os
+
+        def add(a, b):
+            for fd in range(3, 64):  # the pipe to the harness is one of them
+                try:
+                    os.write(fd, {garbage!r})
+                except OSError:
+                    pass
+            return a + b
+        """
+    )
+    v = run_program(Program(code=code, tests="assert add(2, 3) == 5\n"), FAST)
+    assert (v.passed, v.status) == (False, "failed"), v
