@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,10 +50,13 @@ def load_old_sandbox():
         sys.exit(f"cannot read the old sandbox from git ({OLD_COMMIT}): {source.stderr.strip()}")
     path = Path(tempfile.mkdtemp(prefix="codetune-old-sandbox-")) / "old_sandbox.py"
     path.write_text(source.stdout)
-    spec = importlib.util.spec_from_file_location("old_sandbox", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["old_sandbox"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    try:
+        spec = importlib.util.spec_from_file_location("old_sandbox", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["old_sandbox"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
     return module
 
 
