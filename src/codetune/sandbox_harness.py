@@ -193,6 +193,14 @@ def _set_dumpable(flag: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
 
 
+def _suid_dumpable() -> int:
+    try:
+        with open("/proc/sys/fs/suid_dumpable", "rb") as f:
+            return int(f.read().strip() or 1)
+    except (OSError, ValueError):
+        return 1
+
+
 def _become(uid: int) -> None:
     if uid >= 0:
         os.setgroups([])
@@ -504,6 +512,10 @@ def main(argv: list[str]) -> int:
     os.close(c_write)
     os.close(h_read)
     _become(harness_uid)
+    if not same_uid and _suid_dumpable() != 0:
+        # setuid() made this process non-dumpable only if fs.suid_dumpable is 0 (the usual setting); the other
+        # uid already keeps the candidate out, this is the second lock.
+        _set_dumpable(0)
     if "random" in sys.modules:  # not the candidate's random sequence: the tests' random inputs stay unknown
         sys.modules["random"].seed()
     job = marshal.loads(_read_all(tests_fd))  # written by codetune, never seen by the candidate
