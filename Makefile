@@ -1,12 +1,13 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
-# Both create the virtual environment when it is missing.
+# Both create the virtual environment when it is missing, and install bubblewrap (the code sandbox's
+# isolation, docs/sandbox.md) when it is missing and this is root with apt-get.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test venv browser sandbox-deps clean
 
 $(BIN)/codetune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,18 @@ $(BIN)/codetune: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-venv: $(BIN)/codetune
+# Without bwrap the sandbox falls back to process-level isolation and says so; CI (root) must not.
+sandbox-deps:
+	@if command -v bwrap >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing bubblewrap (the code sandbox)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	else \
+		echo "warning: bubblewrap (bwrap) is missing and cannot be installed here (needs root and apt-get):" \
+			"executed tests will run in the process-level fallback sandbox (docs/sandbox.md)" >&2; \
+	fi
+
+venv: sandbox-deps $(BIN)/codetune
 
 demo: venv
 	$(BIN)/codetune run tiny-cpu --overwrite

@@ -1,7 +1,8 @@
 """The sandbox that runs model-written code: verdicts, limits, and hostile programs.
 
 Hostile cases use small limits so the file stays fast. Isolation-dependent cases skip, with the reason, when
-``isolation_report()`` says this machine/user does not get that isolation (root gets all of it).
+``isolation_report()`` says this machine/user does not get that isolation (root with bubblewrap gets all of
+it). The attacks that go through eval's scoring path are in test_sandbox_attacks.py.
 """
 
 import json
@@ -33,6 +34,9 @@ needs_netns = pytest.mark.skipif(
     not REPORT.get("network_namespace"), reason="no network namespace available: programs share the host network"
 )
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process as another user")
+needs_bwrap = pytest.mark.skipif(
+    REPORT.get("level") != "bwrap", reason=f"bubblewrap isolation unavailable here: {REPORT.get('notes')}"
+)
 
 
 def live_processes_of_uid(uid: int) -> list[int]:
@@ -71,10 +75,22 @@ def test_isolation_report_describes_this_machine():
     assert all(isinstance(v, bool | str) for v in REPORT.values())
     assert REPORT["available"] is True and os.path.isfile(REPORT["interpreter"]), REPORT
     assert REPORT["root"] == (os.geteuid() == 0)
+    assert REPORT["level"] in ("bwrap", "process")
     if os.geteuid() == 0:
         # CI runs as root: everything the sandbox promises for root must actually be in place.
         assert REPORT["separate_uid"] and REPORT["kill_by_uid"] and not REPORT["can_signal_parent"], REPORT
+    if REPORT["level"] == "bwrap":
+        assert REPORT["filesystem_isolated"] and REPORT["pid_namespace"] and REPORT["ipc_namespace"], REPORT
+        assert REPORT["network_namespace"] and not REPORT["parent_home_readable"], REPORT
     assert isolation_report() == REPORT  # probed once, cached
+
+
+def test_ci_runs_the_strong_isolation_level():
+    """CI (root, `make test` installs bubblewrap) must never score with the fallback; neither may a root
+    machine that has bwrap. A user's clone without bwrap gets the fallback, and this test says so."""
+    if not (os.environ.get("CI") or (os.geteuid() == 0 and shutil.which("bwrap"))):
+        pytest.skip(f"not CI and not root with bwrap: the fallback is allowed here ({REPORT['level']})")
+    assert REPORT["level"] == "bwrap", REPORT["notes"]
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
@@ -181,22 +197,24 @@ def test_asserts_survive_pythonoptimize_in_the_parent_environment(monkeypatch):
 
 def test_environment_is_scrubbed_and_workdir_is_private_and_removed(monkeypatch):
     monkeypatch.setenv("CODETUNE_SANDBOX_SECRET", "do-not-leak")
+    name = f"scratch-{secrets.token_hex(6)}.txt"
     source = textwrap.dedent(
-        """
+        f"""
         import os, sys
-        allowed = {"PATH", "LANG", "HOME", "TMPDIR", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE"}
+        allowed = {{"PATH", "LANG", "HOME", "TMPDIR", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PWD"}}
         assert set(os.environ) <= allowed, sorted(os.environ)
         assert os.environ["PATH"] == "/usr/bin:/bin"
         assert os.environ["HOME"] == os.environ["TMPDIR"] == os.getcwd()
-        assert sys.stdin.read() == ""  # the source (and its marker) cannot be re-read from stdin
-        open("scratch.txt", "w").write("ok")  # the working directory is writable
-        print(os.getcwd())
+        assert sys.stdin.read() == ""  # the source cannot be re-read from stdin
+        open({name!r}, "w").write("ok")  # the working directory is writable
+        assert open({name!r}).read() == "ok"
+        print(os.path.abspath({name!r}))
         """
     )
     v = run_program(source, FAST)
     assert v.passed, v
-    workdir = v.stdout.strip()
-    assert workdir and not os.path.exists(workdir)
+    written = v.stdout.strip()
+    assert written.endswith(name) and not os.path.exists(written)
 
 
 # ---------------------------------------------------------------------------------------------- limits / hostile
@@ -233,6 +251,8 @@ def test_fork_bomb_is_contained_and_cleaned_up():
 
 @needs_uid
 def test_daemon_that_left_the_session_is_killed():
+    # Under bwrap the printed pid is the daemon's pid in the sandbox's PID namespace: only the uid says
+    # anything on the host.
     # Double fork + setsid: the grandchild is in no process group of ours and not our descendant; the
     # program itself exits normally (and passes), the daemon must still not survive it.
     source = textwrap.dedent(
@@ -250,7 +270,9 @@ def test_daemon_that_left_the_session_is_killed():
     v = run_program(source, FAST)
     assert v.passed, v
     daemon, uid = map(int, v.stdout.split())
-    assert not pid_running(daemon)
+    if not REPORT.get("pid_namespace"):
+        assert not pid_running(daemon)
+    assert UID_BASE <= uid < UID_BASE + UID_COUNT
     assert live_processes_of_uid(uid) == []
 
 
@@ -311,15 +333,20 @@ def test_cannot_read_the_parent_users_home(how):
     if not home.is_dir() or home.stat().st_mode & 0o005:
         pytest.skip(f"{home} is missing or world-readable, so there is nothing private to protect")
     if how == "listdir":
-        source = f"import os\nprint(os.listdir({str(home)!r}))\n"
+        # Under bwrap the home may exist inside, holding only the path to the bound interpreter (pyenv).
+        interpreter = os.path.realpath(REPORT["interpreter"])
+        allowed = {interpreter[len(str(home)) + 1 :].split("/")[0]} if interpreter.startswith(f"{home}/") else set()
+        v = run_program(f"import os\nprint(sorted(os.listdir({str(home)!r})))\n", FAST)
+        if v.passed:
+            assert set(json.loads(v.stdout.replace("'", '"'))) <= allowed, v
+            return
     else:
         files = [p for p in home.iterdir() if p.is_file()]
         if not files:
             pytest.skip(f"no regular file in {home} to try")
-        source = f"print(open({str(files[0])!r}).read())\n"
-    v = run_program(source, FAST)
+        v = run_program(f"print(open({str(files[0])!r}).read())\n", FAST)
     assert (v.passed, v.status) == (False, "failed"), v
-    assert "PermissionError" in v.error
+    assert "PermissionError" in v.error or "FileNotFoundError" in v.error, v
 
 
 @needs_netns
@@ -340,8 +367,10 @@ def test_no_network_even_to_localhost():
         server.close()
 
 
+@needs_bwrap
 @needs_uid
 def test_cannot_kill_the_parent_or_the_test_process():
+    # The parent is the trusted harness (another uid); the test process is outside the PID namespace.
     source = textwrap.dedent(
         f"""
         import os, signal
@@ -354,7 +383,10 @@ def test_cannot_kill_the_parent_or_the_test_process():
             os.killpg({os.getpgid(0)}, signal.SIGKILL)
         except OSError as e:
             print("denied group", e, flush=True)
-        os.kill(-1, signal.SIGKILL)  # every process this uid may signal (on Linux, never the caller itself)
+        try:
+            os.kill(-1, signal.SIGKILL)  # every process this uid may signal (on Linux, never the caller itself)
+        except ProcessLookupError:  # none: in its PID namespace the harness is init, which kill(-1) skips
+            pass
         print("survived kill(-1)", flush=True)
         """
     )
@@ -406,6 +438,8 @@ NON_ROOT_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import sandbox
+if sys.argv[2] in ("process", "no-unshare"):
+    sandbox._BWRAP = None
 if sys.argv[2] == "no-unshare":
     sandbox._UNSHARE = None
 fast = sandbox.Limits(timeout_s=2.0)
@@ -424,8 +458,9 @@ status = {n: v.status for n, v in zip(names, verdicts)}
 escapee = "import os, time\\npid = os.fork()\\nif pid == 0:\\n    os.setsid()\\n    time.sleep(30)\\n    os._exit(0)\\n"
 v = sandbox.run_program(escapee + "print(pid, flush=True)\\nwhile True:\\n    pass\\n", fast)
 try:
+    assert not sandbox.isolation_report()["pid_namespace"]  # else the pid is one inside the sandbox
     state = open(f"/proc/{int(v.stdout)}/stat").read().rsplit(")", 1)[1].split()[0]
-except (OSError, ValueError):
+except (OSError, ValueError, AssertionError):
     state = "gone"
 status["escapee"] = v.status + ("" if state in ("Z", "X", "gone") else ", escapee alive")
 print(json.dumps({"report": sandbox.isolation_report(), "status": status}))
@@ -433,16 +468,23 @@ print(json.dumps({"report": sandbox.isolation_report(), "status": status}))
 
 
 @needs_root
-@pytest.mark.parametrize("mode", ["default", "no-unshare"])
+@pytest.mark.parametrize("mode", ["default", "process", "no-unshare"])
 def test_degrades_gracefully_without_root(mode):
-    """Run the module as an unprivileged user (nobody): it must fall back, say so, and still judge correctly."""
-    interpreter = REPORT["interpreter"]  # already proven runnable by an unprivileged uid
+    """Run the module as an unprivileged user (nobody): it must fall back, say so, and still judge correctly.
+
+    default: bwrap in an unprivileged user namespace where the kernel allows it; process: the named fallback
+    (bwrap unavailable); no-unshare: the fallback without even a network namespace."""
+    interpreter = "/usr/bin/python3"  # one an unprivileged uid can run (the venv's is under /root)
+    if not os.path.isfile(interpreter):
+        pytest.skip(f"{interpreter} is missing: no interpreter that an unprivileged user can run")
     tmp = tempfile.mkdtemp(prefix="codetune-sandbox-nonroot-")
     try:
         os.chmod(tmp, 0o755)
-        shutil.copy(sandbox.__file__, os.path.join(tmp, "sandbox.py"))
+        harness = Path(sandbox.__file__).with_name("sandbox_harness.py")
+        for src in (sandbox.__file__, harness):
+            shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
+            os.chmod(os.path.join(tmp, os.path.basename(src)), 0o644)
         Path(tmp, "script.py").write_text(NON_ROOT_SCRIPT)
-        os.chmod(os.path.join(tmp, "sandbox.py"), 0o644)
         os.chmod(os.path.join(tmp, "script.py"), 0o644)
         out = subprocess.run(
             [interpreter, "-I", os.path.join(tmp, "script.py"), tmp, mode],
@@ -455,7 +497,10 @@ def test_degrades_gracefully_without_root(mode):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     report, status = result["report"], result["status"]
     assert report["root"] is False and report["separate_uid"] is False and report["kill_by_uid"] is False
-    assert report["can_signal_parent"] is True
+    if mode == "default" and report["level"] == "bwrap":  # the parent is outside its PID namespace
+        assert report["can_signal_parent"] is False and report["filesystem_isolated"] is True
+    else:
+        assert report["level"] == "process" and report["can_signal_parent"] is True
     if mode == "no-unshare":
         assert report["network_namespace"] is False and report["network_method"] == "none"
     assert status["pass"] == "passed"

@@ -2,7 +2,7 @@
 
 import json
 
-from codetune.evaluate import build_program, extract_code, humaneval_tasks, mbpp_tasks, starter_tasks
+from codetune.evaluate import extract_code, humaneval_tasks, mbpp_tasks, scored_program, starter_tasks
 from codetune.sandbox import Limits, run_programs
 
 from .conftest import MBPP_JSONL, needs_mbpp
@@ -20,10 +20,10 @@ def _broken(body: str) -> str:
 
 def test_every_canonical_humaneval_solution_passes_and_a_broken_copy_fails():
     tasks = humaneval_tasks()
-    good = run_programs([build_program(t, t.reference) for t in tasks], LIMITS)
+    good = run_programs([scored_program(t, t.reference) for t in tasks], LIMITS)
     failing = [(t.task_id, v.status, v.error) for t, v in zip(tasks, good, strict=True) if not v.passed]
     assert failing == [] and len(good) == 164
-    bad = run_programs([build_program(t, _broken(t.reference)) for t in tasks], LIMITS)
+    bad = run_programs([scored_program(t, _broken(t.reference)) for t in tasks], LIMITS)
     passing = [t.task_id for t, v in zip(tasks, bad, strict=True) if v.passed]
     assert passing == []
 
@@ -31,14 +31,21 @@ def test_every_canonical_humaneval_solution_passes_and_a_broken_copy_fails():
 def test_starter_reference_solutions_pass_through_the_eval_path():
     tasks = starter_tasks()
     answers = [f"Here is the function:\n```python\n{t.reference}\n```\nIt works." for t in tasks]
-    programs = [build_program(t, extract_code(a, t.entry_point)) for t, a in zip(tasks, answers, strict=True)]
+    programs = [scored_program(t, extract_code(a, t.entry_point)) for t, a in zip(tasks, answers, strict=True)]
     verdicts = run_programs(programs, LIMITS)
     assert [t.task_id for t, v in zip(tasks, verdicts, strict=True) if not v.passed] == []
+
+
+def test_starter_stubs_fail_through_the_eval_path():
+    tasks = starter_tasks()
+    stubs = [f"def {t.entry_point}(*args, **kwargs):\n    return None\n" for t in tasks]
+    verdicts = run_programs([scored_program(t, stub) for t, stub in zip(tasks, stubs, strict=True)], LIMITS)
+    assert [t.task_id for t, v in zip(tasks, verdicts, strict=True) if v.passed] == []
 
 
 @needs_mbpp
 def test_mbpp_reference_solutions_pass_or_are_listed_with_a_reason():
     tasks = mbpp_tasks(str(MBPP_JSONL))
-    verdicts = run_programs([build_program(t, t.reference) for t in tasks], LIMITS)
+    verdicts = run_programs([scored_program(t, t.reference) for t in tasks], LIMITS)
     failing = {t.task_id: v.error for t, v in zip(tasks, verdicts, strict=True) if not v.passed}
     assert set(failing) == set(MBPP_KNOWN_BAD), json.dumps(failing, indent=1)

@@ -36,6 +36,12 @@ def _eval_summary(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _sandbox_levels(summary: dict) -> str:
+    """The isolation level(s) the executed suites ran under (summary.json records one per suite)."""
+    levels = sorted({str(r["sandbox"]) for m in summary["results"].values() for r in m.values() if "sandbox" in r})
+    return f" (isolation level: {', '.join(levels)})" if levels else ""
+
+
 def _eval_results(summary: dict | None, dataset: str) -> list:
     """The fine-tuned model's scores as ``huggingface_hub.EvalResult``s (the card's model-index)."""
     from huggingface_hub import EvalResult
@@ -203,7 +209,8 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
             "",
             f"Generation: {_gen_line(recipe)}. ROUGE is the reference card's method: `rouge_score` with "
             "the stemmer, the F-measure x 100 per sample, averaged. pass@k is the unbiased estimator over "
-            f"{recipe.evaluation.n_samples} sample(s) per task, executed in codetune's sandbox.",
+            f"{recipe.evaluation.n_samples} sample(s) per task, executed in codetune's sandbox"
+            f"{_sandbox_levels(summary)}.",
             "",
         ]
     else:

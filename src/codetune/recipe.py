@@ -233,6 +233,9 @@ class EvaluationConfig(_Section):
     mbpp_source: str = Field(
         "google-research-datasets/mbpp", description="Hub id (config 'full') or a local mbpp.jsonl"
     )
+    sandbox: Literal["strict", "auto"] = Field(
+        "auto", description="strict: refuse to execute tests without bubblewrap; auto: fall back, with a warning"
+    )
 
     @model_validator(mode="after")
     def _k_fits_n(self) -> EvaluationConfig:
