@@ -324,6 +324,21 @@ class RunDir:
     def is_trained(self) -> bool:
         return (self.adapter / "adapter_config.json").is_file() or bool(self.complete_checkpoints())
 
+    def adapter_fingerprint(self) -> str | None:
+        """The SHA-256 of the adapter's weights: what derived outputs (merged/, eval/, the card) record, so
+        that one made from an earlier adapter is known as stale. None while there is no adapter."""
+        import hashlib
+
+        weights = sorted(self.adapter.glob("adapter_model*.safetensors")) + sorted(self.adapter.glob("*.bin"))
+        if not weights:
+            return None
+        digest = hashlib.sha256()
+        for path in weights:
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
     def require_adapter(self) -> Path:
         if not self.recipe_file.is_file():
             raise RecipeError(f"{self.path} is not a run directory (no recipe.yaml)")
