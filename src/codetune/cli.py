@@ -70,7 +70,7 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.")
 app.add_typer(recipe_app, name="recipe")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in a log file
 # Piped, rich would wrap at 80 columns; soft_wrap keeps a long line one line.
 out = Console(soft_wrap=True)
 
@@ -270,8 +270,20 @@ def train_cmd(
     skip_invalid: SkipOpt = False,
 ) -> None:
     """Fine-tune with QLoRA (prepares the data first when the run directory has none)."""
-    r = _load(recipe, set_)
-    _train(r, _run_dir(r, run_dir), resume, overwrite, skip_invalid)
+    r, rd = _recipe_for_run(recipe, set_, run_dir, resume, overwrite)
+    _train(r, rd, resume, overwrite, skip_invalid)
+
+
+def _recipe_for_run(recipe: str, set_: list[str] | None, run_dir: Path | None, resume: bool, overwrite: bool):
+    """The named recipe, or the run directory's own once the run exists (``rundir.run_recipe``)."""
+    from .rundir import run_recipe
+
+    named = _load(recipe, set_)
+    rd = _run_dir(named, run_dir)
+    r, note = run_recipe(named, set_ or [], rd, resume=resume, overwrite=overwrite)
+    if note:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    return r, rd
 
 
 def _source_recipe(source: str, recipe: str, overrides: list[str] | None) -> Recipe:
@@ -575,8 +587,7 @@ def run_cmd(
     skip_invalid: SkipOpt = False,
 ) -> None:
     """Run every stage in one go: prepare, train, evaluate on the recipe's suites, write the model card."""
-    r = _load(recipe, set_)
-    rd = _run_dir(r, run_dir)
+    r, rd = _recipe_for_run(recipe, set_, run_dir, resume, overwrite)
     if not resume:
         from .recipe import check_integrations
         from .train import check_fresh

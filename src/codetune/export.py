@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .recipe import load_recipe
-from .rundir import RunDir, check_target, is_regular_file, ours_or_legacy, staged_dir
+from .rundir import RunDir, check_target, is_regular_file, ours_or_legacy, read_marker, staged_dir
 
 MERGED = RunDir.MERGED
 
@@ -49,7 +49,9 @@ def merge(
     model.config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.config.use_cache = True
 
-    with staged_dir(out_dir, "merged", what="--out", **rules) as staging:
+    # the marker records the adapter it was made from: export rebuilds a merged/ made from another
+    fingerprint = {"adapter_sha256": rd.adapter_fingerprint()}
+    with staged_dir(out_dir, "merged", what="--out", meta=fingerprint, **rules) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "codetune_merge.json").write_text(
@@ -74,15 +76,19 @@ def is_gguf_file(path: Path) -> bool:
 def export(
     run_dir: Path, out_file: Path | None = None, *, outtype: str = "f16", overwrite: bool = False, log=print
 ) -> Path:
-    """``codetune export --format gguf``: merge (once; ``RUN_DIR/merged`` is reused), then write GGUF."""
+    """``codetune export --format gguf``: merge, then write GGUF. ``RUN_DIR/merged`` is reused only when
+    it was made from the current adapter (its marker records the adapter's SHA-256)."""
     from .gguf_export import export_gguf
 
     rd = RunDir(run_dir)
     rd.require_adapter()
     out_file = Path(out_file) if out_file else rd.path / f"model-{outtype}.gguf"
     check_target(out_file, "gguf", overwrite=overwrite, protect=[rd.path], ours=is_gguf_file, what="--out")
-    if not (rd.merged / "config.json").is_file():
-        merge(rd.path, rd.merged, log=log)
+    made_from = (read_marker(rd.merged) or {}).get("adapter_sha256")
+    if not (rd.merged / "config.json").is_file() or made_from != rd.adapter_fingerprint():
+        if rd.merged.exists():
+            log(f"{rd.merged} was not made from the current adapter: merging again")
+        merge(rd.path, rd.merged, overwrite=rd.merged.exists(), log=log)
     return export_gguf(rd.merged, out_file, outtype=outtype, overwrite=overwrite, log=log)
 
 

@@ -412,6 +412,7 @@ def _page(title: str, body: str, script: str, *, connect: bool = False) -> str:
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         f'<meta http-equiv="Content-Security-Policy" content="{_csp(script, connect)}">'
         '<meta name=viewport content="width=device-width,initial-scale=1">'
+        '<meta name="generator" content="codetune">'
         '<link rel=icon href="data:,">'  # no favicon request, so no 404 in the console when served
         f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
         f"<script>{script}</script>\n</body></html>\n"

@@ -382,10 +382,86 @@ class RunDir:
         return trained
 
     def clear_training(self) -> None:
-        """Delete the outputs of an earlier training (for --overwrite), nothing else."""
+        """Delete the outputs of an earlier training (for --overwrite) and everything made from them
+        (``clear_derived``), nothing else."""
         for name in self.TRAINING_OUTPUTS:
             target = self.path / name
             if target.is_dir() and not target.is_symlink():
                 remove_tree(target)
             else:
                 target.unlink(missing_ok=True)
+        self.clear_derived()
+
+    def clear_derived(self) -> list[Path]:
+        """Delete what codetune made from the run's adapter (eval/, merged/, the card, the report, GGUF
+        files), so that a run started over never shows or exports the old model's results. Only outputs
+        that codetune made (their marker, or their own form) are deleted; anything else stays."""
+        from .card import is_card
+        from .export import is_gguf_file
+
+        derived = {
+            self.eval: ours_or_legacy("eval", "summary.json"),
+            self.merged: ours_or_legacy("merged", "codetune_merge.json"),
+            self.card: is_card,
+            self.path / "report.html": _is_report,
+        }
+        derived.update({p: is_gguf_file for p in self.path.glob("*.gguf")})
+        removed = []
+        for target, ours in derived.items():
+            if target.is_symlink() or not target.exists() or not ours(target):
+                continue
+            remove_tree(target) if target.is_dir() else target.unlink()
+            removed.append(target)
+        return removed
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _is_report(path: Path) -> bool:
+    """A report.html that codetune wrote (its generator meta tag)."""
+    if not is_regular_file(path):
+        return False
+    with path.open("rb") as fh:
+        return b'name="generator" content="codetune' in fh.read(4096)
+
+
+def run_recipe(named, overrides: Sequence[str], run_dir: Path, *, resume: bool, overwrite: bool):
+    """The recipe a train/run command uses in ``run_dir``: the run's own ``recipe.yaml`` is the source of
+    truth once the run exists, so ``--resume`` continues exactly what was started and ``train`` after
+    ``prepare`` trains what was prepared.
+
+    - no ``recipe.yaml`` yet, or ``--overwrite`` (start over): ``named`` (the recipe argument + ``--set``);
+    - a run that has trained, or ``--resume``: the saved recipe; a ``--set`` that changes it is refused;
+    - prepared but not trained with the same recipe name: the saved recipe + ``--set``.
+    Returns the recipe and a note for the user (or None).
+    """
+    from .recipe import load_recipe
+
+    rd = RunDir(run_dir)
+    if overwrite or not rd.recipe_file.is_file():
+        return named, None
+    saved = load_recipe(rd.recipe_file)
+    if resume or rd.is_trained():
+        changed = load_recipe(rd.recipe_file, list(overrides))
+        if changed != saved:
+            old, new = _flat(saved.model_dump(mode="json")), _flat(changed.model_dump(mode="json"))
+            diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+            raise RecipeError(
+                f"--set changes the recipe of the trained run {rd.path} ({'; '.join(diffs)}): a run keeps the "
+                "recipe it started with (its recipe.yaml); drop the --set, pass --overwrite to start over, "
+                "or choose another --run-dir"
+            )
+        note = None if saved.name == named.name else f"using {rd.recipe_file} (recipe {saved.name}), not {named.name}"
+        return saved, note
+    if saved.name != named.name:
+        return named, None  # another recipe: its data is prepared afresh
+    return load_recipe(rd.recipe_file, list(overrides)), f"using {rd.recipe_file} (prepared) with the --set given"
+

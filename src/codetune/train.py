@@ -123,6 +123,22 @@ def _data_matches(recipe: Recipe, run_dir: Path) -> bool:
     return (old.data, old.tokenizer, old.model) == (recipe.data, recipe.tokenizer, recipe.model)
 
 
+def _finished(rd: RunDir) -> TrainResult | None:
+    """The result of a run whose adapter was saved at its last checkpoint's step (resuming it would train
+    past its end), else None."""
+    ckpts = rd.complete_checkpoints()
+    path = rd.path / "train_summary.json"
+    if not ckpts or not path.is_file() or not (rd.adapter / "adapter_config.json").is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("global_step") != int(ckpts[-1].name.split("-")[-1]):
+        return None
+    return TrainResult(
+        rd.path, rd.adapter, summary["global_step"], summary.get("last_train_loss"), summary.get("last_eval_loss"),
+        summary,
+    )
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoints the Trainer finished writing (trainer_state.json is written last), oldest first."""
     return RunDir(run_dir).complete_checkpoints()
@@ -595,6 +611,9 @@ def train(
     matches = _data_matches(recipe, run_dir)
     if resume and not matches and complete_checkpoints(run_dir):
         raise RecipeError(f"cannot resume {run_dir}: its data or model settings differ from this recipe")
+    if resume and (done := _finished(rd)) is not None:
+        say(f"{run_dir} finished training at step {done.global_step}: nothing to resume")
+        return done
     # Every check has passed: only now is an earlier run changed.
     if start_over:
         with state.main_process_first():
