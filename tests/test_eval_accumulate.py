@@ -187,3 +187,21 @@ def test_results_from_another_adapter_are_dropped_with_a_line(run_copy):
     assert set(summary["results"]["fine-tuned"]) == {"rouge"}
     assert not (run_copy / "eval" / "starter.jsonl").exists()
     assert "dropping the earlier results for starter: made from another adapter or model" in buf.getvalue()
+
+
+def test_the_cli_adds_a_suite_and_refuses_to_score_one_again_without_overwrite(run_copy):
+    from codetune.evaluate import evaluate
+
+    evaluate(run_copy, ["rouge"], recipe=load_recipe(run_copy / "recipe.yaml", FAST))
+    before = (run_copy / "eval" / "summary.json").read_bytes()
+    sets = [arg for s in FAST for arg in ("--set", s)]
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(run_copy), "--suite", "rouge", *sets], env={"COLUMNS": "200"})
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "already has results for rouge" in errors[0] and "--overwrite" in errors[0]
+    assert (run_copy / "eval" / "summary.json").read_bytes() == before
+    args = ["eval", str(run_copy), "--suite", "starter", "--no-compare-base", *sets]
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "rougeL" in res.output and "starter" in res.output  # the table shows the earlier suite too
