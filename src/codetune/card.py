@@ -46,6 +46,8 @@ def _eval_results(summary: dict | None, dataset: str) -> list:
     """The fine-tuned model's scores as ``huggingface_hub.EvalResult``s (the card's model-index)."""
     from huggingface_hub import EvalResult
 
+    from .evaluate import from_starter
+
     if not summary:
         return []
     tuned = summary["results"].get("fine-tuned") or next(iter(summary["results"].values()))
@@ -73,7 +75,11 @@ def _eval_results(summary: dict | None, dataset: str) -> list:
         "starter": ("codetune-starter", "codetune starter set (held-out tasks)", "held-out"),
     }
     for suite, (dtype, dname, split) in datasets.items():
-        for key, value in (tuned.get(suite) or {}).items():
+        info = tuned.get(suite) or {}
+        # a partial suite's score is not the suite's score, nor is one on tasks not known to be held out
+        if info.get("partial") or (from_starter(suite) and info.get("held_out") is False):
+            continue
+        for key, value in info.items():
             if key.startswith("pass@"):
                 results.append(
                     EvalResult(

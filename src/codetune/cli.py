@@ -299,7 +299,7 @@ RecipeOpt = Annotated[
 
 
 def _print_summary(summary: dict) -> None:
-    from .evaluate import ROUGE_TYPES
+    from .evaluate import ROUGE_TYPES, suite_info, suite_label
 
     results = summary["results"]
     models = list(results)
@@ -313,7 +313,7 @@ def _print_summary(summary: dict) -> None:
         )
         for key in [*keys, "parse_rate"]:
             cells = [f"{results[m][suite][key]:.2f}" if key in results[m].get(suite, {}) else "-" for m in models]
-            table.add_row(suite, key, *cells)
+            table.add_row(suite_label(suite, suite_info(results, suite)), key, *cells)
     out.print(table)
 
 

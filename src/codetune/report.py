@@ -245,8 +245,12 @@ def eval_tables(summary: dict) -> str:
                     cells += _delta(vals[models.index(tuned_name)], vals[models.index("base")], 1)
                 info = results[tuned_name].get(s) or {}
                 tasks = f"{info['tasks']} tasks" if isinstance(info.get("tasks"), int) else ""
-                if info.get("missing_tasks"):
+                if info.get("partial") and isinstance(info.get("tasks_in_suite"), int):
+                    tasks = f"partial: {info['tasks']} of {info['tasks_in_suite']} tasks"
+                elif info.get("missing_tasks"):  # summaries written before tasks_in_suite
                     tasks += f", partial: {info['missing_tasks']} missing"
+                if info.get("held_out") is False:
+                    tasks += ", not known to be held out"
                 rows.append(f"<tr><td>{_e(s)}</td><td>{_e(tasks)}</td><td>{_e(key)}</td>{cells}</tr>")
         parts.append(
             "<h3>Executed tests: pass@k and parse rate, %</h3>"
