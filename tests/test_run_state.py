@@ -121,3 +121,20 @@ def test_export_rebuilds_a_merged_model_made_from_another_adapter(four_steps, tm
     assert "merging again" in res.output
     assert read_marker(rd.merged)["adapter_sha256"] == rd.adapter_fingerprint() != first
     assert (run / "model-f32.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_the_card_refuses_scores_of_another_adapter(four_steps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    (run / "eval").mkdir()
+    (run / "eval" / MARKER).write_text(marker_text("eval"))
+    summary = {"source": str(run), "suites": [], "results": {"fine-tuned": {}}, "adapter_sha256": "0" * 64}
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
+    (run / "eval" / "summary.md").write_text("# Evaluation\n")
+    res = _cli("card", run)
+    assert res.exit_code == 2 and "scores another adapter" in res.output, res.output
+    assert not (run / "README.md").exists()
+    summary["adapter_sha256"] = RunDir(run).adapter_fingerprint()
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
+    res = _cli("card", run)
+    assert res.exit_code == 0, res.output

@@ -32,8 +32,20 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _eval_summary(run_dir: Path) -> dict | None:
+    """The run's evaluation, refused when it was made from another adapter than the one the card describes."""
+    from .rundir import RunDir
+
     path = run_dir / "eval" / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    made_from, current = summary.get("adapter_sha256"), RunDir(run_dir).adapter_fingerprint()
+    if made_from and current and made_from != current:
+        raise RecipeError(
+            f"{path} scores another adapter than {run_dir}/adapter (trained again since): "
+            f"run `codetune eval {run_dir} --overwrite` first, then the card"
+        )
+    return summary
 
 
 def _sandbox_levels(summary: dict) -> str:
