@@ -57,6 +57,8 @@ def _model_index(name: str, summary: dict | None, dataset: str) -> list[dict]:
         "humaneval": ("openai_humaneval", "HumanEval"),
         "mbpp": ("mbpp", "MBPP (test, tasks 11-510)"),
         "starter": ("codetune-starter", "codetune starter set (held-out tasks)"),
+        "starter-family": ("codetune-starter", "codetune starter set (held-out members of taught task families)"),
+        "starter-novel": ("codetune-starter", "codetune starter set (held-out tasks unlike any trained on)"),
     }
     for suite, (dtype, dname) in datasets.items():
         if suite in tuned:
@@ -194,6 +196,16 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
         ]
     else:
         lines += ["Not evaluated yet: run `codetune eval` on the run directory, then `codetune card` again.", ""]
+    if recipe.model.name_or_path == "builtin:tiny-phi3":
+        lines += [
+            "**What this tiny model can and cannot show.** Its base is a 2-layer Phi-3 that codetune builds and "
+            "pre-trains on Python standard-library source in a minute. Fine-tuning teaches it task families: "
+            "held-out members of a taught family, with other names, constants and constant types "
+            "(`starter-family`), pass far more often than with the base, which proves the pipeline end to end, "
+            "by execution. Tasks unlike any it trained on (`starter-novel`) stay near zero, as do HumanEval and "
+            "MBPP: those need a real base model (`phi3-mini-python`).",
+            "",
+        ]
 
     lines += [
         "## Chat format",
