@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -21,11 +23,18 @@ def test_tiny_model_is_a_phi3_with_phi3_special_tokens(tiny_dir):
     assert tok.decode(tok(code, add_special_tokens=False)["input_ids"]) == code
 
 
-def test_tiny_model_is_cached_and_rebuilt_identically(tiny_dir, tmp_path, monkeypatch):
+def test_tiny_model_is_cached_and_rebuilt_identically(tiny_dir, tmp_path, monkeypatch, capsys):
     assert ensure_tiny_model() == tiny_dir  # second call reuses the cache
+    assert capsys.readouterr().err == ""
     monkeypatch.setenv("CODETUNE_HOME", str(tmp_path))
     again = ensure_tiny_model()
     assert again != tiny_dir
+    # the build takes a while: it says what it is doing, in plain lines when stderr is not a terminal
+    err = capsys.readouterr().err
+    assert "tiny model: training its tokenizer" in err and "tiny model: built" in err
+    steps = [line for line in err.splitlines() if "pre-training step" in line]
+    assert 5 <= len(steps) <= 12 and "| loss " in steps[0] and re.search(r"step (\d+)/\1 ", steps[-1])
+    assert "\x1b[" not in err
     assert (again / "tokenizer.json").read_text() == (tiny_dir / "tokenizer.json").read_text()
     from safetensors.torch import load_file
 
