@@ -197,15 +197,20 @@ class BuildProgress:
         self.console = console or Console(stderr=True)
         self.t0 = time.perf_counter()
         self.progress = None
-        self.next_line = 0.0
 
     def say(self, message: str) -> None:
+        # soft_wrap: a log or a pipe gets whole lines (a long cache path is never broken at 80 columns)
         self.console.print(
-            f"tiny model: {message} ({time.perf_counter() - self.t0:.0f}s)", highlight=False, markup=False
+            f"tiny model: {message} ({time.perf_counter() - self.t0:.0f}s)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
         )
 
     def start_pretraining(self, steps: int) -> None:
         self.steps, self.t_pre = steps, time.perf_counter()
+        # a line every tenth, not from the first step: it includes warm-up, and an ETA from it would be wild
+        self.every = max(1, steps // 10)
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -231,15 +236,15 @@ class BuildProgress:
             if done == self.steps:
                 self.close()
             return
-        if done / self.steps >= self.next_line or done == self.steps:
+        if done % self.every == 0 or done == self.steps:
             dt = time.perf_counter() - self.t_pre
             eta = dt / done * (self.steps - done)
             self.console.print(
                 f"tiny model: pre-training step {done}/{self.steps} | loss {loss:.3f} | eta {eta:.0f}s",
                 highlight=False,
                 markup=False,
+                soft_wrap=True,
             )
-            self.next_line = done / self.steps + 0.1
 
 
 def build_tiny_model(
