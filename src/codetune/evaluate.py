@@ -179,7 +179,8 @@ def load_tasks(suite: str, recipe: Recipe, run_dir: Path | None) -> list[Task]:
         return starter_tasks(exclude, recipe.data.formatting if recipe.data.format == "alpaca" else "clean")
     if suite in ("starter-family", "starter-novel"):
         exclude = trained_task_ids(run_dir) if run_dir else set()
-        return starter_split_tasks(suite, exclude, recipe.data.formatting if recipe.data.format == "alpaca" else "clean")
+        formatting = recipe.data.formatting if recipe.data.format == "alpaca" else "clean"
+        return starter_split_tasks(suite, exclude, formatting)
     raise RecipeError(f"unknown suite {suite!r}: choose from rouge, {', '.join(EXECUTED)}")
 
 
