@@ -202,9 +202,9 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
             "pre-trains on Python standard-library source in a minute, so that the whole pipeline runs offline on "
             "a CPU. Fine-tuning teaches it the chat format and the shape of an answer (ROUGE and the parse rate), "
             "but it cannot yet pass held-out tasks by execution, not even new members of the task families it was "
-            "taught (`starter-family`): its answers start with a function name from its training instead of the "
-            "one asked for, because a base this small never learned to copy an unseen name. `starter-novel`, "
-            "HumanEval and MBPP need a real base model (`phi3-mini-python`).",
+            "taught (`starter-family`): its answers barely depend on the instruction and name a function from its "
+            "training instead of the one asked for (a base this small never learned to copy an unseen name). "
+            "`starter-novel`, HumanEval and MBPP need a real base model (`phi3-mini-python`).",
             "",
         ]
 
