@@ -33,8 +33,8 @@ def seed_runs(tmp_path_factory, tiny_dir):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="target not met yet: the tiny base cannot copy a name it has never seen into `def NAME(`, so the "
-    "fine-tune scores 0 on starter-family too (README, The tiny model); XPASS means it is met: drop this mark",
+    reason="target not met yet: the fine-tuned tiny model's answers barely depend on the instruction and never "
+    "copy the name asked for, so it scores 0 on starter-family too (README, The tiny model); XPASS: drop this mark",
 )
 def test_fine_tuning_passes_held_out_family_members_that_the_base_fails_for_every_seed(seed_runs):
     base = seed_runs[SEEDS[0]][1]["base"]["starter-family"]
