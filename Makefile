@@ -10,6 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: demo test venv browser sandbox-deps clean
 
 $(BIN)/codetune: pyproject.toml
+	@echo "setting up $(VENV): pip installs codetune and its dependencies (a few minutes, once)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -45,7 +45,7 @@ def test_eval_cli_writes_per_sample_lines_and_summaries(run_dir):
     assert tuned["rouge"]["samples"] == 8 and 0 <= tuned["rouge"]["rougeL"] <= 100
     # starter tasks the run trained on are never scored: only its held-out test tasks are
     n_test = tuned["starter"]["tasks"]
-    assert 0 < n_test < 40 and tuned["starter"]["n_per_task"] == 1 and "pass@1" in tuned["starter"]
+    assert 0 < n_test < 60 and tuned["starter"]["n_per_task"] == 1 and "pass@1" in tuned["starter"]
     assert base["starter"]["tasks"] == n_test
     lines = [json.loads(x) for x in (run_dir / "eval/starter.jsonl").read_text().splitlines()]
     assert len(lines) == n_test

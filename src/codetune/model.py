@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .recipe import LoraConfig as LoraSection
@@ -18,8 +19,9 @@ from .recipe import Recipe, RecipeError
 from .templates import PHI3, resolve_template
 
 TINY_MODEL = "builtin:tiny-phi3"
-# Bump when the tiny model's recipe below changes, so stale caches are never reused.
-_TINY_VERSION = "v4"
+# Bump when the tiny model's recipe below changes, so stale caches are never reused. The tokenizer
+# is trained on the starter set too: a change to starter.jsonl changes the model (v5: the families).
+_TINY_VERSION = "v5"
 # The Phi-3 special tokens, in Phi-3's order; the tiny tokenizer gives them the first ids.
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 
@@ -145,7 +147,16 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
     )
 
 
-def pretrain_tiny(model, tokenizer, *, steps: int, block: int = 128, batch: int = 16, lr: float = 3e-3) -> None:
+def pretrain_tiny(
+    model,
+    tokenizer,
+    *,
+    steps: int,
+    block: int = 128,
+    batch: int = 16,
+    lr: float = 3e-3,
+    on_step=None,
+) -> None:
     """A short full-parameter pre-training on Python standard-library source (no chat format).
 
     A frozen random base is a poor stand-in for a pretrained one: LoRA on top of it barely moves
@@ -164,7 +175,7 @@ def pretrain_tiny(model, tokenizer, *, steps: int, block: int = 128, batch: int 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         rows = data[torch.randint(len(data), (batch,), generator=gen)]
         loss = model(input_ids=rows, labels=rows).loss
         loss.backward()
@@ -172,16 +183,86 @@ def pretrain_tiny(model, tokenizer, *, steps: int, block: int = 128, batch: int 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step + 1, loss.item())
     model.eval()
 
 
+class BuildProgress:
+    """Progress of the tiny model's build on stderr: a live bar on a terminal, a plain line every
+    tenth of the pre-training (and at each stage) when stderr is a log or a pipe."""
+
+    def __init__(self, console=None):
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self.t0 = time.perf_counter()
+        self.progress = None
+
+    def say(self, message: str) -> None:
+        # soft_wrap: a log or a pipe gets whole lines (a long cache path is never broken at 80 columns)
+        self.console.print(
+            f"tiny model: {message} ({time.perf_counter() - self.t0:.0f}s)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+    def start_pretraining(self, steps: int) -> None:
+        self.steps, self.t_pre = steps, time.perf_counter()
+        # a line every tenth, not from the first step: it includes warm-up, and an ETA from it would be wild
+        self.every = max(1, steps // 10)
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]tiny model: pre-training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("pretrain", total=steps, info="")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def step(self, done: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, info=f"loss {loss:.3f}")
+            if done == self.steps:
+                self.close()
+            return
+        if done % self.every == 0 or done == self.steps:
+            dt = time.perf_counter() - self.t_pre
+            eta = dt / done * (self.steps - done)
+            self.console.print(
+                f"tiny model: pre-training step {done}/{self.steps} | loss {loss:.3f} | eta {eta:.0f}s",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+
+
 def build_tiny_model(
-    out_dir: Path, *, hidden_size: int = 128, layers: int = 2, seed: int = 0, pretrain_steps: int = 600
+    out_dir: Path,
+    *,
+    hidden_size: int = 128,
+    layers: int = 2,
+    seed: int = 0,
+    pretrain_steps: int = 600,
+    progress: BuildProgress | None = None,
 ) -> Path:
     """Build the tiny Phi-3 (random weights, fixed seed) and its tokenizer into ``out_dir``."""
     import torch
     from transformers import GenerationConfig, Phi3ForCausalLM
 
+    if progress is not None:
+        progress.say("training its tokenizer")
     tokenizer = build_tiny_tokenizer()
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     config = phi3_mini_config(
@@ -203,7 +284,10 @@ def build_tiny_model(
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config)
-    pretrain_tiny(model, tokenizer, steps=pretrain_steps)
+    if progress is not None:
+        progress.say(f"{sum(p.numel() for p in model.parameters()):,} parameters, pre-training on stdlib source")
+        progress.start_pretraining(pretrain_steps)
+    pretrain_tiny(model, tokenizer, steps=pretrain_steps, on_step=progress.step if progress is not None else None)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, end_id],
@@ -222,15 +306,19 @@ def ensure_tiny_model() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-phi3-", dir=target.parent))
+    progress = BuildProgress()
+    progress.say(f"building {TINY_MODEL} once into {target}")
     try:
-        build_tiny_model(staging)
+        build_tiny_model(staging, progress=progress)
         try:
             staging.rename(target)
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
+        progress.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    progress.say("built")
     return target
 
 

@@ -220,7 +220,7 @@ class GenerationConfig(_Section):
 
 class EvaluationConfig(_Section):
     samples: int = Field(500, gt=0, description="Test rows scored with ROUGE (the first N)")
-    suites: list[Literal["rouge", "humaneval", "mbpp", "starter"]] = ["rouge"]
+    suites: list[Literal["rouge", "humaneval", "mbpp", "starter", "starter-family", "starter-novel"]] = ["rouge"]
     n_samples: int = Field(1, gt=0, description="Completions per task for pass@k")
     batch_size: int = Field(16, gt=0, description="Prompts generated together")
     compare_base: bool = Field(False, description="Also score the base model without the adapter")

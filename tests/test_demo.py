@@ -1,0 +1,82 @@
+"""The demo's promise, checked by execution: `codetune run tiny-cpu` fine-tunes the tiny model into one
+that passes clearly more held-out members of the task families it was taught than its base does,
+whatever the training seed; the tasks unlike anything trained on are reported as their own row."""
+
+import json
+
+import pytest
+
+SEEDS = (1, 2, 3)
+MIN_GAIN = 30.0  # points of pass@1, fine-tuned over base, on starter-family
+
+
+@pytest.fixture(scope="module")
+def seed_runs(tmp_path_factory, tiny_dir):
+    """The tiny-cpu recipe trained once per seed (the demo's steps, no checkpoints); the base is scored once:
+    it is the same model under every seed."""
+    from codetune.evaluate import evaluate
+    from codetune.recipe import load_recipe
+    from codetune.train import train
+
+    root = tmp_path_factory.mktemp("demo-seeds")
+    runs = {}
+    for seed in SEEDS:
+        recipe = load_recipe(
+            "tiny-cpu", [f"training.seed={seed}", "training.eval_steps=null", "training.save_strategy=no"]
+        )
+        run = root / f"seed-{seed}"
+        train(recipe, run)
+        summary = evaluate(run, ["starter-family", "starter-novel"], recipe=recipe, compare_base=seed == SEEDS[0])
+        runs[seed] = (run, summary["results"])
+    return runs
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="target not met yet: the fine-tuned tiny model's answers barely depend on the instruction and never "
+    "copy the name asked for, so it scores 0 on starter-family too (README, The tiny model); XPASS: drop this mark",
+)
+def test_fine_tuning_passes_held_out_family_members_that_the_base_fails_for_every_seed(seed_runs):
+    base = seed_runs[SEEDS[0]][1]["base"]["starter-family"]
+    gains = {
+        seed: results["fine-tuned"]["starter-family"]["pass@1"] - base["pass@1"]
+        for seed, (_, results) in seed_runs.items()
+    }
+    assert base["tasks"] >= 20
+    assert all(gain >= MIN_GAIN for gain in gains.values()), (base["pass@1"], gains)
+
+
+def test_the_two_rows_split_the_held_out_tasks_by_whether_their_family_was_taught(seed_runs):
+    from codetune.evaluate import starter_tasks, trained_task_ids
+    from codetune.starter import load_starter
+
+    run, results = seed_runs[SEEDS[0]]
+    family = {r["task_id"]: r.get("family") for r in load_starter()}
+    trained = trained_task_ids(run)
+    taught = {family[t] for t in trained if family[t]}
+    rows = {
+        suite: [json.loads(line)["task_id"] for line in (run / "eval" / f"{suite}.jsonl").read_text().splitlines()]
+        for suite in ("starter-family", "starter-novel")
+    }
+    assert not trained & (set(rows["starter-family"]) | set(rows["starter-novel"]))
+    assert all(family[t] in taught for t in rows["starter-family"])
+    assert all(family[t] not in taught for t in rows["starter-novel"])
+    assert sorted(rows["starter-family"] + rows["starter-novel"]) == sorted(t.task_id for t in starter_tasks(trained))
+    # the honest row: held-out tasks unlike any trained on are scored and reported, whatever they show
+    assert results["fine-tuned"]["starter-novel"]["tasks"] >= 10 and "pass@1" in results["base"]["starter-novel"]
+
+
+def test_family_and_novel_rows_follow_the_families_the_run_was_taught():
+    from codetune.evaluate import starter_split_tasks
+    from codetune.starter import load_starter
+
+    rows = load_starter()
+    scale = [r["task_id"] for r in rows if r.get("family") == "scale"]
+    trained = set(scale[:-3]) | {rows[0]["task_id"]}  # three scale tasks held out, one hand-written task trained
+    family = starter_split_tasks("starter-family", trained)
+    novel = starter_split_tasks("starter-novel", trained)
+    assert [t.task_id for t in family] == scale[-3:] and {t.suite for t in family} == {"starter-family"}
+    # untaught families are as novel as the hand-written tasks
+    assert len(novel) == len(rows) - len(trained) - 3 and {t.suite for t in novel} == {"starter-novel"}
+    # without a run directory nothing was trained: every family task is a family task
+    assert len(starter_split_tasks("starter-family", set())) == sum(1 for r in rows if r.get("family"))
