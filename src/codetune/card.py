@@ -91,7 +91,11 @@ def _eval_results(summary: dict | None, dataset: str) -> list:
             "codetune starter set (held-out members of taught task families)",
             "held-out-family",
         ),
-        "starter-novel": ("codetune-starter", "codetune starter set (held-out tasks unlike any trained on)", "held-out-novel"),
+        "starter-novel": (
+            "codetune-starter",
+            "codetune starter set (held-out tasks unlike any trained on)",
+            "held-out-novel",
+        ),
     }
     for suite, (dtype, dname, split) in datasets.items():
         info = tuned.get(suite) or {}
