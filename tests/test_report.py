@@ -8,10 +8,7 @@ import html
 import json
 import re
 import shutil
-import socket
 import struct
-import threading
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -19,6 +16,8 @@ from typer.testing import CliRunner
 from codetune.cli import app
 from codetune.recipe import RecipeError
 from codetune.report import load_samples, render_report, write_report
+
+from .test_serve import LiveServer
 
 runner = CliRunner()
 
@@ -296,29 +295,6 @@ def test_report_in_a_headless_browser(browser, run, tmp_path):
 
 # ---------------------------------------------------------------------------------------
 # codetune serve: the report at / and the chat page
-
-
-class LiveServer:
-    def __init__(self, fastapi_app):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(fastapi_app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
