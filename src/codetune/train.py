@@ -314,6 +314,17 @@ def plot_losses(metrics: list[dict], path: Path, title: str) -> None:
 REAL_TOKENS = "num_real_tokens"
 
 
+def _empty_batch(examples: list[dict], pad_token_id: int):
+    """The longest row's length and ``[batch, longest]`` input ids (all pad) and labels (all ignored)."""
+    import torch
+
+    from .data import IGNORE_INDEX
+
+    longest = max(len(e["input_ids"]) for e in examples)
+    shape = (len(examples), longest)
+    return longest, torch.full(shape, pad_token_id, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+
+
 class PackedRowsCollator:
     """Packed rows as one ``[batch, longest row]`` tensor whose position ids restart at every example.
 
@@ -333,11 +344,8 @@ class PackedRowsCollator:
 
         from .data import IGNORE_INDEX
 
-        longest = max(len(e["input_ids"]) for e in examples)
-        shape = (len(examples), longest)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
+        longest, input_ids, labels = _empty_batch(examples, self.pad_token_id)
+        position_ids = torch.zeros_like(input_ids)
         real = 0
         for i, e in enumerate(examples):
             n = len(e["input_ids"])
@@ -370,13 +378,8 @@ class PaddedRowsCollator:
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        from .data import IGNORE_INDEX
-
-        longest = max(len(e["input_ids"]) for e in examples)
-        shape = (len(examples), longest)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros(shape, dtype=torch.long)
+        longest, input_ids, labels = _empty_batch(examples, self.pad_token_id)
+        mask = torch.zeros_like(input_ids)
         for i, e in enumerate(examples):
             n = len(e["input_ids"])
             cols = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
