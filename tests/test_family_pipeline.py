@@ -58,6 +58,16 @@ def test_tiny_family_pipeline(family_name, tmp_path):
     answer = codetune.load(run).generate("Write a Python function is_even(n).")
     assert isinstance(answer, str)
 
+    from codetune.card import render_card
+
+    card = render_card(run)  # the chat-format section is the family's template, not Phi-3's
+    assert tok.apply_chat_template(
+        [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    ).rstrip("\n") in card
+    assert "<|user|>" not in card and f"It ends its answer with `{family.stop_tokens[0]}`" in card
+
     merged = merge(run, log=lambda *_: None)
     config = json.loads((merged / "generation_config.json").read_text())
     stops = [tok.convert_tokens_to_ids(t) for t in family.stop_tokens]

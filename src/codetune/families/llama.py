@@ -68,8 +68,7 @@ FAMILY = Family(
     turn_end="<|eot_id|>",
     lora_targets={"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")},
     default_recipe=None,
-    prompt_example="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    prompt_example=None,  # the card renders one turn with the run's own template (its bos included)
     tiny=TinySpec(
         special_tokens=SPECIAL_TOKENS,
         bos_token="<|begin_of_text|>",
