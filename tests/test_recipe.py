@@ -8,9 +8,9 @@ from codetune.recipe import Recipe, RecipeError, load_recipe, parse_override, sh
 runner = CliRunner()
 
 
-def test_three_shipped_recipes_load_and_validate():
+def test_shipped_recipes_load_and_validate():
     names = shipped_recipes()
-    assert set(names) == {"phi3-mini-python-seed", "phi3-mini-python", "tiny-cpu"}
+    assert set(names) == {"phi3-mini-python-seed", "phi3-mini-python", "qwen2.5-coder-1.5b-python", "tiny-cpu"}
     for name in names:
         assert load_recipe(name).name == name
 

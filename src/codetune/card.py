@@ -145,6 +145,46 @@ def _stop_ids(run_dir: Path, recipe: Recipe) -> list[int]:
     return stop_token_ids(tok, recipe.generation.stop_tokens)
 
 
+CARD_PROMPT = "Write a Python function that checks whether a number is prime."
+
+
+def _chat_format_section(run_dir: Path, recipe: Recipe) -> list[str]:
+    """How a prompt looks: the family's example, else the run's own template rendering one user turn."""
+    from .families import family_for_source
+    from .train import ADAPTER
+
+    family = family_for_source(recipe.model.name_or_path, revision=recipe.model.revision)
+    if family.prompt_example:
+        example = family.prompt_example.format(prompt=CARD_PROMPT)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+        example = tok.apply_chat_template(
+            [{"role": "user", "content": CARD_PROMPT}], tokenize=False, add_generation_prompt=True
+        )
+    stops = recipe.generation.stop_tokens
+    if not stops:
+        stop_line = "It ends its answer with its tokenizer's end-of-sequence token: stop generation there."
+    elif len(stops) == 1:
+        stop_line = f"It ends its answer with `{stops[0]}`: stop generation there."
+    else:
+        rest = ", ".join(f"`{t}`" for t in stops[1:])
+        stop_line = f"It ends its answer with `{stops[0]}`: stop generation there as well as at {rest}."
+    return [
+        "## Chat format",
+        "",
+        "The model answers in its tokenizer's chat template; a prompt is one user turn:",
+        "",
+        "```text",
+        example.rstrip("\n"),
+        "```",
+        "",
+        stop_line,
+        "",
+    ]
+
+
 def usage_snippet(model_id: str, stop_ids: list[int], prompt: str) -> str:
     return f'''```python
 from peft import AutoPeftModelForCausalLM
@@ -256,20 +296,7 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
             "",
         ]
 
-    lines += [
-        "## Chat format",
-        "",
-        "The model answers in its tokenizer's chat template; a prompt is one user turn:",
-        "",
-        "```text",
-        "<|user|>",
-        "Write a Python function that checks whether a number is prime.<|end|>",
-        "<|assistant|>",
-        "```",
-        "",
-        "It ends its answer with `<|end|>`: stop generation there as well as at `<|endoftext|>`.",
-        "",
-    ]
+    lines += _chat_format_section(run_dir, recipe)
 
     model_id = repo_id or str((run_dir / ADAPTER).resolve())
     lines += [

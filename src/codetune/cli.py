@@ -286,15 +286,26 @@ def _recipe_for_run(recipe: str, set_: list[str] | None, run_dir: Path | None, r
     return r, rd
 
 
-def _source_recipe(source: str, recipe: str, overrides: list[str] | None) -> Recipe:
-    """A run directory's own recipe, else the named one (its model is replaced by SOURCE when loading)."""
+def _source_recipe(source: str, recipe: str | None, overrides: list[str] | None) -> Recipe:
+    """A run directory's own recipe, else the named one, else the default recipe of SOURCE's model family
+    (its model is replaced by SOURCE when loading)."""
+    from .families import recipe_for_source
+
     saved = Path(source) / "recipe.yaml"
-    return _load(str(saved) if saved.is_file() else recipe, overrides)
+    if saved.is_file():
+        return _load(str(saved), overrides)
+    if recipe is not None:
+        return _load(recipe, overrides)
+    return recipe_for_source(source, overrides or [])
 
 
 SourceArg = Annotated[str, typer.Argument(help="A run directory, a merged model folder or a hub id")]
 RecipeOpt = Annotated[
-    str, typer.Option("--recipe", help="For a model folder or hub id: the recipe whose settings apply")
+    str | None,
+    typer.Option(
+        "--recipe",
+        help="For a model folder or hub id: the recipe whose settings apply (default: its model family's)",
+    ),
 ]
 
 
@@ -335,7 +346,7 @@ def eval_cmd(
         Path | None, typer.Option("--out", help="Default: RUN_DIR/eval; with --completions, runs/eval-<file stem>")
     ] = None,
     overwrite: ReplaceOpt = False,
-    recipe: RecipeOpt = "phi3-mini-python",
+    recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Score a model: ROUGE as the reference card did, and pass@k of executed tests in a sandbox."""
@@ -346,7 +357,7 @@ def eval_cmd(
             _fail("give a SOURCE to evaluate or --completions FILE, not both")
         if not suite or len(suite) != 1:
             _fail("--completions needs exactly one --suite (humaneval, mbpp or starter)")
-        r = _load(recipe, set_)
+        r = _load(recipe or "phi3-mini-python", set_)  # no model: only the evaluation settings matter
         out_dir = out_dir or completions_out_dir(completions)
         summary = score_completions_file(
             completions, suite[0], recipe=r, out_dir=out_dir, overwrite=overwrite, console=console
@@ -378,7 +389,7 @@ def generate_cmd(
     file: Annotated[Path | None, typer.Option(help="JSON lines with a prompt or messages each")] = None,
     out_file: Annotated[Path | None, typer.Option("--out", help="Where --file's answers go (JSON lines)")] = None,
     overwrite: ReplaceOpt = False,
-    recipe: RecipeOpt = "phi3-mini-python",
+    recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Answer one prompt, or a file of prompts written to JSON lines."""
@@ -411,7 +422,7 @@ def generate_cmd(
 
 
 @app.command("chat")
-def chat_cmd(source: SourceArg, recipe: RecipeOpt = "phi3-mini-python", set_: SetOpt = None) -> None:
+def chat_cmd(source: SourceArg, recipe: RecipeOpt = None, set_: SetOpt = None) -> None:
     """Talk to a model; its answers stream as they are generated. /reset starts over, /exit (or Ctrl-D) ends."""
     from .generate import load_for_inference, stream
 
@@ -544,7 +555,7 @@ def serve_cmd(
     ] = 4 * 1024 * 1024,
     engine: Annotated[str, typer.Option(help="hf (this process) or vllm (vLLM's OpenAI server)")] = "hf",
     dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the command, do not start it")] = False,
-    recipe: RecipeOpt = "phi3-mini-python",
+    recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health."""

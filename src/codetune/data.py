@@ -250,11 +250,13 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
-def assistant_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
+def assistant_spans(tokenizer, messages, text: str, turn_end: str | None = None) -> list[tuple[int, int]]:
     """Character spans of ``text`` that the assistant wrote: each answer plus its end-of-turn tokens.
 
     Found by rendering growing prefixes of the conversation, so it works for any template
     whose rendering of a prefix is a prefix of the whole (every chat template we know).
+    ``turn_end`` (the model family's, e.g. Qwen2's ``<|im_end|>``): a span ends with that token, so
+    what the template writes after it (ChatML's newline) is not trained.
     """
     spans = []
     for i, m in enumerate(messages):
@@ -267,6 +269,10 @@ def assistant_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
             end = len(text)  # the last answer owns everything after it: <|end|>, eos
         else:
             end = _common_prefix(render(tokenizer, messages[: i + 1]), text)
+        if turn_end:
+            closing = text.find(turn_end, start, end)
+            if closing >= 0:
+                end = closing + len(turn_end)
         spans.append((start, end))
     return spans
 
@@ -279,11 +285,11 @@ class Tokenized:
     full_length: int
 
 
-def tokenize_example(tokenizer, recipe: Recipe, messages, text: str) -> Tokenized:
+def tokenize_example(tokenizer, recipe: Recipe, messages, text: str, turn_end: str | None = None) -> Tokenized:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     if recipe.data.loss_on == "answer":
-        spans = assistant_spans(tokenizer, messages, text)
+        spans = assistant_spans(tokenizer, messages, text, turn_end)
         trained = [any(s <= start < e for s, e in spans) for start, _ in offsets]
     else:
         trained = [True] * len(ids)
@@ -514,6 +520,7 @@ def prepare(
     A run that has trained is left alone unless ``overwrite`` (its training is then deleted, since it
     would no longer match the data).
     """
+    from .families import family_for_source
     from .model import load_tokenizer
     from .recipe import save_recipe
     from .rundir import RunDir
@@ -523,6 +530,7 @@ def prepare(
     retrain = rd.check_mutable(overwrite, "preparing its data again")
     d = recipe.data
     tokenizer = load_tokenizer(recipe)  # fails on a bad tokenizer before any data is read
+    turn_end = family_for_source(recipe.model.name_or_path, revision=recipe.model.revision).turn_end
     rows, where = read_source(d.source, revision=d.revision, hub_split=d.hub_split)
     log(f"read {len(rows)} rows from {where}")
 
@@ -629,7 +637,7 @@ def prepare(
     truncated = dropped = untrained = 0
     for ex in train:
         text = render(tokenizer, ex.messages)
-        tok = tokenize_example(tokenizer, recipe, ex.messages, text)
+        tok = tokenize_example(tokenizer, recipe, ex.messages, text, turn_end)
         if tok.truncated and d.too_long != "truncate":
             reason = f"{tok.full_length} tokens, longer than data.max_length {d.max_length}"
             if d.too_long == "error" and not skip_invalid:
@@ -649,7 +657,7 @@ def prepare(
     test_truncated = 0
     for ex in test:
         text = render(tokenizer, ex.messages)
-        tok = tokenize_example(tokenizer, recipe, ex.messages, text)
+        tok = tokenize_example(tokenizer, recipe, ex.messages, text, turn_end)
         test_truncated += tok.truncated  # the test split keeps every row, truncated for eval loss only
         test_records.append(_example_record(ex, tok, text))
     if not train_records:

@@ -92,7 +92,9 @@ def load_for_inference(source: str | Path, *, recipe: Recipe | None = None, merg
     else:
         if path.exists() and not (path / "config.json").is_file():
             raise RecipeError(f"{path} is neither a run directory (recipe.yaml) nor a model folder (config.json)")
-        base = recipe or load_recipe("phi3-mini-python")
+        from .families import recipe_for_source
+
+        base = recipe or recipe_for_source(source)
         recipe = base.model_copy(
             update={
                 "model": base.model.model_copy(update={"name_or_path": str(source), "revision": None}),
@@ -361,12 +363,12 @@ class Coder:
 
 def load(source: str | Path, **recipe_overrides) -> Coder:
     """Load a run directory, merged model folder or hub id for generation, without the libraries' chatter."""
+    from .families import recipe_for_source
+
     recipe = None
     if recipe_overrides:
         base = Path(source) / "recipe.yaml"
-        recipe = load_recipe(
-            base if base.is_file() else "phi3-mini-python",
-            [f"{k.replace('__', '.')}={v}" for k, v in recipe_overrides.items()],
-        )
+        items = [f"{k.replace('__', '.')}={v}" for k, v in recipe_overrides.items()]
+        recipe = load_recipe(base, items) if base.is_file() else recipe_for_source(source, items)
     with quiet_libraries():
         return Coder(load_for_inference(source, recipe=recipe))

@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .families import families, family_for, gguf_families
 from .recipe import RecipeError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -71,6 +72,14 @@ def _read_json(path: Path) -> dict:
 # Config -> phi3 hyperparameters
 
 
+def _gguf_family(config: dict):
+    """The config's model family; a config that names Phi3ForCausalLM without a model_type is Phi-3's."""
+    family = family_for(config)
+    if family.gguf_plan is None and ARCHITECTURE in (config.get("architectures") or []):
+        return families()["phi3"]
+    return family
+
+
 def _check_folder(model_dir: Path) -> dict:
     if not model_dir.is_dir():
         raise GGUFExportError(f"{model_dir} is not a directory: give a merged model folder (`codetune merge`)")
@@ -83,10 +92,12 @@ def _check_folder(model_dir: Path) -> dict:
         raise GGUFExportError(f"{model_dir} is a LoRA adapter, not a model: merge it first (`codetune merge RUN_DIR`)")
     config = _read_json(model_dir / "config.json")
     archs = config.get("architectures") or []
-    if ARCHITECTURE not in archs and config.get("model_type") != "phi3":
+    family = _gguf_family(config)
+    if family.gguf_plan is None:
         raise GGUFExportError(
             f"{model_dir}: GGUF export supports {ARCHITECTURE} only; this folder holds "
-            f"{', '.join(archs) or config.get('model_type') or 'an unknown architecture'}"
+            f"{', '.join(archs) or config.get('model_type') or 'an unknown architecture'} "
+            f"(model family {family.name}; GGUF export supports the families: {', '.join(gguf_families())})"
         )
     if config.get("hidden_act", "silu") != "silu":
         raise GGUFExportError(f"{model_dir}: hidden_act {config['hidden_act']!r} is not Phi-3's silu")
@@ -452,7 +463,7 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
         raise GGUFExportError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     config = _check_folder(model_dir)
     hp = _hparams(config)
-    tensors = _plan_tensors(model_dir, hp, outtype)
+    tensors = _gguf_family(config).gguf_plan(model_dir, hp, outtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:

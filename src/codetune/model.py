@@ -16,41 +16,19 @@ from pathlib import Path
 
 from .recipe import LoraConfig as LoraSection
 from .recipe import Recipe, RecipeError
-from .templates import PHI3, resolve_template
+from .families import Family, builtin_models
+from .families import phi3 as _phi3
+from .templates import resolve_template
 
 TINY_MODEL = "builtin:tiny-phi3"
-# Bump when the tiny model's recipe below changes, so stale caches are never reused. The tokenizer
-# is trained on the starter set too: a change to starter.jsonl changes the model (v5: the families).
-_TINY_VERSION = "v5"
 # The Phi-3 special tokens, in Phi-3's order; the tiny tokenizer gives them the first ids.
-PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+PHI3_SPECIAL_TOKENS = list(_phi3.SPECIAL_TOKENS)
+# The Phi-3-mini-4k-instruct architecture, kept under its old name.
+phi3_mini_config = _phi3.full_config
 
 
 def codetune_home() -> Path:
     return Path(os.environ.get("CODETUNE_HOME") or Path.home() / ".cache" / "codetune")
-
-
-def phi3_mini_config(**overrides):
-    """The Phi-3-mini-4k-instruct architecture (hidden 3072, 32 layers, MLP 8192, vocab 32064)."""
-    from transformers import Phi3Config
-
-    base = dict(
-        vocab_size=32064,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        original_max_position_embeddings=4096,
-        sliding_window=2047,
-        bos_token_id=1,
-        eos_token_id=32000,
-        pad_token_id=32000,
-        tie_word_embeddings=False,
-    )
-    base.update(overrides)
-    return Phi3Config(**base)
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,28 +97,30 @@ def _starter_corpus() -> list[str]:
     return [t for t in texts if t]
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE tokenizer with Phi-3's special tokens and chat template, trained on Python source."""
+def build_tiny_tokenizer(vocab_size: int = 1024, family: Family | None = None):
+    """A byte-level BPE tokenizer with the family's special tokens and chat template (default Phi-3's),
+    trained on Python source."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    spec = (family or _phi3.FAMILY).tiny
+    tok = Tokenizer(models.BPE(unk_token=spec.unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=PHI3_SPECIAL_TOKENS,
+        special_tokens=list(spec.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_pretrain_corpus() + _starter_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="<|endoftext|>",
-        unk_token="<unk>",
-        pad_token="<|endoftext|>",
-        chat_template=PHI3,
+        bos_token=spec.bos_token,
+        eos_token=spec.eos_token,
+        unk_token=spec.unk_token,
+        pad_token=spec.pad_token,
+        chat_template=spec.chat_template,
         model_max_length=1024,
         padding_side="right",
         clean_up_tokenization_spaces=False,
@@ -250,47 +230,36 @@ class BuildProgress:
 
 def build_tiny_model(
     out_dir: Path,
+    family: Family | None = None,
     *,
-    hidden_size: int = 128,
-    layers: int = 2,
     seed: int = 0,
-    pretrain_steps: int = 600,
+    pretrain_steps: int | None = None,
     progress: BuildProgress | None = None,
 ) -> Path:
-    """Build the tiny Phi-3 (random weights, fixed seed) and its tokenizer into ``out_dir``."""
+    """Build the family's tiny model (default Phi-3; random weights, fixed seed, briefly pre-trained) and its
+    tokenizer into ``out_dir``."""
     import torch
-    from transformers import GenerationConfig, Phi3ForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
+    family = family or _phi3.FAMILY
+    spec = family.tiny
     if progress is not None:
         progress.say("training its tokenizer")
-    tokenizer = build_tiny_tokenizer()
-    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    config = phi3_mini_config(
-        vocab_size=((len(tokenizer) + 63) // 64) * 64,  # padded like Phi-3's 32011 -> 32064
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        original_max_position_embeddings=1024,
-        sliding_window=None,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    tokenizer = build_tiny_tokenizer(family=family)
+    config = spec.config(tokenizer)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
-    model = Phi3ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
+    steps = spec.pretrain_steps if pretrain_steps is None else pretrain_steps
     if progress is not None:
         progress.say(f"{sum(p.numel() for p in model.parameters()):,} parameters, pre-training on stdlib source")
-        progress.start_pretraining(pretrain_steps)
-    pretrain_tiny(model, tokenizer, steps=pretrain_steps, on_step=progress.step if progress is not None else None)
+        progress.start_pretraining(steps)
+    pretrain_tiny(model, tokenizer, steps=steps, on_step=progress.step if progress is not None else None)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, end_id],
+        eos_token_id=[tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(list(spec.stop_tokens))],
         pad_token_id=tokenizer.pad_token_id,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,17 +268,19 @@ def build_tiny_model(
     return out_dir
 
 
-def ensure_tiny_model() -> Path:
+def ensure_tiny_model(name: str = TINY_MODEL) -> Path:
     """The cached tiny model's folder, building it on first use (atomically: a crash leaves no half model)."""
-    target = codetune_home() / "models" / f"tiny-phi3-{_TINY_VERSION}"
+    family = builtin_models()[name]
+    stem = f"tiny-{family.name}"
+    target = codetune_home() / "models" / f"{stem}-{family.tiny.version}"
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-phi3-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=target.parent))
     progress = BuildProgress()
-    progress.say(f"building {TINY_MODEL} once into {target}")
+    progress.say(f"building {name} once into {target}")
     try:
-        build_tiny_model(staging, progress=progress)
+        build_tiny_model(staging, family, progress=progress)
         try:
             staging.rename(target)
         except OSError:  # another process won the race; its copy is identical
@@ -324,10 +295,13 @@ def ensure_tiny_model() -> Path:
 
 def resolve_model_path(name_or_path: str) -> str:
     """builtin:* -> a local folder; an existing local path stays; anything else is a hub id."""
-    if name_or_path == TINY_MODEL:
-        return str(ensure_tiny_model())
+    builtins = builtin_models()
+    if name_or_path in builtins:
+        return str(ensure_tiny_model(name_or_path))
     if name_or_path.startswith("builtin:"):
-        raise RecipeError(f"model.name_or_path: unknown builtin model {name_or_path!r}; available: {TINY_MODEL}")
+        raise RecipeError(
+            f"model.name_or_path: unknown builtin model {name_or_path!r}; available: {', '.join(builtins)}"
+        )
     return name_or_path
 
 
@@ -396,6 +370,11 @@ def _tokenizer_json_as_written(path: str, revision: str | None, field: str):
 
 
 def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
+    """The ids of ``stop_tokens``; none named: the tokenizer's eos (a model family codetune does not know)."""
+    if not stop_tokens:
+        if tokenizer.eos_token_id is None:
+            raise RecipeError("generation.stop_tokens: none given and the tokenizer has no eos token; name one")
+        return [tokenizer.eos_token_id]
     ids = []
     for token in stop_tokens:
         tid = tokenizer.convert_tokens_to_ids(token)

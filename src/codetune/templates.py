@@ -27,7 +27,28 @@ PHI3 = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-BUILTIN_TEMPLATES = {"phi3-2024-05": PHI3_2024_05, "phi3": PHI3}
+# Qwen2.5's ChatML without the tool-calling branches: its default system turn when the conversation
+# has none, <|im_end|> and a newline after every turn.
+QWEN2 = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- if not (message['role'] == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+# Llama-3's template without the tool and date preamble of 3.1+: a bos, a header per turn, <|eot_id|>.
+LLAMA3 = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+
+BUILTIN_TEMPLATES = {"phi3-2024-05": PHI3_2024_05, "phi3": PHI3, "qwen2": QWEN2, "llama3": LLAMA3}
 
 
 def resolve_template(value: str | None) -> str | None:

@@ -1,0 +1,190 @@
+"""Model families: everything codetune knows about one architecture, one file per family.
+
+A family is matched on the Hugging Face config's ``model_type``. It carries what the rest of
+codetune must not hard-code: where the chat template comes from, the stop and pad tokens, the LoRA
+target modules by role, the recipe a bare model folder or hub id gets, the tiny configuration
+that ``builtin:tiny-<family>`` and the tests are built from, and (where supported) the GGUF
+tensor plan. An unknown ``model_type`` gets :data:`GENERIC`: the tokenizer's own template and eos,
+which is all that training, evaluation and merging need.
+
+Adding a family is one new module here that defines ``FAMILY`` and one line in ``_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """How ``builtin:tiny-<family>`` is built: its tokenizer's special tokens and template, its config."""
+
+    special_tokens: tuple[str, ...]  # given the first ids, in this order
+    bos_token: str | None
+    eos_token: str
+    unk_token: str | None
+    pad_token: str
+    chat_template: str  # Jinja text
+    # tokenizer -> a transformers config for a model of a few hundred thousand parameters
+    config: Callable[[Any], Any]
+    version: str  # bump when anything above changes, so a stale cache is never reused
+    pretrain_steps: int = 600
+    # Special tokens of the family that generation must stop on, besides the eos.
+    stop_tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    description: str
+    # A built-in template name (templates.py) or None: the tokenizer's own.
+    chat_template: str | None
+    # Empty: the tokenizer's eos only.
+    stop_tokens: tuple[str, ...]
+    # None: the tokenizer's own pad token.
+    pad_token: str | None
+    # The token that closes an assistant turn: answer-only loss stops after it, so what the template
+    # writes after it (a newline, the next turn) is never trained. None: the answer owns everything up
+    # to the next turn (Phi-3 trains its "<|end|>\n<|endoftext|>" tail, which teaches the eos).
+    turn_end: str | None
+    # role -> module names, for recipes that target by role; "all-linear" stays the default.
+    lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The recipe a model folder or hub id of this family gets when none is named.
+    default_recipe: str | None = None
+    # The card's chat-format example: one user turn, rendered up to where the answer starts.
+    prompt_example: str | None = None
+    tiny: TinySpec | None = None
+    # (model_dir, hparams, outtype) -> the GGUF tensor plan; None: GGUF export refuses this family.
+    gguf_plan: Callable[..., Any] | None = None
+
+    @property
+    def builtin(self) -> str | None:
+        return f"builtin:tiny-{self.name}" if self.tiny else None
+
+    def lora_modules(self, *roles: str) -> list[str]:
+        """Module names for ``roles`` (attention, mlp), in the family's order."""
+        unknown = [r for r in roles if r not in self.lora_targets]
+        if unknown:
+            raise KeyError(f"family {self.name}: no LoRA role {unknown[0]!r}; it has {', '.join(self.lora_targets)}")
+        return [m for r in roles for m in self.lora_targets[r]]
+
+    def recipe_overrides(self) -> list[str]:
+        """``--set`` items that fit a recipe written for another family to this one."""
+        import json
+
+        return [
+            f"tokenizer.chat_template={json.dumps(self.chat_template)}",
+            f"tokenizer.pad_token={json.dumps(self.pad_token)}",
+            f"generation.stop_tokens={json.dumps(list(self.stop_tokens))}",
+        ]
+
+
+GENERIC = Family(
+    name="generic",
+    model_types=(),
+    description="any other architecture: the tokenizer's own chat template, eos and pad token",
+    chat_template=None,
+    stop_tokens=(),
+    pad_token=None,
+    turn_end=None,
+)
+
+_MODULES = ("phi3", "qwen2", "llama")
+
+
+def families() -> dict[str, Family]:
+    """Every known family by name (GENERIC excluded)."""
+    out = {}
+    for name in _MODULES:
+        fam = importlib.import_module(f"{__name__}.{name}").FAMILY
+        out[fam.name] = fam
+    return out
+
+
+def _model_type(config_or_model_type: Any) -> str | None:
+    if config_or_model_type is None or isinstance(config_or_model_type, str):
+        return config_or_model_type
+    if isinstance(config_or_model_type, dict):
+        return config_or_model_type.get("model_type")
+    return getattr(config_or_model_type, "model_type", None)
+
+
+def family_for(config_or_model_type: Any) -> Family:
+    """The family of a config (transformers config, config.json dict) or a model_type; GENERIC if unknown."""
+    model_type = _model_type(config_or_model_type)
+    for fam in families().values():
+        if model_type in fam.model_types:
+            return fam
+    return GENERIC
+
+
+def family_named(name: str) -> Family:
+    known = families()
+    if name not in known:
+        raise KeyError(f"unknown model family {name!r}; known: {', '.join(known)}")
+    return known[name]
+
+
+def builtin_models() -> dict[str, Family]:
+    """``builtin:tiny-<family>`` -> its family."""
+    return {f.builtin: f for f in families().values() if f.tiny}
+
+
+def gguf_families() -> list[str]:
+    return [f.name for f in families().values() if f.gguf_plan is not None]
+
+
+def family_for_source(source: str | Path, *, revision: str | None = None) -> Family:
+    """The family of a builtin name, model folder or hub id, from its config.json; GENERIC when unreadable.
+
+    Reading the config is cheap (one small file, cached by the hub client); a source whose config cannot
+    be read fails later, where the model itself is loaded, with that stage's own message.
+    """
+    name = str(source)
+    if name in builtin_models():
+        return builtin_models()[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        import json
+
+        try:
+            return family_for(json.loads((path / "config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return GENERIC
+    try:
+        from transformers import AutoConfig
+
+        return family_for(AutoConfig.from_pretrained(name, revision=revision))
+    except Exception:  # offline, unknown id, remote code: nothing family-specific is known
+        return GENERIC
+
+
+def recipe_for_source(source: str | Path, overrides: list[str] | None = None):
+    """The recipe for a model folder or hub id that is not a run: its family's default recipe. A family
+    without one (or an unknown model type) gets phi3-mini-python's settings fitted to it: its template,
+    pad and stop tokens (for an unknown type, the tokenizer's own template, pad and eos)."""
+    from ..recipe import load_recipe
+
+    fam = family_for_source(source)
+    if fam.default_recipe:
+        return load_recipe(fam.default_recipe, overrides or [])
+    return load_recipe(families()["phi3"].default_recipe, [*fam.recipe_overrides(), *(overrides or [])])
+
+
+__all__ = [
+    "GENERIC",
+    "Family",
+    "TinySpec",
+    "builtin_models",
+    "families",
+    "family_for",
+    "family_for_source",
+    "family_named",
+    "gguf_families",
+    "recipe_for_source",
+]

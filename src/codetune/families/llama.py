@@ -1,0 +1,84 @@
+"""Llama-3.x-style models: <|begin_of_text|>, a header per turn, <|eot_id|>; separate q/k/v and gate/up, GQA.
+
+The stop and pad tokens are Llama-3's. Other ``llama`` model types with older vocabularies
+(CodeLlama, DeepSeek-Coder) need ``generation.stop_tokens`` and ``tokenizer.pad_token`` set in the recipe.
+"""
+
+from __future__ import annotations
+
+from ..templates import LLAMA3
+from . import Family, TinySpec
+
+SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+)
+
+
+def full_config(**overrides):
+    """Llama-3.2-1B's architecture (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 128256)."""
+    from transformers import LlamaConfig
+
+    base = dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=128000,
+        eos_token_id=128009,
+        tie_word_embeddings=True,
+    )
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def tiny_config(tokenizer):
+    return full_config(
+        vocab_size=((len(tokenizer) + 63) // 64) * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,  # the larger Llama-3 models: a separate head
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+FAMILY = Family(
+    name="llama",
+    model_types=("llama",),
+    description="Llama-3.x-style models (meta-llama/Llama-3.2-1B-Instruct, ...)",
+    chat_template=None,
+    stop_tokens=("<|eot_id|>", "<|end_of_text|>"),
+    pad_token="<|finetune_right_pad_id|>",
+    turn_end="<|eot_id|>",
+    lora_targets={"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")},
+    default_recipe=None,
+    prompt_example=None,  # the card renders one turn with the run's own template (its bos included)
+    tiny=TinySpec(
+        special_tokens=SPECIAL_TOKENS,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        unk_token=None,
+        pad_token="<|finetune_right_pad_id|>",
+        chat_template=LLAMA3,
+        config=tiny_config,
+        version="v2",  # v2: the tokenizer also reads the starter families
+        pretrain_steps=200,
+        stop_tokens=("<|end_of_text|>",),
+    ),
+)

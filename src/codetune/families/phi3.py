@@ -1,0 +1,84 @@
+"""Phi-3 / Phi-3.5-mini: fused qkv_proj and gate_up_proj, <|end|> closes a turn, GGUF through llama.cpp's phi3."""
+
+from __future__ import annotations
+
+from ..templates import PHI3
+from . import Family, TinySpec
+
+# The Phi-3 special tokens, in Phi-3's order; the tiny tokenizer gives them the first ids.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
+
+
+def full_config(**overrides):
+    """The Phi-3-mini-4k-instruct architecture (hidden 3072, 32 layers, MLP 8192, vocab 32064)."""
+    from transformers import Phi3Config
+
+    base = dict(
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=4096,
+        sliding_window=2047,
+        bos_token_id=1,
+        eos_token_id=32000,
+        pad_token_id=32000,
+        tie_word_embeddings=False,
+    )
+    base.update(overrides)
+    return Phi3Config(**base)
+
+
+def tiny_config(tokenizer, *, hidden_size: int = 128, layers: int = 2):
+    return full_config(
+        vocab_size=((len(tokenizer) + 63) // 64) * 64,  # padded like Phi-3's 32011 -> 32064
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=1024,
+        sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _gguf_plan(model_dir, hp, outtype):
+    from ..gguf_export import _plan_tensors
+
+    return _plan_tensors(model_dir, hp, outtype)
+
+
+
+
+FAMILY = Family(
+    name="phi3",
+    model_types=("phi3",),
+    description="Phi-3 and Phi-3.5-mini (microsoft/Phi-3-mini-4k-instruct, ...)",
+    chat_template=None,
+    stop_tokens=("<|end|>", "<|endoftext|>"),
+    pad_token="<|endoftext|>",
+    turn_end=None,
+    lora_targets={"attention": ("qkv_proj", "o_proj"), "mlp": ("gate_up_proj", "down_proj")},
+    default_recipe="phi3-mini-python",
+    prompt_example="<|user|>\n{prompt}<|end|>\n<|assistant|>\n",
+    tiny=TinySpec(
+        special_tokens=SPECIAL_TOKENS,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        chat_template=PHI3,
+        config=tiny_config,
+        version="v5",  # v5: the tokenizer also reads the starter families
+        pretrain_steps=600,
+        stop_tokens=("<|end|>",),
+    ),
+    gguf_plan=_gguf_plan,
+)

@@ -1,0 +1,72 @@
+"""Qwen2 / Qwen2.5 / Qwen2.5-Coder: ChatML (<|im_start|> / <|im_end|>), separate q/k/v and gate/up, GQA."""
+
+from __future__ import annotations
+
+from ..templates import QWEN2
+from . import Family, TinySpec
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def full_config(**overrides):
+    """Qwen2.5-Coder-1.5B-Instruct's architecture (hidden 1536, 28 layers, 12 heads, 2 KV heads, tied embeddings)."""
+    from transformers import Qwen2Config
+
+    base = dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        tie_word_embeddings=True,
+    )
+    base.update(overrides)
+    return Qwen2Config(**base)
+
+
+def tiny_config(tokenizer):
+    # GQA (4 heads, 2 KV heads) and tied embeddings, like the small Qwen2.5 models.
+    return full_config(
+        vocab_size=((len(tokenizer) + 63) // 64) * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+FAMILY = Family(
+    name="qwen2",
+    model_types=("qwen2",),
+    description="Qwen2, Qwen2.5 and Qwen2.5-Coder (Qwen/Qwen2.5-Coder-1.5B-Instruct, ...)",
+    chat_template=None,
+    stop_tokens=("<|im_end|>", "<|endoftext|>"),
+    pad_token="<|endoftext|>",
+    turn_end="<|im_end|>",
+    lora_targets={"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")},
+    default_recipe="qwen2.5-coder-1.5b-python",
+    prompt_example=None,  # the card renders one turn with the run's own template (its system turn included)
+    tiny=TinySpec(
+        special_tokens=SPECIAL_TOKENS,
+        bos_token=None,
+        eos_token="<|im_end|>",  # as the hub's Qwen2.5 instruct tokenizers
+        unk_token=None,
+        pad_token="<|endoftext|>",
+        chat_template=QWEN2,
+        config=tiny_config,
+        version="v2",  # v2: the tokenizer also reads the starter families
+        pretrain_steps=200,
+        stop_tokens=("<|endoftext|>",),
+    ),
+)
