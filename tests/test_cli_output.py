@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from typer.testing import CliRunner
@@ -36,8 +37,8 @@ def test_generate_output_is_not_wrapped_when_piped(monkeypatch):
     import codetune.generate as gen
 
     line = "def f(a_long_argument_name, another_long_argument_name):  return [a_long_argument_name] * 40  # " + "z" * 60
-    monkeypatch.setattr(gen, "load_for_inference", lambda source, recipe=None: gen.Loaded(None, None, recipe))
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: [line])
+    # the command answers through a session; a stand-in gives the long line without loading a model
+    monkeypatch.setattr(gen, "load_session", lambda source, recipe=None: SimpleNamespace(generate=lambda c: [line]))
     res = runner.invoke(app, ["generate", "builtin:tiny-phi3", "--prompt", "hi", "--recipe", "tiny-cpu"])
     assert res.exit_code == 0, res.output
     assert res.stdout == line + "\n"

@@ -394,7 +394,7 @@ def generate_cmd(
 ) -> None:
     """Answer one prompt, or a file of prompts written to JSON lines."""
     from .data import read_prompts, write_jsonl_new
-    from .generate import generate, load_for_inference
+    from .generate import load_session
 
     if (prompt is None) == (file is None):
         _fail("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
@@ -405,14 +405,7 @@ def generate_cmd(
         write_jsonl_new(target, None, overwrite=overwrite, protect=[file], check_only=True)  # refuse before generating
     else:
         convs = [[{"role": "user", "content": prompt}]]
-    loaded = load_for_inference(source, recipe=r)
-    answers = generate(
-        loaded.model,
-        loaded.tokenizer,
-        convs,
-        loaded.recipe.generation,
-        batch_size=loaded.recipe.evaluation.batch_size,
-    )
+    answers = load_session(source, recipe=r).generate(convs)
     if file is None:
         _emit(answers[0])
         return
@@ -424,10 +417,10 @@ def generate_cmd(
 @app.command("chat")
 def chat_cmd(source: SourceArg, recipe: RecipeOpt = None, set_: SetOpt = None) -> None:
     """Talk to a model; its answers stream as they are generated. /reset starts over, /exit (or Ctrl-D) ends."""
-    from .generate import load_for_inference, stream
+    from .generate import load_session
 
     r = _source_recipe(source, recipe, set_)
-    loaded = load_for_inference(source, recipe=r)
+    session = load_session(source, recipe=r)
     from .chat_input import BadInput, turns
 
     history: list[dict] = []
@@ -452,7 +445,7 @@ def chat_cmd(source: SourceArg, recipe: RecipeOpt = None, set_: SetOpt = None) -
         parts = []
         print("model> ", end="", flush=True)
         try:
-            for piece in stream(loaded.model, loaded.tokenizer, history, loaded.recipe.generation):
+            for piece in session.stream(history):
                 parts.append(piece)
                 print(piece, end="", flush=True)
         except CodetuneError as exc:  # a turn that cannot be answered; the session goes on

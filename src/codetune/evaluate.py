@@ -516,16 +516,13 @@ def check_sandbox(recipe: Recipe, console=None) -> str:
 
 
 def generate_completions(
-    model, tokenizer, tasks: list[Task], recipe: Recipe, console=None, batch_size: int | None = None
+    session, tasks: list[Task], recipe: Recipe, console=None, batch_size: int | None = None
 ) -> list[list[str]]:
-    from .generate import generate
-
+    """``evaluation.n_samples`` answers per task from an :class:`~codetune.generate.InferenceSession`."""
     n = recipe.evaluation.n_samples
     convs = [t.prompt for t in tasks for _ in range(n)]
     reporter = _Reporter(console, "generate", len(convs))
-    answers = generate(
-        model,
-        tokenizer,
+    answers = session.generate(
         convs,
         recipe.generation,
         batch_size=batch_size or recipe.evaluation.batch_size,
@@ -730,28 +727,29 @@ def _accumulate(summary: dict, earlier: dict | None, kept: list[str], out_dir: P
 def _evaluate(
     source, suites, recipe, run_dir, folder, staging: Path, compare_base, console, batch_size, merged: bool
 ) -> dict[str, Any]:
-    from .generate import load_for_inference
+    from .generate import InferenceSession, load_for_inference
 
     loaded = load_for_inference(source, recipe=recipe, merged=merged)
     recipe = loaded.recipe
+    tuned = InferenceSession.from_loaded(loaded)
     # the starter suites leave out what the model trained on: a run's training split, or a merged folder's record
     tasks = {s: load_tasks(s, recipe, run_dir or folder) for s in suites}  # fail on a missing suite before generating
     trained = known_trained_ids(folder) if folder is not None else None
     if any(s in EXECUTED for s in suites):
         check_sandbox(recipe, console)  # strict refuses, auto warns, before any generating
 
-    def run_all(label: str, dest: Path, model) -> dict[str, dict]:
+    def run_all(label: str, dest: Path, session: InferenceSession) -> dict[str, dict]:
         results = {}
         for suite in suites:
             if console is not None:
                 console.print(f"[{label}] {suite}: {len(tasks[suite])} tasks", highlight=False, markup=False)
-            completions = generate_completions(model, loaded.tokenizer, tasks[suite], recipe, console, batch_size)
+            completions = generate_completions(session, tasks[suite], recipe, console, batch_size)
             results[suite] = score_suite(suite, tasks[suite], completions, recipe, dest, console)
             if from_starter(suite):
                 results[suite]["held_out"] = trained is not None
         return results
 
-    results = {"fine-tuned" if run_dir else "model": run_all("model", staging, loaded.model)}
+    results = {"fine-tuned" if run_dir else "model": run_all("model", staging, tuned)}
     if compare_base:
         if merged:  # the merged model has no adapter to switch off: the base, unquantized, in the same dtype
             from .model import disable_avx512_bf16_path, load_base_model
@@ -760,16 +758,17 @@ def _evaluate(
 
             import torch
 
-            del loaded.model
+            del loaded.model, tuned  # both hold the merged model: free it before the base loads
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             base = load_base_model(recipe, quantize=False, device_map={"": 0} if torch.cuda.is_available() else None)
             disable_avx512_bf16_path(base)
-            results["base"] = run_all("base", staging / "base", base.eval())
+            base_session = InferenceSession.from_loaded(loaded, model=base.eval())
+            results["base"] = run_all("base", staging / "base", base_session)
         else:
-            with loaded.model.disable_adapter():
-                results["base"] = run_all("base", staging / "base", loaded.model)
+            with loaded.model.disable_adapter():  # the same model object: the session stays valid
+                results["base"] = run_all("base", staging / "base", tuned)
     return {
         "source": str(source),
         "recipe": recipe.name,

@@ -1,7 +1,9 @@
 """Generation from a run directory (base + adapter), a merged model folder or a hub id.
 
-Prompts are rendered with the recipe's chat template, batched with left padding and the KV
-cache, and stop on every stop token of the recipe (``<|end|>`` as well as end-of-text).
+Every entry point (eval, ``codetune generate`` / ``chat``, the Python API below and ``codetune
+serve``) answers through one :class:`InferenceSession`: prompts are rendered with the recipe's chat
+template, batched with left padding and the KV cache, and stop on every stop token of the recipe
+(``<|end|>`` as well as end-of-text).
 
     import codetune
     coder = codetune.load("runs/tiny-cpu")
@@ -164,6 +166,28 @@ def fit_to_context(
 GREEDY_BELOW = 1e-6
 
 
+class SettingsError(RecipeError):
+    """Generation settings out of range (``temperature=-1``); ``param`` and ``detail`` name the first one."""
+
+    def __init__(self, exc: ValidationError):
+        super().__init__(format_validation_error(exc, "generation settings"))
+        err = exc.errors()[0]
+        self.param, self.detail = ".".join(str(p) for p in err["loc"]), err["msg"]
+
+
+class TemplateRefused(RecipeError):
+    """A conversation the chat template raises on (an order of roles it does not take, say)."""
+
+
+@dataclass
+class Answer:
+    """One prompt's outcome from :meth:`InferenceSession.complete`."""
+
+    text: str  # decoded, stop token and stop strings cut off, not stripped
+    tokens: int  # tokens generated, the stop token included (what a server bills)
+    reason: str  # "stop" (a stop token or string) or "length"
+
+
 def _sampling(cfg: GenerationConfig) -> dict:
     sample = cfg.do_sample and cfg.temperature >= GREEDY_BELOW  # 0 is greedy, however the config was built
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if sample else {}
@@ -176,12 +200,18 @@ def _sampling(cfg: GenerationConfig) -> dict:
     )
 
 
+def _chat_prompt_ids(tokenizer, conversation: list[dict], what: str = "messages") -> list[int]:
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # a template may refuse an order of roles (e.g. two system turns)
+        raise TemplateRefused(f"{what}: the chat template refused them: {exc}") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    ids = []
-    for conv in conversations:
-        text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ids
+    return [_chat_prompt_ids(tokenizer, conv) for conv in conversations]
 
 
 def _left_padded(rows: list[list[int]], pad_id: int, device):
@@ -196,39 +226,131 @@ def _left_padded(rows: list[list[int]], pad_id: int, device):
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
-def generate(
-    model,
-    tokenizer,
-    conversations: list[list[dict]],
-    cfg: GenerationConfig,
-    *,
-    batch_size: int = 16,
-    on_batch: Callable[[int], None] | None = None,
-    first_wave: int | None = 32,
-) -> list[str]:
-    """Batched generation: one answer (the text after the prompt, stripped) per conversation.
+def first_stop(text: str, stops: list[str]) -> int:
+    """Where the earliest stop string starts in text, or -1."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else -1
 
-    Each batch is left-padded and decoded with the KV cache by ``model.generate``. A batch runs in
-    *waves* of new tokens (32, then 64, 128, ...): after each wave the rows that hit a stop token
-    leave, and the rest go on together from where they stopped. Without waves one long answer keeps
-    a whole batch busy until it ends. ``first_wave=None`` decodes each batch in one call.
+
+def _stop_text_criterion(tokenizer, n_prompt: int, stops: list[str]):
+    from transformers import StoppingCriteria
+
+    class StopText(StoppingCriteria):
+        # Each token is at least one character, or up to 4 byte-pieces of one: this tail holds any stop string.
+        tail = 4 * max(len(s) for s in stops) + 8
+
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            new = input_ids[0, max(n_prompt, input_ids.shape[1] - self.tail) :].tolist()
+            hit = first_stop(tokenizer.decode(new, skip_special_tokens=True), stops) >= 0
+            return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
+
+    return StopText()
+
+
+class InferenceSession:
+    """One loaded model ready to answer, shared by eval, ``codetune generate`` / ``chat``, the Python API
+    and the server, so that they cannot drift apart.
+
+    Worked out once: the stop token ids of the recipe's ``generation.stop_tokens`` (a family's end of
+    turn as well as its eos), the pad id, the model's context length, and the default generation
+    settings with their seed. Every method takes those defaults or a config from :meth:`config`;
+    temperature 0 decodes greedily in all of them, and each seeds torch with the config's seed first,
+    so a sampled answer is the same for the same seed.
     """
-    import torch
 
-    from .model import stop_token_ids
+    def __init__(self, model, tokenizer, defaults: GenerationConfig, *, batch_size: int = 16):
+        self.model, self.tokenizer, self.defaults, self.batch_size = model, tokenizer, defaults, batch_size
+        self.pad_id = tokenizer.pad_token_id
+        self.context = context_length(model)
+        self._stop_ids: dict[tuple[str, ...], list[int]] = {}
+        self.stop_ids = self.stop_ids_for(defaults)  # a stop token the tokenizer lacks fails here, before any work
 
-    stops = set(stop_token_ids(tokenizer, cfg.stop_tokens))
-    sampling = _sampling(cfg)
-    torch.manual_seed(cfg.seed)
-    all_prompts = _prompt_ids(tokenizer, conversations)
-    limits = fit_to_context([len(p) for p in all_prompts], cfg.max_new_tokens, context_length(model))
-    # Batches of similar prompt lengths carry less padding; answers go back in the caller's order.
-    order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
-    answers: list[str] = [""] * len(all_prompts)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        prompts = [all_prompts[i] for i in chosen]
-        limit = [limits[i] for i in chosen]
+    @classmethod
+    def from_loaded(cls, loaded: Loaded, *, model=None) -> InferenceSession:
+        """The session of a loaded run or model; ``model``: another model with the same tokenizer (eval's base)."""
+        return cls(
+            loaded.model if model is None else model,
+            loaded.tokenizer,
+            loaded.recipe.generation,
+            batch_size=loaded.recipe.evaluation.batch_size,
+        )
+
+    def stop_ids_for(self, cfg: GenerationConfig) -> list[int]:
+        from .model import stop_token_ids
+
+        key = tuple(cfg.stop_tokens)
+        if key not in self._stop_ids:
+            self._stop_ids[key] = stop_token_ids(self.tokenizer, list(key))
+        return self._stop_ids[key]
+
+    def config(self, **overrides) -> GenerationConfig:
+        """The defaults with ``overrides`` (``temperature=0.7``, ``max_new_tokens=64``), checked like a recipe."""
+        if not overrides:
+            return self.defaults
+        try:  # out-of-range sampling parameters fail here, naming the field
+            cfg = GenerationConfig.model_validate({**self.defaults.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise SettingsError(exc) from None
+        self.stop_ids_for(cfg)
+        return cfg
+
+    def prompt_ids(self, conversation: list[dict], *, what: str = "messages") -> list[int]:
+        """The token ids of a conversation rendered by the chat template, ready for the assistant's turn."""
+        return _chat_prompt_ids(self.tokenizer, conversation, what)
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of a raw prompt, no template and no special tokens added."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fit(self, prompt_lengths: list[int], cfg: GenerationConfig, *, what: str = "prompt", warn=None) -> list[int]:
+        """``max_new_tokens`` for each prompt within the context (:func:`fit_to_context`)."""
+        return fit_to_context(prompt_lengths, cfg.max_new_tokens, self.context, what=what, warn=warn)
+
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        cfg: GenerationConfig | None = None,
+        *,
+        batch_size: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        first_wave: int | None = 32,
+    ) -> list[str]:
+        """Batched generation: one answer (the text after the prompt, stripped) per conversation.
+
+        Each batch is left-padded and decoded with the KV cache by ``model.generate``. A batch runs in
+        *waves* of new tokens (32, then 64, 128, ...): after each wave the rows that hit a stop token
+        leave, and the rest go on together from where they stopped. Without waves one long answer keeps
+        a whole batch busy until it ends. ``first_wave=None`` decodes each batch in one call.
+        """
+        import torch
+
+        cfg = cfg or self.defaults
+        batch_size = batch_size or self.batch_size
+        what = "messages" if len(conversations) == 1 else "conversation {}"
+        all_prompts = [self.prompt_ids(c, what=what.format(i)) for i, c in enumerate(conversations)]
+        limits = self.fit([len(p) for p in all_prompts], cfg)
+        torch.manual_seed(cfg.seed)
+        # Batches of similar prompt lengths carry less padding; answers go back in the caller's order.
+        order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
+        answers: list[str] = [""] * len(all_prompts)
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            new = self._batch([all_prompts[i] for i in chosen], [limits[i] for i in chosen], cfg, first_wave)
+            for i, ids in zip(chosen, new, strict=True):
+                answers[i] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if on_batch is not None:
+                on_batch(len(chosen))
+        return answers
+
+    def _batch(
+        self, prompts: list[list[int]], limit: list[int], cfg: GenerationConfig, first_wave: int | None
+    ) -> list[list[int]]:
+        """The new token ids of one batch, in waves, each row cut at its first stop token and its limit."""
+        import torch
+
+        stops = set(self.stop_ids_for(cfg))
         new: list[list[int]] = [[] for _ in prompts]
         pending = list(range(len(prompts)))
         wave = first_wave or max(limit)
@@ -236,16 +358,16 @@ def generate(
             # pending rows have all generated the same count; the one nearest the context ends this wave, so no
             # row is ever run past the context (and rows with the same limit see the waves they always did)
             step = min(wave, min(limit[i] - len(new[i]) for i in pending))
-            enc = _left_padded([prompts[i] + new[i] for i in pending], tokenizer.pad_token_id, model.device)
+            enc = _left_padded([prompts[i] + new[i] for i in pending], self.pad_id, self.model.device)
             with torch.inference_mode():
-                out = model.generate(
+                out = self.model.generate(
                     **enc,
-                    **{**sampling, "max_new_tokens": step},
+                    **{**_sampling(cfg), "max_new_tokens": step},
                     # On a CPU a preallocated cache beats growing one by concatenation every step; on a GPU
                     # transformers would compile for it, once per wave shape, which costs more than it saves.
-                    cache_implementation="static" if model.device.type == "cpu" else None,
+                    cache_implementation="static" if self.model.device.type == "cpu" else None,
                     eos_token_id=sorted(stops),
-                    pad_token_id=tokenizer.pad_token_id,
+                    pad_token_id=self.pad_id,
                 )
             still = []
             for row, i in zip(out[:, enc["input_ids"].shape[1] :].tolist(), pending, strict=True):
@@ -256,38 +378,105 @@ def generate(
                     still.append(i)
             wave *= 2
             pending = still
-        for i, ids in zip(chosen, new, strict=True):
-            answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        if on_batch is not None:
-            on_batch(len(prompts))
-    return answers
+        return new
+
+    def complete(
+        self,
+        prompt_ids: list[int],
+        cfg: GenerationConfig | None = None,
+        *,
+        stops: list[str] | tuple[str, ...] = (),
+        streamer=None,
+        criteria: list | tuple = (),
+        processors: list | tuple = (),
+    ) -> Answer:
+        """One prompt's answer, up to ``cfg.max_new_tokens`` (callers fit it to the context first, with
+        :meth:`fit`, to warn in their own way; past the context it is cut here all the same).
+
+        ``stops``: stop strings, besides the stop tokens; the answer ends before the first. ``streamer``
+        gets the text as it is generated; ``criteria`` and ``processors``: more transformers stopping
+        criteria and logits processors (a server's cancellation, penalties).
+        """
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        cfg = cfg or self.defaults
+        stops = list(stops)
+        stop_ids = self.stop_ids_for(cfg)
+        n_prompt = len(prompt_ids)
+        limit = min(cfg.max_new_tokens, self.context - n_prompt)
+        if limit < 1:
+            self.fit([n_prompt], cfg)  # raises the one ContextError message
+        halt = [*criteria, *([_stop_text_criterion(self.tokenizer, n_prompt, stops)] if stops else [])]
+        torch.manual_seed(cfg.seed)
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                **{**_sampling(cfg), "max_new_tokens": limit},
+                eos_token_id=stop_ids,
+                pad_token_id=self.pad_id,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList(halt),
+                logits_processor=LogitsProcessorList(processors),
+            )
+        new = out[0, n_prompt:].tolist()
+        tokens = len(new)
+        reason = "length" if tokens >= limit else "stop"
+        if new and new[-1] in stop_ids:
+            new, reason = new[:-1], "stop"
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        cut = first_stop(text, stops)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        return Answer(text, tokens, reason)
+
+    def stream(self, conversation: list[dict], cfg: GenerationConfig | None = None) -> Iterator[str]:
+        """Yield the answer's text as it is generated (for chat)."""
+        from threading import Thread
+
+        from transformers import TextIteratorStreamer
+
+        cfg = cfg or self.defaults
+        ids = self.prompt_ids(conversation)
+        (limit,) = self.fit([len(ids)], cfg)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failed: list[BaseException] = []
+
+        def work():
+            try:
+                self.complete(ids, cfg.model_copy(update={"max_new_tokens": limit}), streamer=streamer)
+            except BaseException as exc:  # reported to the reader below, instead of leaving it waiting forever
+                failed.append(exc)
+                streamer.end()
+
+        worker = Thread(target=work, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        if failed:
+            raise failed[0]
+
+
+def generate(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    cfg: GenerationConfig,
+    *,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+    first_wave: int | None = 32,
+) -> list[str]:
+    """:meth:`InferenceSession.generate` for a model and tokenizer at hand (tests, benchmarks)."""
+    session = InferenceSession(model, tokenizer, cfg, batch_size=batch_size)
+    return session.generate(conversations, on_batch=on_batch, first_wave=first_wave)
 
 
 def stream(model, tokenizer, conversation: list[dict], cfg: GenerationConfig) -> Iterator[str]:
-    """Yield the answer's text as it is generated (for chat)."""
-    from threading import Thread
-
-    import torch
-    from transformers import TextIteratorStreamer
-
-    from .model import stop_token_ids
-
-    ids = _prompt_ids(tokenizer, [conversation])
-    (limit,) = fit_to_context([len(ids[0])], cfg.max_new_tokens, context_length(model))
-    enc = _left_padded(ids, tokenizer.pad_token_id, model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(
-        **enc,
-        **{**_sampling(cfg), "max_new_tokens": limit},
-        eos_token_id=stop_token_ids(tokenizer, cfg.stop_tokens),
-        pad_token_id=tokenizer.pad_token_id,
-        streamer=streamer,
-    )
-    torch.manual_seed(cfg.seed)
-    worker = Thread(target=lambda: model.generate(**kwargs), daemon=True)
-    worker.start()
-    yield from streamer
-    worker.join()
+    """:meth:`InferenceSession.stream` for a model and tokenizer at hand."""
+    return InferenceSession(model, tokenizer, cfg).stream(conversation)
 
 
 @contextlib.contextmanager
@@ -323,42 +512,35 @@ def quiet_libraries():
 
 
 class Coder:
-    """The Python API: ``codetune.load(source)`` returns one."""
+    """The Python API: ``codetune.load(source)`` returns one. Keyword arguments of its methods override the
+    recipe's generation settings for that call (``max_new_tokens=64``, ``temperature=0``, ``seed=7``)."""
 
     def __init__(self, loaded: Loaded):
         self.model, self.tokenizer, self.recipe = loaded.model, loaded.tokenizer, loaded.recipe
-
-    def _config(self, overrides: dict) -> GenerationConfig:
-        data = self.recipe.generation.model_dump()
-        data.update(overrides)
-        try:
-            return GenerationConfig.model_validate(data)  # out-of-range sampling parameters fail here
-        except ValidationError as exc:
-            raise RecipeError(format_validation_error(exc, "generation settings")) from None
+        self.session = InferenceSession.from_loaded(loaded)
 
     def generate(self, prompt: str | list[str], **overrides) -> str | list[str]:
         """Answer one prompt (a string) or several (a list), each as a single user turn."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        cfg = self._config(overrides)
+        cfg = self.session.config(**overrides)
         with quiet_libraries():
-            answers = generate(
-                self.model,
-                self.tokenizer,
-                [[{"role": "user", "content": p}] for p in prompts],
-                cfg,
-                batch_size=self.recipe.evaluation.batch_size,
-            )
+            answers = self.session.generate([[{"role": "user", "content": p}] for p in prompts], cfg)
         return answers[0] if isinstance(prompt, str) else answers
 
     def chat(self, messages: list[dict], **overrides) -> str:
         """The assistant's next turn for a conversation of {role, content} messages."""
-        cfg = self._config(overrides)
+        cfg = self.session.config(**overrides)
         with quiet_libraries():
-            return generate(self.model, self.tokenizer, [messages], cfg)[0]
+            return self.session.generate([messages], cfg)[0]
 
     def stream(self, messages: list[dict], **overrides) -> Iterator[str]:
         # not wrapped in quiet_libraries: its settings are process-wide and a generator may be left half-read
-        return stream(self.model, self.tokenizer, messages, self._config(overrides))
+        return self.session.stream(messages, self.session.config(**overrides))
+
+
+def load_session(source: str | Path, *, recipe: Recipe | None = None, merged: bool = False) -> InferenceSession:
+    """:func:`load_for_inference`'s model as a session (the generate and chat commands)."""
+    return InferenceSession.from_loaded(load_for_inference(source, recipe=recipe, merged=merged))
 
 
 def load(source: str | Path, **recipe_overrides) -> Coder:

@@ -16,6 +16,7 @@ adapter to vLLM's own OpenAI server instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -31,6 +32,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .generate import first_stop
 from .recipe import GenerationConfig, Recipe, RecipeError
 
 log = logging.getLogger("codetune.serve")
@@ -235,6 +237,11 @@ class Completion(_Out):
     usage: Usage | None = None
 
 
+class Health(_Out):
+    status: Literal["ok"] = "ok"
+    model: str
+
+
 class ModelCard(_Out):
     id: str
     object: Literal["model"] = "model"
@@ -264,7 +271,7 @@ class ErrorBody(_Out):
 
 @dataclass
 class Engine:
-    """The loaded model, its tokenizer and recipe, and the one generation slot."""
+    """The loaded model (as an :class:`~codetune.generate.InferenceSession`) and the one generation slot."""
 
     model: Any
     tokenizer: Any
@@ -274,6 +281,9 @@ class Engine:
     source: str | None = None  # the run directory or model it was loaded from (the report at / reads it)
 
     def __post_init__(self):
+        from .generate import InferenceSession
+
+        self.session = InferenceSession(self.model, self.tokenizer, self.recipe.generation)
         self.slot = threading.Lock()
         # requests generated, requests whose client left, tokens generated: for tests and a status page
         self.stats = {"requests": 0, "cancelled": 0, "tokens": 0}
@@ -286,9 +296,7 @@ class Engine:
 
     @property
     def context(self) -> int:
-        from .generate import context_length
-
-        return context_length(self.model)
+        return self.session.context
 
     @property
     def vocab_size(self) -> int:
@@ -360,6 +368,9 @@ def _invalid(exc: ValidationError) -> APIError:
 
 
 def _config(engine: Engine, req: _Request) -> GenerationConfig:
+    """The request's OpenAI parameters as the session's generation settings."""
+    from .generate import SettingsError
+
     max_tokens = (
         getattr(req, "max_completion_tokens", None) or req.max_tokens or engine.recipe.generation.max_new_tokens
     )
@@ -370,51 +381,20 @@ def _config(engine: Engine, req: _Request) -> GenerationConfig:
             param="max_tokens",
             code="max_tokens_too_large",
         )
-    data = engine.recipe.generation.model_dump()
-    data["max_new_tokens"] = max_tokens
-    if req.temperature is not None:  # OpenAI's temperature 0 means greedy, as in the recipe
-        data["temperature"] = req.temperature
-        data["do_sample"] = req.temperature > 0
+    overrides: dict[str, Any] = {"max_new_tokens": max_tokens}
+    if req.temperature is not None:  # a client that names a temperature asks for sampling at it; 0 is greedy
+        overrides.update(temperature=req.temperature, do_sample=req.temperature > 0)
     if req.top_p is not None:
-        data["top_p"] = req.top_p
+        overrides["top_p"] = req.top_p
     if req.seed is not None:
-        data["seed"] = req.seed
+        overrides["seed"] = req.seed
     try:
-        return GenerationConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"])
-        raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        return engine.session.config(**overrides)
+    except SettingsError as exc:
+        raise APIError(400, f"{exc.param}: {exc.detail}", param=exc.param) from None
 
 
-def _job(engine: Engine, req: ChatRequest | CompletionRequest) -> _Job:
-    """Check the request against the model (runs in a worker thread: templating and tokenizing take time)."""
-    from jinja2 import TemplateError
-
-    from .generate import ContextError, context_length, fit_to_context
-
-    cfg = _config(engine, req)
-    tok = engine.tokenizer
-    param = "messages" if isinstance(req, ChatRequest) else "prompt"
-    if isinstance(req, ChatRequest):
-        try:
-            text = tok.apply_chat_template(
-                [m.as_template_message() for m in req.messages], tokenize=False, add_generation_prompt=True
-            )
-        except TemplateError as exc:  # a template may refuse an order of roles (e.g. two system turns)
-            raise APIError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
-    else:
-        text = req.prompt
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise APIError(400, f"{param}: the prompt is empty", param=param)
-    try:
-        # the server log gets the warning: the warnings module's filters are process-wide, not per thread
-        (limit,) = fit_to_context(
-            [len(ids)], cfg.max_new_tokens, context_length(engine.model), what=param, warn=log.warning
-        )
-    except ContextError as exc:
-        raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
+def _logit_bias(engine: Engine, req: _Request) -> dict[int, float]:
     bias = {}
     for key, value in (req.logit_bias or {}).items():
         try:
@@ -428,46 +408,52 @@ def _job(engine: Engine, req: ChatRequest | CompletionRequest) -> _Job:
                 param="logit_bias",
             )
         bias[token] = value
+    return bias
+
+
+def _job(engine: Engine, req: ChatRequest | CompletionRequest) -> _Job:
+    """Check the request against the model (runs in a worker thread: templating and tokenizing take time)."""
+    from .generate import ContextError, TemplateRefused
+
+    cfg = _config(engine, req)
+    session = engine.session
+    param = "messages" if isinstance(req, ChatRequest) else "prompt"
+    if isinstance(req, ChatRequest):
+        try:
+            ids = session.prompt_ids([m.as_template_message() for m in req.messages])
+        except TemplateRefused as exc:
+            raise APIError(400, str(exc), param="messages") from None
+    else:
+        ids = session.encode(req.prompt)
+    if not ids:
+        raise APIError(400, f"{param}: the prompt is empty", param=param)
+    try:
+        # the server log gets the warning: the warnings module's filters are process-wide, not per thread
+        (limit,) = session.fit([len(ids)], cfg, what=param, warn=log.warning)
+    except ContextError as exc:
+        raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
     return _Job(
         ids,
         cfg.model_copy(update={"max_new_tokens": limit}),
         stops=req.stops,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=bias,
+        logit_bias=_logit_bias(engine, req),
     )
 
 
-def _first_stop(text: str, stops: list[str]) -> int:
-    """Where the earliest stop string starts in text, or -1."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else -1
-
-
-def _run(engine: Engine, job: _Job, streamer=None) -> _Result:
-    """Generate for one job while holding the slot. A cancelled job (its client left) stops at the next token."""
+def _halt_and_penalties(job: _Job) -> tuple[list, list]:
+    """The request's own stopping criterion (its client left, or its stream hit a stop string) and its
+    OpenAI logits processors (presence and frequency penalties, logit_bias)."""
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    from transformers import LogitsProcessor, StoppingCriteria
 
-    from .generate import _sampling
-    from .model import stop_token_ids
-
-    tok = engine.tokenizer
     n_prompt = len(job.prompt_ids)
 
     class Cancelled(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             halt = job.cancel.is_set() or job.enough.is_set()
             return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
-
-    class StopText(StoppingCriteria):
-        # Each token is at least one character, or up to 4 byte-pieces of one: this tail holds any stop string.
-        tail = 4 * max((len(s) for s in job.stops), default=0) + 8
-
-        def __call__(self, input_ids, scores, **kwargs):
-            new = input_ids[0, max(n_prompt, input_ids.shape[1] - self.tail) :].tolist()
-            hit = _first_stop(tok.decode(new, skip_special_tokens=True), job.stops) >= 0
-            return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
 
     class Penalties(LogitsProcessor):
         # OpenAI's definition: counts over the generated tokens only, not the prompt.
@@ -486,13 +472,17 @@ def _run(engine: Engine, job: _Job, streamer=None) -> _Result:
             scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
             return scores
 
-    criteria = [Cancelled()] + ([StopText()] if job.stops else [])
     processors = []
     if job.presence_penalty or job.frequency_penalty:
         processors.append(Penalties())
     if job.logit_bias:
         processors.append(Bias())
-    stops = stop_token_ids(tok, job.cfg.stop_tokens)
+    return [Cancelled()], processors
+
+
+def _run(engine: Engine, job: _Job, streamer=None) -> _Result:
+    """Generate for one job while holding the slot. A cancelled job (its client left) stops at the next token."""
+    criteria, processors = _halt_and_penalties(job)
     # Wait for the slot, but give up as soon as the client has gone: a queue of abandoned requests
     # must not delay the next live one.
     while not engine.slot.acquire(timeout=0.05):
@@ -503,34 +493,16 @@ def _run(engine: Engine, job: _Job, streamer=None) -> _Result:
         if job.cancel.is_set():
             engine.count(cancelled=1)
             return _Result("", 0, "cancelled")
-        torch.manual_seed(job.cfg.seed)
-        input_ids = torch.tensor([job.prompt_ids], device=engine.model.device)
-        with torch.inference_mode():
-            out = engine.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                **_sampling(job.cfg),
-                eos_token_id=stops,
-                pad_token_id=tok.pad_token_id,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList(criteria),
-                logits_processor=LogitsProcessorList(processors),
-            )
+        answer = engine.session.complete(
+            job.prompt_ids, job.cfg, stops=job.stops, streamer=streamer, criteria=criteria, processors=processors
+        )
     finally:
         engine.slot.release()
-    new = out[0, n_prompt:].tolist()
-    engine.count(requests=1, tokens=len(new))
+    engine.count(requests=1, tokens=answer.tokens)
     if job.cancel.is_set():
         engine.count(cancelled=1)
-        return _Result("", len(new), "cancelled")
-    reason = "length" if len(new) >= job.cfg.max_new_tokens else "stop"
-    if new and new[-1] in stops:
-        new, reason = new[:-1], "stop"
-    text = tok.decode(new, skip_special_tokens=True)
-    cut = _first_stop(text, job.stops)
-    if cut >= 0:
-        text, reason = text[:cut], "stop"
-    return _Result(text, len(new), reason)
+        return _Result("", answer.tokens, "cancelled")
+    return _Result(answer.text, answer.tokens, answer.reason)
 
 
 class _StopFilter:
@@ -542,7 +514,7 @@ class _StopFilter:
 
     def feed(self, piece: str) -> str:
         self.text += piece
-        cut = _first_stop(self.text, self.stops)
+        cut = first_stop(self.text, self.stops)
         if cut >= 0:
             self.stopped = True
             return self._emit(cut)
@@ -629,30 +601,69 @@ async def _send_error(send, err: APIError) -> None:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
-    """The FastAPI app. Routes that need no model (pages, health) are plain ``@app.get`` functions here."""
+    """The FastAPI app: the guard in front, OpenAI-style errors, the API routes, and the pages for people."""
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from .report import add_pages
 
     app = FastAPI(title="codetune", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, max_bytes=max_request_bytes, api_key=api_key)
+    _add_error_handlers(app)
+    api = _Api(engine)
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    # the run report at / and a chat page at /chat
+    add_pages(app, engine, engine.source, auth=bool(api_key))
+    return app
 
-    @app.exception_handler(APIError)
-    async def _api_error(_, exc: APIError):
+
+def _add_error_handlers(app) -> None:
+    """Every error, FastAPI's and Starlette's included, answered in the OpenAI error shape (ErrorBody)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    async def api_error(_, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_, exc: RequestValidationError):
+    async def validation(_, exc: RequestValidationError):
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         return JSONResponse(APIError(400, err["msg"], param=".".join(str(p) for p in err["loc"][1:])).body(), 400)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_, exc: StarletteHTTPException):
+    async def http_error(_, exc: StarletteHTTPException):
         # 404 / 405 in the same OpenAI error shape as everything else
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
-    async def _parse(request: Request, schema: type[_Request]) -> _Request:
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def _sse(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+class _Api:
+    """The routes that use the model: parse a request, queue its generation, answer in OpenAI's bodies."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def health(self):
+        return Health(model=self.engine.name).model_dump(mode="json")
+
+    async def models(self):
+        return ModelList(data=[ModelCard(id=self.engine.name)]).model_dump(mode="json")
+
+    async def chat_completions(self, request: Request):
+        return await self._complete(request, ChatRequest, "chat")
+
+    async def completions(self, request: Request):
+        return await self._complete(request, CompletionRequest, "text")
+
+    async def _parse(self, request: Request, schema: type[_Request]) -> _Request:
         ctype = request.headers.get("content-type")
         if ctype is not None:
             media = ctype.split(";")[0].strip().lower()
@@ -666,74 +677,43 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
             req = await asyncio.to_thread(schema.model_validate_json, raw)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        if req.model != engine.name:
+        if req.model != self.engine.name:
             raise APIError(
                 404,
-                f"the model {req.model!r} does not exist; this server has {engine.name!r}",
+                f"the model {req.model!r} does not exist; this server has {self.engine.name!r}",
                 param="model",
                 code="model_not_found",
             )
         unsupported = req.unsupported()
         if unsupported:
             names = ", ".join(sorted(unsupported))
-            first = sorted(unsupported)[0]
             raise APIError(
                 400,
                 f"this server does not support {names} (got {json.dumps(unsupported)[:200]}); leave "
                 f"{'it' if len(unsupported) == 1 else 'them'} out",
-                param=first,
+                param=sorted(unsupported)[0],
                 code="unsupported_parameter",
             )
         return req
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": engine.name}
+    async def _complete(self, request: Request, schema: type[_Request], kind: str):
+        from fastapi.responses import JSONResponse, StreamingResponse
 
-    @app.get("/v1/models")
-    async def models():
-        return ModelList(data=[ModelCard(id=engine.name)]).model_dump(mode="json")
-
-    async def _complete(request: Request, schema: type[_Request], kind: str):
-        req = await _parse(request, schema)
-        job = await asyncio.to_thread(_job, engine, req)
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
+        req = await self._parse(request, schema)
+        job = await asyncio.to_thread(_job, self.engine, req)
+        reply = _Reply(kind, self.engine.name, len(job.prompt_ids))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                _stream(request, job, rid, created, kind, include_usage), media_type="text/event-stream"
-            )
-        result = await _until_done_or_gone(request, job)
+            return StreamingResponse(self._events(request, job, reply, include_usage), media_type="text/event-stream")
+        result = await self._until_done_or_gone(request, job)
         if result.reason == "cancelled":
             # nobody is there to read it; nginx's "client closed request", so a log shows what happened
             return JSONResponse(APIError(499, "the client closed the request").body(), status_code=499)
-        usage = Usage(
-            prompt_tokens=len(job.prompt_ids),
-            completion_tokens=result.completion_tokens,
-            total_tokens=len(job.prompt_ids) + result.completion_tokens,
-        )
-        if kind == "chat":
-            body: BaseModel = ChatCompletion(
-                id=rid,
-                created=created,
-                model=engine.name,
-                choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.reason)],
-                usage=usage,
-            )
-        else:
-            body = Completion(
-                id=rid,
-                created=created,
-                model=engine.name,
-                choices=[CompletionChoice(text=result.text, finish_reason=result.reason)],
-                usage=usage,
-            )
-        return JSONResponse(body.model_dump(mode="json"))
+        return JSONResponse(reply.whole(result).model_dump(mode="json"))
 
-    async def _until_done_or_gone(request: Request, job: _Job) -> _Result:
+    async def _until_done_or_gone(self, request: Request, job: _Job) -> _Result:
         """Generate in a worker thread while watching the connection: a client that left cancels its job."""
-        task = asyncio.ensure_future(asyncio.to_thread(_run, engine, job))
+        task = asyncio.ensure_future(asyncio.to_thread(_run, self.engine, job))
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=0.1)
@@ -744,94 +724,115 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
             job.cancel.set()
             raise
 
-    async def _stream(
-        request: Request, job: _Job, rid: str, created: int, kind: str, include_usage: bool
-    ) -> AsyncIterator[str]:
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.05)
-        result: dict[str, _Result] = {}
-
-        def work():
-            try:
-                result["r"] = _run(engine, job, streamer)
-            finally:
-                streamer.end()
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-
-        def chunk(delta: str | None, reason: str | None = None, first: bool = False, usage: Usage | None = None):
-            if kind == "chat":
-                d = Delta(role="assistant", content="") if first else Delta(content=delta)
-                choices = [] if usage else [ChunkChoice(delta=d, finish_reason=reason)]
-                obj: BaseModel = ChatCompletionChunk(
-                    id=rid, created=created, model=engine.name, choices=choices, usage=usage
-                )
-            else:
-                choices = [] if usage else [CompletionChoice(text=delta or "", finish_reason=reason)]
-                obj = Completion(id=rid, created=created, model=engine.name, choices=choices, usage=usage)
-            return f"data: {obj.model_dump_json()}\n\n"
-
+    async def _events(self, request: Request, job: _Job, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+        """The server-sent events of a streamed answer, stop strings held back until they are ruled out."""
+        generation = _StreamedRun(self.engine, job)
         stop_filter = _StopFilter(job.stops)
         try:
-            if kind == "chat":
-                yield chunk(None, first=True)
-            iterator = iter(streamer)
-            done = object()
-
-            def next_piece():
-                try:
-                    return next(iterator)
-                except StopIteration:
-                    return done
-                except queue.Empty:  # the streamer's short timeout: nothing new yet
-                    return None
-
-            while True:
-                if await request.is_disconnected():
-                    job.cancel.set()  # the generation stops at its next token and frees the slot
-                    return
-                piece = await asyncio.to_thread(next_piece)
-                if piece is done:
-                    break
-                if piece:
+            if reply.kind == "chat":
+                yield _sse(reply.chunk(None, first=True))
+            async with contextlib.aclosing(generation.pieces(request)) as pieces:
+                async for piece in pieces:
                     text = stop_filter.feed(piece)
                     if text:
-                        yield chunk(text)
+                        yield _sse(reply.chunk(text))
                     if stop_filter.stopped:
                         job.enough.set()  # the rest would be cut anyway
                         break
-            await asyncio.to_thread(worker.join)
+            if generation.gone:  # nobody is there to read the rest
+                return
+            result = await generation.finished()
             tail = stop_filter.flush()
             if tail:
-                yield chunk(tail)
-            r = result.get("r")
-            reason = "stop" if stop_filter.stopped or r is None or r.reason == "cancelled" else r.reason
-            yield chunk(None, reason)
+                yield _sse(reply.chunk(tail))
+            stopped = stop_filter.stopped or result is None or result.reason == "cancelled"
+            yield _sse(reply.chunk(None, "stop" if stopped else result.reason))
             if include_usage:
-                n = r.completion_tokens if r else 0
-                n_prompt = len(job.prompt_ids)
-                usage = Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
-                yield chunk(None, usage=usage)
+                yield _sse(reply.chunk(None, usage=reply.usage(result.completion_tokens if result else 0)))
             yield "data: [DONE]\n\n"
         finally:
             job.cancel.set()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await _complete(request, ChatRequest, "chat")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await _complete(request, CompletionRequest, "text")
+@dataclass
+class _Reply:
+    """The OpenAI response bodies of one request: a whole answer, or the chunks of a streamed one."""
 
-    # The run report at / and a chat page at /chat (codetune.report)
-    from .report import add_pages
+    kind: str  # "chat" or "text"
+    model: str
+    prompt_tokens: int
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
 
-    add_pages(app, engine, engine.source, auth=bool(api_key))
+    def __post_init__(self):
+        self.id = self.id or f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
-    return app
+    def usage(self, completion_tokens: int) -> Usage:
+        n = self.prompt_tokens
+        return Usage(prompt_tokens=n, completion_tokens=completion_tokens, total_tokens=n + completion_tokens)
+
+    def whole(self, result: _Result) -> ChatCompletion | Completion:
+        head = dict(id=self.id, created=self.created, model=self.model, usage=self.usage(result.completion_tokens))
+        if self.kind == "chat":
+            choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.reason)
+            return ChatCompletion(choices=[choice], **head)
+        return Completion(choices=[CompletionChoice(text=result.text, finish_reason=result.reason)], **head)
+
+    def chunk(
+        self, delta: str | None, reason: str | None = None, *, first: bool = False, usage: Usage | None = None
+    ) -> ChatCompletionChunk | Completion:
+        head = dict(id=self.id, created=self.created, model=self.model, usage=usage)
+        if self.kind == "chat":
+            d = Delta(role="assistant", content="") if first else Delta(content=delta)
+            return ChatCompletionChunk(choices=[] if usage else [ChunkChoice(delta=d, finish_reason=reason)], **head)
+        return Completion(choices=[] if usage else [CompletionChoice(text=delta or "", finish_reason=reason)], **head)
+
+
+class _StreamedRun:
+    """One job generating in a worker thread, its text read piece by piece as it comes."""
+
+    def __init__(self, engine: Engine, job: _Job):
+        from transformers import TextIteratorStreamer
+
+        self.job, self.result, self.gone = job, None, False
+        self.streamer = TextIteratorStreamer(
+            engine.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.05
+        )
+        self.worker = threading.Thread(target=self._work, args=(engine,), daemon=True)
+        self.worker.start()
+
+    def _work(self, engine: Engine) -> None:
+        try:
+            self.result = _run(engine, self.job, self.streamer)
+        finally:
+            self.streamer.end()
+
+    async def pieces(self, request: Request) -> AsyncIterator[str]:
+        """The text as it is generated; a client that leaves cancels the job and ends the pieces."""
+        iterator, done = iter(self.streamer), object()
+
+        def next_piece():
+            try:
+                return next(iterator)
+            except StopIteration:
+                return done
+            except queue.Empty:  # the streamer's short timeout: nothing new yet
+                return None
+
+        while True:
+            if await request.is_disconnected():
+                self.gone = True
+                self.job.cancel.set()  # the generation stops at its next token and frees the slot
+                return
+            piece = await asyncio.to_thread(next_piece)
+            if piece is done:
+                return
+            if piece:
+                yield piece
+
+    async def finished(self) -> _Result | None:
+        await asyncio.to_thread(self.worker.join)
+        return self.result
 
 
 # ---------------------------------------------------------------------------------------
