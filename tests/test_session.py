@@ -108,3 +108,26 @@ def test_a_conversation_the_template_refuses_is_named(tiny_dir):
     res = served.post("/v1/chat/completions", json={"model": "tiny", "messages": convs[1], "max_tokens": 2})
     assert res.status_code == 400 and res.json()["error"]["param"] == "messages"
     assert "the chat template refused them: no system turn here" in res.json()["error"]["message"]
+
+
+def test_the_chat_loop_keeps_the_history_and_drops_a_turn_that_fails():
+    import io
+
+    from codetune.chat_input import converse, piped_turns
+    from codetune.generate import ContextError
+
+    seen, notes, errors, out = [], [], [], io.StringIO()
+
+    class Session:
+        def stream(self, history):
+            seen.append([m["content"] for m in history])
+            if history[-1]["content"] == "too long":
+                raise ContextError("messages has 9999 tokens")
+            yield from ["an ", "answer "]
+
+    script = b"one\ntoo long\ntwo\n/reset\n\xff\nthree\n/exit\nnever read\n"
+    converse(Session(), piped_turns(io.BytesIO(script)), note=notes.append, error=errors.append, out=out)
+    assert seen == [["one"], ["one", "an answer", "too long"], ["one", "an answer", "two"], ["three"]]
+    assert out.getvalue() == "model> an answer \nmodel> \nmodel> an answer \nmodel> an answer \n"
+    assert notes == ["(conversation cleared)"]
+    assert errors == ["messages has 9999 tokens", "input line 5 is not UTF-8 (invalid start byte at byte 0): skipped"]

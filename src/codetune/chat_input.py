@@ -5,13 +5,13 @@ print ``^[[A``); Enter sends, Alt-Enter (or Esc then Enter) adds a line, and pas
 (bracketed paste) stays one turn however many lines it has. Everywhere, a turn that opens a
 code fence (a line starting with three backticks) goes on until the fence closes, so code typed
 or piped line by line is one message. A line that is not UTF-8 is reported and skipped; the
-session goes on.
+session goes on. :func:`converse` is the chat loop itself, over an inference session.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 FENCE = "```"
@@ -102,3 +102,50 @@ def piped_turns(stream=None) -> Iterator[str | BadInput]:
 
 def turns() -> Iterator[str | BadInput]:
     return terminal_turns() if sys.stdin.isatty() and sys.stdout.isatty() else piped_turns()
+
+
+def converse(
+    session,
+    turns: Iterable[str | BadInput],
+    *,
+    note: Callable[[str], None],
+    error: Callable[[str], None],
+    out=None,
+) -> None:
+    """The chat: each turn's answer streamed from ``session`` to ``out`` after ``model> ``, the history kept.
+
+    ``/reset`` starts over, ``/exit`` (or ``/quit``) ends. ``note`` gets the loop's own messages and
+    ``error`` a line that could not be read or a turn that could not be answered (a prompt over the
+    context, say): that turn leaves the history and the chat goes on.
+    """
+    from .errors import CodetuneError
+
+    out = out or sys.stdout
+    history: list[dict] = []
+    for turn in turns:
+        if isinstance(turn, BadInput):
+            error(turn.message)
+            continue
+        command = turn.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            history = []
+            note("(conversation cleared)")
+            continue
+        if not command:
+            continue
+        history.append({"role": "user", "content": turn})
+        parts = []
+        print("model> ", end="", flush=True, file=out)
+        try:
+            for piece in session.stream(history):
+                parts.append(piece)
+                print(piece, end="", flush=True, file=out)
+        except CodetuneError as exc:
+            print(file=out)
+            error(str(exc))
+            history.pop()
+            continue
+        print(file=out)
+        history.append({"role": "assistant", "content": "".join(parts).strip()})

@@ -421,40 +421,16 @@ def chat_cmd(source: SourceArg, recipe: RecipeOpt = None, set_: SetOpt = None) -
 
     r = _source_recipe(source, recipe, set_)
     session = load_session(source, recipe=r)
-    from .chat_input import BadInput, turns
+    from .chat_input import converse, turns
 
-    history: list[dict] = []
-    console.print(
-        "chat: Enter sends, Alt-Enter adds a line, a ``` fence keeps code in one message; /reset starts over, /exit ends",
-        highlight=False,
-        markup=False,
+    def say(message: str) -> None:
+        console.print(message, highlight=False, markup=False)
+
+    say(
+        "chat: Enter sends, Alt-Enter adds a line, a ``` fence keeps code in one message; "
+        "/reset starts over, /exit ends"
     )
-    for turn in turns():
-        if isinstance(turn, BadInput):
-            console.print(f"error: {turn.message}", highlight=False, markup=False)
-            continue
-        if turn.strip() in ("/exit", "/quit"):
-            break
-        if turn.strip() == "/reset":
-            history = []
-            console.print("(conversation cleared)", highlight=False, markup=False)
-            continue
-        if not turn.strip():
-            continue
-        history.append({"role": "user", "content": turn})
-        parts = []
-        print("model> ", end="", flush=True)
-        try:
-            for piece in session.stream(history):
-                parts.append(piece)
-                print(piece, end="", flush=True)
-        except CodetuneError as exc:  # a turn that cannot be answered; the session goes on
-            print()
-            _print_error(_escape(str(exc)))
-            history.pop()
-            continue
-        print()
-        history.append({"role": "assistant", "content": "".join(parts).strip()})
+    converse(session, turns(), note=say, error=lambda message: _print_error(_escape(message)))
 
 
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory (recipe.yaml, adapter/)")]
