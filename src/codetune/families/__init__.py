@@ -118,7 +118,9 @@ def families() -> dict[str, Family]:
         where = getattr(module, "__file__", None) or module.__name__
         fam = getattr(module, "FAMILY", None)
         if not isinstance(fam, Family):
-            raise FamilyError(f"{where}: a model family module must define FAMILY = Family(...) (or start its name with _)")
+            raise FamilyError(
+                f"{where}: a model family module must define FAMILY = Family(...) (or start its name with _)"
+            )
         if fam.name in out:
             raise FamilyError(f"{where}: family name {fam.name!r} is taken by {files[fam.name]}")
         for model_type in fam.model_types:
