@@ -193,3 +193,27 @@ def test_a_family_name_is_one_file(family_folder):
     _write(family_folder, "llama_copy", name="llama", model_types='"llama-copy",')
     with pytest.raises(FamilyError, match=r"llama_copy\.py: family name 'llama' is taken by .*llama\.py"):
         families()
+
+
+def test_the_readmes_family_example_is_one_working_file(family_folder):
+    """The example in README's "Model families" section, written as the one file it says is enough."""
+    from pathlib import Path
+
+    from codetune.families import builtin_models
+    from codetune.model import build_tiny_tokenizer
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Model families\n", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (family_folder / "mistral.py").write_text(code)
+    import importlib
+
+    importlib.invalidate_caches()
+    fam = family_for({"model_type": "mistral"})
+    assert fam.name == "mistral" and builtin_models()["builtin:tiny-mistral"] is fam
+    tok = build_tiny_tokenizer(family=fam)  # what builtin:tiny-mistral is built from
+    messages = [{"role": "user", "content": "Write f()."}, {"role": "assistant", "content": "def f(): pass"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == "<s>[INST] Write f(). [/INST]def f(): pass</s>"
+    assert tok.convert_tokens_to_ids(fam.turn_end) == tok.eos_token_id and tok.pad_token == fam.pad_token
+    config = fam.tiny.config(tok)
+    assert family_for(config) is fam and config.vocab_size >= len(tok)
