@@ -60,7 +60,7 @@ def tiny_run(tmp_path_factory, tiny_dir):
 # ---------------------------------------------------------------------------------------
 # One tiny run per model family, for the pipeline tests that run on every family
 
-FAMILY_STEPS = 20  # long enough for packed batches and a mid-run checkpoint, short enough for CI
+FAMILY_STEPS = 20  # long enough for packed batches and checkpoints on the way, short enough for CI
 FAMILY_BATCH = 2
 
 
@@ -84,7 +84,7 @@ def family_recipe(family, *overrides: str):
             f"training.max_steps={FAMILY_STEPS}",
             f"training.batch_size={FAMILY_BATCH}",
             "training.eval_steps=null",
-            f"training.save_steps={FAMILY_STEPS // 2}",
+            f"training.save_steps={FAMILY_STEPS // 4}",
             "training.save_total_limit=null",
             "generation.max_new_tokens=24",
             "evaluation.batch_size=64",  # the held-out starter tasks in one batch
@@ -104,7 +104,7 @@ class FamilyRun:
 
 @pytest.fixture(scope="session", params=tiny_families())
 def family_run(request, tmp_path_factory, codetune_home) -> FamilyRun:
-    """A run of each family's tiny builtin, trained FAMILY_STEPS steps with packing and a checkpoint half-way.
+    """A run of each family's tiny builtin, trained FAMILY_STEPS steps with packing, a checkpoint every quarter.
 
     Shared by tests/test_family_pipeline.py: the tests read it and write their outputs elsewhere (eval adds
     eval/). Parametrized on the session scope, so pytest runs one family's tests together, then the next."""

@@ -100,7 +100,7 @@ def test_gguf_export_of_an_unsupported_family_names_the_supported_ones(tmp_path)
 # ---------------------------------------------------------------------------------------
 # Discovery: a family is one file in the package, registered nowhere else
 
-NEW_FAMILY = '''
+NEW_FAMILY = """
 from codetune.families import Family, TinySpec
 from codetune.families import qwen2
 
@@ -124,7 +124,7 @@ FAMILY = Family(
         version="v1",
     ),
 )
-'''
+"""
 
 
 @pytest.fixture
@@ -197,6 +197,7 @@ def test_a_family_name_is_one_file(family_folder):
 
 def test_the_readmes_family_example_is_one_working_file(family_folder):
     """The example in README's "Model families" section, written as the one file it says is enough."""
+    import importlib
     from pathlib import Path
 
     from codetune.families import builtin_models
@@ -206,8 +207,6 @@ def test_the_readmes_family_example_is_one_working_file(family_folder):
     section = readme.split("\n## Model families\n", 1)[1].split("\n## ", 1)[0]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     (family_folder / "mistral.py").write_text(code)
-    import importlib
-
     importlib.invalidate_caches()
     fam = family_for({"model_type": "mistral"})
     assert fam.name == "mistral" and builtin_models()["builtin:tiny-mistral"] is fam

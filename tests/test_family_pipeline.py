@@ -84,19 +84,19 @@ def test_train_packs_several_examples_per_row_and_targets_the_familys_linear_lay
         assert load_tokenizer(load_recipe(fr.run / "recipe.yaml")).pad_token == fr.family.pad_token
 
 
-def test_resume_from_the_mid_run_checkpoint_ends_where_the_whole_run_did(family_run, tmp_path):
+def test_resume_from_the_last_checkpoint_ends_where_the_whole_run_did(family_run, tmp_path):
     from safetensors.torch import load_file
 
     from codetune.train import train
 
-    fr, half = family_run, FAMILY_STEPS // 2
-    cut = tmp_path / "run"  # the run as a kill right after the mid-run checkpoint would have left it
+    fr, last = family_run, FAMILY_STEPS - FAMILY_STEPS // 4
+    cut = tmp_path / "run"  # the run as a kill between its last checkpoint and its end would have left it
     shutil.copytree(fr.run, cut, ignore=shutil.ignore_patterns("adapter", "eval", "train_summary.json", "loss*"))
     for ckpt in (cut / "checkpoints").iterdir():
-        if ckpt.name != f"checkpoint-{half}":
+        if int(ckpt.name.split("-")[1]) > last:
             shutil.rmtree(ckpt)
     resumed = train(load_recipe(cut / "recipe.yaml"), cut, resume=True)
-    assert resumed.summary["resumed_from"].endswith(f"checkpoint-{half}")
+    assert resumed.summary["resumed_from"].endswith(f"checkpoint-{last}")
     whole = json.loads((fr.run / "train_summary.json").read_text())
     assert resumed.global_step == whole["global_step"] == FAMILY_STEPS
     assert resumed.summary["tokens"] == whole["tokens"]
