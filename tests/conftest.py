@@ -1,4 +1,5 @@
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,63 @@ def tiny_run(tmp_path_factory, tiny_dir):
     settings = ["training.max_steps=40", "training.eval_steps=null", "training.save_strategy=no"]
     train(load_recipe("tiny-cpu", settings), run)
     return run
+
+
+# ---------------------------------------------------------------------------------------
+# One tiny run per model family, for the pipeline tests that run on every family
+
+FAMILY_STEPS = 20  # long enough for packed batches and checkpoints on the way, short enough for CI
+FAMILY_BATCH = 2
+
+
+def tiny_families() -> list[str]:
+    """Every family that has a builtin tiny model: a new family file joins the pipeline tests by itself."""
+    from codetune.families import families
+
+    return [name for name, fam in families().items() if fam.tiny]
+
+
+def family_recipe(family, *overrides: str):
+    """tiny-cpu on ``builtin:tiny-<family>``, with the family's template, pad and stop tokens."""
+    from codetune.recipe import load_recipe
+
+    return load_recipe(
+        "tiny-cpu",
+        [
+            f"model.name_or_path={family.builtin}",
+            *family.recipe_overrides(),
+            "lora.target_modules=all-linear",
+            f"training.max_steps={FAMILY_STEPS}",
+            f"training.batch_size={FAMILY_BATCH}",
+            "training.eval_steps=null",
+            f"training.save_steps={FAMILY_STEPS // 4}",
+            "training.save_total_limit=null",
+            "generation.max_new_tokens=24",
+            "evaluation.batch_size=64",  # the held-out starter tasks in one batch
+            "evaluation.compare_base=false",
+            *overrides,
+        ],
+    )
+
+
+@dataclass
+class FamilyRun:
+    family: object  # codetune.families.Family
+    run: Path
+    recipe: object
+    result: object  # codetune.train.TrainResult
+
+
+@pytest.fixture(scope="session", params=tiny_families())
+def family_run(request, tmp_path_factory, codetune_home) -> FamilyRun:
+    """A run of each family's tiny builtin, trained FAMILY_STEPS steps with packing, a checkpoint every quarter.
+
+    Shared by tests/test_family_pipeline.py: the tests read it and write their outputs elsewhere (eval adds
+    eval/). Parametrized on the session scope, so pytest runs one family's tests together, then the next."""
+    from codetune.families import family_named
+    from codetune.train import train
+
+    family = family_named(request.param)
+    recipe = family_recipe(family)
+    run = tmp_path_factory.mktemp(f"family-{family.name}") / "run"
+    return FamilyRun(family, run, recipe, train(recipe, run))

@@ -95,3 +95,124 @@ def test_gguf_export_of_an_unsupported_family_names_the_supported_ones(tmp_path)
     with pytest.raises(GGUFExportError, match=r"Qwen2ForCausalLM \(model family qwen2; GGUF export supports the families: phi3\)"):
         export_gguf(folder, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Discovery: a family is one file in the package, registered nowhere else
+
+NEW_FAMILY = """
+from codetune.families import Family, TinySpec
+from codetune.families import qwen2
+
+FAMILY = Family(
+    name="{name}",
+    model_types=({model_types}),
+    description="a family written by a test",
+    chat_template=None,
+    stop_tokens=("<|im_end|>",),
+    pad_token="<|endoftext|>",
+    turn_end="<|im_end|>",
+    lora_targets={{"attention": ("q_proj", "v_proj")}},
+    tiny=TinySpec(
+        special_tokens=qwen2.SPECIAL_TOKENS,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        unk_token=None,
+        pad_token="<|endoftext|>",
+        chat_template="{{{{ messages[0]['content'] }}}}",
+        config=qwen2.tiny_config,
+        version="v1",
+    ),
+)
+"""
+
+
+@pytest.fixture
+def family_folder(tmp_path, monkeypatch):
+    """A folder on the families package's search path: a file written there is a family module."""
+    import importlib
+    import sys
+
+    import codetune.families as package
+
+    folder = tmp_path / "more_families"
+    folder.mkdir()
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+    before = set(sys.modules)
+    yield folder
+    for name in set(sys.modules) - before:  # the modules written here must not outlive the test
+        if name.startswith("codetune.families."):
+            del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+def _write(folder, module, **fields):
+    import importlib
+
+    (folder / f"{module}.py").write_text(NEW_FAMILY.format(**fields))
+    importlib.invalidate_caches()
+
+
+def test_a_new_family_file_is_discovered_matched_and_gets_its_builtin(family_folder):
+    from codetune.families import builtin_models, family_named
+
+    _write(family_folder, "mistralish", name="mistralish", model_types='"mistral", "mixtral"')
+    assert set(families()) == {"phi3", "qwen2", "llama", "mistralish"}
+    fam = family_for("mistral")
+    assert fam.name == "mistralish" and family_for({"model_type": "mixtral"}) is fam
+    assert family_named("mistralish") is fam and fam.builtin == "builtin:tiny-mistralish"
+    assert builtin_models()["builtin:tiny-mistralish"] is fam
+    assert family_for_source("builtin:tiny-mistralish") is fam
+    assert fam.lora_modules("attention") == ["q_proj", "v_proj"]
+    # nothing else changed: the shipped families still match their own types
+    assert family_for("qwen2").name == "qwen2" and family_for("phi3").name == "phi3"
+
+
+def test_helper_modules_are_not_families_and_a_module_without_family_is_named(family_folder):
+    from codetune.families import FamilyError
+
+    (family_folder / "_shared.py").write_text("X = 1\n")  # a helper shared by family files
+    _write(family_folder, "extra", name="extra", model_types='"extra",')
+    assert "extra" in families() and "_shared" not in families()
+    (family_folder / "broken.py").write_text("NOT_A_FAMILY = 1\n")
+    with pytest.raises(FamilyError, match=r"broken\.py: a model family module must define FAMILY"):
+        families()
+
+
+def test_a_family_that_claims_another_familys_model_type_is_refused(family_folder):
+    from codetune.families import FamilyError
+
+    _write(family_folder, "qwen_again", name="qwen_again", model_types='"qwen2",')
+    with pytest.raises(FamilyError, match=r"qwen_again\.py: model_type 'qwen2' is already claimed by .*qwen2\.py"):
+        family_for("qwen2")
+
+
+def test_a_family_name_is_one_file(family_folder):
+    from codetune.families import FamilyError
+
+    _write(family_folder, "llama_copy", name="llama", model_types='"llama-copy",')
+    with pytest.raises(FamilyError, match=r"llama_copy\.py: family name 'llama' is taken by .*llama\.py"):
+        families()
+
+
+def test_the_readmes_family_example_is_one_working_file(family_folder):
+    """The example in README's "Model families" section, written as the one file it says is enough."""
+    import importlib
+    from pathlib import Path
+
+    from codetune.families import builtin_models
+    from codetune.model import build_tiny_tokenizer
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Model families\n", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (family_folder / "mistral.py").write_text(code)
+    importlib.invalidate_caches()
+    fam = family_for({"model_type": "mistral"})
+    assert fam.name == "mistral" and builtin_models()["builtin:tiny-mistral"] is fam
+    tok = build_tiny_tokenizer(family=fam)  # what builtin:tiny-mistral is built from
+    messages = [{"role": "user", "content": "Write f()."}, {"role": "assistant", "content": "def f(): pass"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == "<s>[INST] Write f(). [/INST]def f(): pass</s>"
+    assert tok.convert_tokens_to_ids(fam.turn_end) == tok.eos_token_id and tok.pad_token == fam.pad_token
+    config = fam.tiny.config(tok)
+    assert family_for(config) is fam and config.vocab_size >= len(tok)

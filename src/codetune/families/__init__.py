@@ -7,16 +7,20 @@ that ``builtin:tiny-<family>`` and the tests are built from, and (where supporte
 tensor plan. An unknown ``model_type`` gets :data:`GENERIC`: the tokenizer's own template and eos,
 which is all that training, evaluation and merging need.
 
-Adding a family is one new module here that defines ``FAMILY`` and one line in ``_MODULES``.
+Adding a family is one new module here that defines ``FAMILY``: every module of this package is a
+family, found when first asked for (modules whose name starts with ``_`` are helpers, not families).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..errors import CodetuneError
 
 
 @dataclass(frozen=True)
@@ -94,16 +98,37 @@ GENERIC = Family(
     turn_end=None,
 )
 
-_MODULES = ("phi3", "qwen2", "llama")
+
+class FamilyError(CodetuneError):
+    """A family module that cannot be used: no FAMILY, or a name or model_type another family has."""
 
 
 def families() -> dict[str, Family]:
-    """Every known family by name (GENERIC excluded)."""
-    out = {}
-    for name in _MODULES:
-        fam = importlib.import_module(f"{__name__}.{name}").FAMILY
-        out[fam.name] = fam
-    return out
+    """Every family module of this package by family name (GENERIC excluded), in name order.
+
+    Listed on every call (a directory listing; the modules are imported once), so a family file added to
+    the package, or a folder added to its ``__path__``, is found without registering it anywhere."""
+    out: dict[str, Family] = {}
+    files: dict[str, str] = {}  # family name -> its file
+    claimed: dict[str, str] = {}  # model_type -> the file that claims it
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        where = getattr(module, "__file__", None) or module.__name__
+        fam = getattr(module, "FAMILY", None)
+        if not isinstance(fam, Family):
+            raise FamilyError(
+                f"{where}: a model family module must define FAMILY = Family(...) (or start its name with _)"
+            )
+        if fam.name in out:
+            raise FamilyError(f"{where}: family name {fam.name!r} is taken by {files[fam.name]}")
+        for model_type in fam.model_types:
+            if model_type in claimed:
+                raise FamilyError(f"{where}: model_type {model_type!r} is already claimed by {claimed[model_type]}")
+            claimed[model_type] = where
+        out[fam.name], files[fam.name] = fam, where
+    return dict(sorted(out.items()))
 
 
 def _model_type(config_or_model_type: Any) -> str | None:
@@ -179,6 +204,7 @@ def recipe_for_source(source: str | Path, overrides: list[str] | None = None):
 __all__ = [
     "GENERIC",
     "Family",
+    "FamilyError",
     "TinySpec",
     "builtin_models",
     "families",
