@@ -24,7 +24,8 @@ needs_qwen2_tokenizer = pytest.mark.skipif(
 )
 # Llama 3's split regex, as its tokenizer.json has it (digits in runs of up to three).
 LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 FAMILIES = ["qwen2", "llama"]
 # The chat prompt ends with the family's own turn header; the code prompts are raw text.
@@ -263,7 +264,8 @@ def test_other_rope_scalings_are_refused(tiny_dirs, tmp_path):
     config = json.loads((src / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
     (src / "config.json").write_text(json.dumps(config))
-    with pytest.raises(GGUFExportError, match=r"rope scaling 'yarn' is not supported for llama.cpp's qwen2 \(supported: default\)"):
+    refused = r"rope scaling 'yarn' is not supported for llama.cpp's qwen2 \(supported: default\)"
+    with pytest.raises(GGUFExportError, match=refused):
         export_gguf(src, tmp_path / "yarn.gguf")
     assert not (tmp_path / "yarn.gguf").exists()
 
@@ -354,8 +356,10 @@ def test_checkpoint_that_disagrees_with_its_family_is_refused(tiny_dirs, tmp_pat
     src = tmp_path / "qwen-as-llama"
     shutil.copytree(tiny_dirs["qwen2"], src)
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(GGUFExportError, match=r"'model.layers.0.self_attn.k_proj.bias' has no place in llama.cpp's llama"):
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (src / "config.json").write_text(json.dumps(config))
+    refused = r"'model.layers.0.self_attn.k_proj.bias' has no place in llama.cpp's llama"
+    with pytest.raises(GGUFExportError, match=refused):
         export_gguf(src, tmp_path / "out.gguf")
 
     # GQA heads that disagree with config.json
@@ -396,7 +400,9 @@ def test_llama_cpp_tokenizes_like_transformers(exported, tiny_dirs, family):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dirs[family])
-    chat = tok.apply_chat_template([{"role": "user", "content": "Sort a list."}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Sort a list."}], tokenize=False, add_generation_prompt=True
+    )
     _assert_llama_cpp_tokenizes_like_hf(tiny_dirs[family], exported[family, "f16"], [*TOKENIZER_TEXTS, chat])
 
 
@@ -439,7 +445,8 @@ def test_qwen2_real_tokenizer(qwen2_real_tok_dir, tmp_path):
     fields, tensors, _ = _read_layout(path, keys | {"tokenizer.chat_template"})
     assert (fields["tokenizer.ggml.model"], fields["tokenizer.ggml.pre"]) == ("gpt2", "qwen2")
     assert fields["tokenizer.ggml.tokens"] == fields["tokenizer.ggml.token_type"] == 151936
-    assert fields["tokenizer.ggml.merges"] == len(json.loads((qwen2_real_tok_dir / "tokenizer.json").read_text())["model"]["merges"])
+    merges = json.loads((qwen2_real_tok_dir / "tokenizer.json").read_text())["model"]["merges"]
+    assert fields["tokenizer.ggml.merges"] == len(merges)
     assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert fields["tokenizer.ggml.eot_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
     assert "<|im_start|>" in fields["tokenizer.chat_template"]
@@ -456,14 +463,18 @@ def test_qwen2_real_tokenizer(qwen2_real_tok_dir, tmp_path):
 def test_layout_reader_agrees_with_gguf_py(exported):
     """The export's read-back (verify) walks the file with struct; gguf-py's reader must see the same."""
     for path in exported.values():
-        fields, tensors, data_end = _read_layout(path, {"general.architecture", "llama.block_count", "qwen2.block_count"})
+        keys = {"general.architecture", "llama.block_count", "qwen2.block_count"}
+        fields, tensors, data_end = _read_layout(path, keys)
         r = gguf.GGUFReader(path)
         assert fields["general.architecture"] == _field(r, "general.architecture")
         arch = fields["general.architecture"]
         assert fields[f"{arch}.block_count"] == _field(r, f"{arch}.block_count") == 2
         assert fields["tokenizer.ggml.tokens"] == len(_field(r, "tokenizer.ggml.tokens"))
         assert fields["tokenizer.ggml.merges"] == len(_field(r, "tokenizer.ggml.merges"))
-        want = {t.name: (int(t.tensor_type), tuple(int(d) for d in reversed(t.shape)), int(t.data_offset)) for t in r.tensors}
+        want = {
+            t.name: (int(t.tensor_type), tuple(int(d) for d in reversed(t.shape)), int(t.data_offset))
+            for t in r.tensors
+        }
         assert {n: (q, s, r.data_offset + o) for n, (q, s, o) in tensors.items()} == want
         assert data_end == path.stat().st_size == max(t.data_offset + t.n_bytes for t in r.tensors)
 
@@ -476,7 +487,8 @@ def test_verify_refuses_a_file_unlike_its_plan(exported, tiny_dirs):
     hp = read_hparams(config, plan)
     tensors, vocab = plan_tensors(tiny_dirs["llama"], hp, plan, "f32"), read_vocab(tiny_dirs["llama"], hp)
     verify(exported["llama", "f32"], plan, hp, tensors, vocab)  # the file as planned
-    with pytest.raises(GGUFExportError, match=r"tensors differ from the plan: blk.0.attn_k.weight, blk.0.attn_output.weight"):
+    differ = r"tensors differ from the plan: blk.0.attn_k.weight, blk.0.attn_output.weight"
+    with pytest.raises(GGUFExportError, match=differ):
         verify(exported["llama", "f16"], plan, hp, tensors, vocab)  # f16 tensors where f32 were planned
     with pytest.raises(GGUFExportError, match=r"general.architecture is 'qwen2', not 'llama'"):
         verify(exported["qwen2", "f32"], plan, hp, tensors, vocab)
@@ -505,7 +517,8 @@ def test_export_formats_registry_drives_the_cli(tmp_path):
     assert FORMATS["gguf"].default_outtype == "f16" and FORMATS["merged"].default_outtype == "bfloat16"
     with pytest.raises(InputError, match=r"^--format 'onnx': choose one of gguf, merged$"):
         export(tmp_path, format="onnx")
-    with pytest.raises(InputError, match=r"^--outtype 'bfloat16' for --format gguf: choose one of f16, bf16, f32, q8_0$"):
+    wrong_outtype = r"^--outtype 'bfloat16' for --format gguf: choose one of f16, bf16, f32, q8_0$"
+    with pytest.raises(InputError, match=wrong_outtype):
         export(tmp_path, format="gguf", outtype="bfloat16")
 
     res = _cli("export", tmp_path, "--format", "onnx")

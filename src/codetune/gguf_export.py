@@ -311,7 +311,8 @@ def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> lis
                 heads = 0
                 if plan.permute_qk and re.search(r"\.attn_[qk]\.", name):
                     heads = hp["n_head"] if ".attn_q." in name else hp["n_head_kv"]
-                tensors.append(Tensor(hf_name, name, file, shape, _qtype(gguf, name, shape, wanted), permute_heads=heads))
+                qtype = _qtype(gguf, name, shape, wanted)
+                tensors.append(Tensor(hf_name, name, file, shape, qtype, permute_heads=heads))
 
     # A tensor the architecture does not have says more about the folder than a wrong shape does.
     for t in tensors:
@@ -397,9 +398,12 @@ def _load(t: Tensor, handles: dict):
 
 # llama.cpp names each byte-level BPE pre-tokenizer it implements; these are the split regexes of
 # the tokenizer.json files they stand for (llama.cpp's llama-vocab.cpp quotes them).
+# They differ only in how many digits make one piece: Qwen2 one, Llama 3 up to three.
+_SPLIT_HEAD = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_SPLIT_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _SPLIT_REGEX_PRE = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    _SPLIT_HEAD + r"\p{N}" + _SPLIT_TAIL: "qwen2",
+    _SPLIT_HEAD + r"\p{N}{1,3}" + _SPLIT_TAIL: "llama-bpe",
 }
 # llama.cpp uses a whole word found in the vocabulary without merging for these pre-tokenizers only;
 # the tokenizer.json must say the same (its model.ignore_merges), or the two tokenize differently.
@@ -460,7 +464,8 @@ def _tokenizer_kind(tj: dict, model_dir: Path) -> tuple[str, str]:
     if bool(model.get("ignore_merges", False)) != (pre in _IGNORES_MERGES):
         raise GGUFExportError(
             f"{model_dir}/tokenizer.json: model.ignore_merges is {bool(model.get('ignore_merges', False))}, "
-            f"but llama.cpp's {pre!r} pre-tokenizer implies {pre in _IGNORES_MERGES}: the two would tokenize differently"
+            f"but llama.cpp's {pre!r} pre-tokenizer implies {pre in _IGNORES_MERGES}: "
+            "the two would tokenize differently"
         )
     return "gpt2", pre
 
