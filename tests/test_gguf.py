@@ -150,7 +150,14 @@ def test_bad_folders_give_clear_errors(tmp_path, tiny_dir):
     (llama / "config.json").write_text(
         json.dumps({**config, "architectures": ["LlamaForCausalLM"], "model_type": "llama"})
     )
-    with pytest.raises(GGUFExportError, match="supports Phi3ForCausalLM only; this folder holds LlamaForCausalLM"):
+    no_place = "tensor 'model.layers.0.self_attn.qkv_proj.weight' has no place in llama.cpp's llama"
+    with pytest.raises(GGUFExportError, match=no_place):
+        export_gguf(llama, out)
+    (llama / "config.json").write_text(
+        json.dumps({**config, "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
+    )
+    unsupported = r"GPTNeoXForCausalLM \(model_type 'gpt_neox'\); GGUF export supports the families: phi3, qwen2, llama"
+    with pytest.raises(GGUFExportError, match=unsupported):
         export_gguf(llama, out)
 
     no_weights = tmp_path / "no-weights"

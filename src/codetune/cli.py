@@ -452,23 +452,40 @@ def merge_cmd(
     out.print(f"merged   -> {path}")
 
 
+def _format_help() -> str:
+    from .export import FORMATS
+
+    return "; ".join(f"{f.name}: {f.writes}" for f in FORMATS.values())
+
+
+def _outtype_help() -> str:
+    from .export import FORMATS
+
+    return "; ".join(f"{f.name}: {', '.join(f.outtypes)} (default {f.default_outtype})" for f in FORMATS.values())
+
+
 @app.command("export")
 def export_cmd(
     run_dir: RunDirArg,
-    format_: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama)")] = "gguf",
-    out_file: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/model-OUTTYPE.gguf")] = None,
-    outtype: Annotated[str, typer.Option(help="f16, bf16, f32 or q8_0")] = "f16",
+    format_: Annotated[str, typer.Option("--format", help=_format_help())] = "gguf",
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Default: RUN_DIR/model-OUTTYPE.gguf (gguf), RUN_DIR/merged (merged)")
+    ] = None,
+    outtype: Annotated[str | None, typer.Option(help=_outtype_help())] = None,
     overwrite: ReplaceOpt = False,
 ) -> None:
-    """Export a fine-tune for llama.cpp / Ollama: merged first (bf16 base + adapter), then written as GGUF."""
+    """Export a fine-tune: for llama.cpp / Ollama as GGUF (merged first), or as a merged model folder."""
     from .export import export
 
-    if format_ != "gguf":
-        _fail(f"--format {format_!r}: only gguf is supported")
     path = export(
-        run_dir, out_file, outtype=outtype, overwrite=overwrite, log=lambda m: console.print(m, highlight=False)
+        run_dir,
+        out_file,
+        format=format_,
+        outtype=outtype,
+        overwrite=overwrite,
+        log=lambda m: console.print(m, highlight=False),
     )
-    out.print(f"gguf     -> {path}")
+    out.print(f"{format_:<8} -> {path}")
 
 
 @app.command("card")

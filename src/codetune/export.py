@@ -1,5 +1,9 @@
 """``codetune merge`` and ``codetune export``: a fine-tune as a plain model folder, and as GGUF.
 
+``FORMATS`` is the registry of export formats: one entry per format says what it writes, its
+output types and which model families it supports. ``codetune export --format`` takes its names
+from it, and a wrong name or output type is refused naming the allowed ones.
+
 Merging reloads the base model *unquantized* (bf16 by default) and folds the adapter into it. It
 never merges into 4-bit weights: that would round the adapter's small updates away. Both write
 through ``codetune.rundir``'s staging: an existing output is replaced only with ``overwrite`` and
@@ -9,8 +13,12 @@ only when codetune wrote it; the run itself and the current directory are never 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
+from .gguf_export import OUTTYPES as GGUF_OUTTYPES
 from .recipe import load_recipe
 from .rundir import RunDir, check_target, is_regular_file, ours_or_legacy, read_marker, staged_dir
 
@@ -91,23 +99,101 @@ def is_gguf_file(path: Path) -> bool:
         return fh.read(4) == b"GGUF"
 
 
-def export(
-    run_dir: Path, out_file: Path | None = None, *, outtype: str = "f16", overwrite: bool = False, log=print
-) -> Path:
-    """``codetune export --format gguf``: merge, then write GGUF. ``RUN_DIR/merged`` is reused only when
-    it was made from the current adapter (its marker records the adapter's SHA-256)."""
+@dataclass(frozen=True)
+class ExportFormat:
+    """One way to export a fine-tune."""
+
+    name: str
+    writes: str  # what it writes, for --help and the docs
+    outtypes: tuple[str, ...]  # the first is the default
+    # The model families it supports; None: every model, unknown architectures included.
+    families: Callable[[], list[str]] | None
+    default_out: Callable[[RunDir, str], Path]
+    # (run_dir, out, outtype, overwrite, log) -> what it wrote
+    write: Callable[..., Path]
+
+    @property
+    def default_outtype(self) -> str:
+        return self.outtypes[0]
+
+    def supported_families(self) -> str:
+        return "every model family" if self.families is None else ", ".join(self.families())
+
+
+def _gguf_families() -> list[str]:
+    from .families import gguf_families
+
+    return gguf_families()
+
+
+def _write_merged(run_dir: Path, out: Path, outtype: str, overwrite: bool, log) -> Path:
+    return merge(run_dir, out, dtype=outtype, overwrite=overwrite, log=log)
+
+
+def _write_gguf(run_dir: Path, out: Path, outtype: str, overwrite: bool, log) -> Path:
+    """Merge (or reuse ``RUN_DIR/merged`` when it was made from the current adapter), then write GGUF."""
     from .gguf_export import export_gguf
 
     rd = RunDir(run_dir)
-    rd.require_adapter()
-    out_file = Path(out_file) if out_file else rd.path / f"model-{outtype}.gguf"
-    check_target(out_file, "gguf", overwrite=overwrite, protect=[rd.path], ours=is_gguf_file, what="--out")
+    check_target(out, "gguf", overwrite=overwrite, protect=[rd.path], ours=is_gguf_file, what="--out")
     made_from = (read_marker(rd.merged) or {}).get("adapter_sha256")
     if not (rd.merged / "config.json").is_file() or made_from != rd.adapter_fingerprint():
         if rd.merged.exists():
             log(f"{rd.merged} was not made from the current adapter: merging again")
         merge(rd.path, rd.merged, overwrite=rd.merged.exists(), log=log)
-    return export_gguf(rd.merged, out_file, outtype=outtype, overwrite=overwrite, log=log)
+    return export_gguf(rd.merged, out, outtype=outtype, overwrite=overwrite, log=log)
 
 
-__all__ = ["MERGED", "export", "is_gguf_file", "merge"]
+FORMATS: dict[str, ExportFormat] = {
+    f.name: f
+    for f in (
+        ExportFormat(
+            name="gguf",
+            writes="one GGUF file for llama.cpp and Ollama (merged first)",
+            outtypes=GGUF_OUTTYPES,
+            families=_gguf_families,
+            default_out=lambda rd, outtype: rd.path / f"model-{outtype}.gguf",
+            write=_write_gguf,
+        ),
+        ExportFormat(
+            name="merged",
+            writes="a Hugging Face model folder: base + adapter in safetensors, with the tokenizer",
+            outtypes=("bfloat16", "float16", "float32"),
+            families=None,
+            default_out=lambda rd, outtype: rd.merged,
+            write=_write_merged,
+        ),
+    )
+}
+
+
+def export_format(name: str) -> ExportFormat:
+    """The registry's entry for ``name``; an unknown name is refused naming the known ones."""
+    if name not in FORMATS:
+        raise InputError(f"--format {name!r}: choose one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def export(
+    run_dir: Path,
+    out_file: Path | None = None,
+    *,
+    format: str = "gguf",
+    outtype: str | None = None,
+    overwrite: bool = False,
+    log=print,
+) -> Path:
+    """``codetune export``: the run in one of the registry's formats (default ``gguf``: merge, then write
+    GGUF; ``RUN_DIR/merged`` is reused only when it was made from the current adapter, whose SHA-256
+    its marker records)."""
+    fmt = export_format(format)
+    outtype = outtype or fmt.default_outtype
+    if outtype not in fmt.outtypes:
+        raise InputError(f"--outtype {outtype!r} for --format {fmt.name}: choose one of {', '.join(fmt.outtypes)}")
+    rd = RunDir(run_dir)
+    rd.require_adapter()
+    out = Path(out_file) if out_file else fmt.default_out(rd, outtype)
+    return fmt.write(rd.path, out, outtype, overwrite, log)
+
+
+__all__ = ["FORMATS", "MERGED", "ExportFormat", "export", "export_format", "is_gguf_file", "merge"]

@@ -1,26 +1,31 @@
-"""``codetune export``: a merged Phi-3 model folder as one GGUF file for llama.cpp and Ollama.
+"""``codetune export``: a merged model folder as one GGUF file for llama.cpp and Ollama.
 
 The file is written with the ``gguf`` package (gguf-py, published by the llama.cpp project): its
 ``GGUFWriter`` writes the format, its ``TensorNameMap`` names the tensors, its ``SpecialVocab``
 reads the merges and the chat template, its ``quants`` module makes bf16 and q8_0. What codetune
-adds is what llama.cpp's ``convert_hf_to_gguf.py`` would add for ``Phi3ForCausalLM``: the ``phi3``
+adds is what llama.cpp's ``convert_hf_to_gguf.py`` adds for each supported architecture: the
 hyperparameters and a vocabulary in the form llama.cpp expects. We do not run that script because
-it cannot read what we write: it wants a SentencePiece ``tokenizer.model``, which
+it cannot read what we write: it wants a SentencePiece ``tokenizer.model`` for Phi-3, which
 ``save_pretrained`` in transformers 5 no longer writes, and it rejects any byte-level BPE
-pre-tokenizer it does not know by hash (the tiny model's).
+pre-tokenizer it does not know by hash (the tiny models').
 
-llama.cpp's ``phi3`` keeps Phi-3's fused projections: ``self_attn.qkv_proj`` becomes
-``blk.N.attn_qkv`` (rows q, k, v) and ``mlp.gate_up_proj`` becomes ``blk.N.ffn_up`` (rows gate, then
-up; llama.cpp's SwiGLU splits it the way ``Phi3MLP`` does). Phi-3's rope is the NeoX kind, so q and
-k are written unpermuted.
+Each model family that GGUF export supports describes its llama.cpp architecture in its own file
+(``families/<name>.py``) as a :class:`GGUFPlan`: the architecture name, every tensor of a block with
+its shape, whether q and k are permuted for llama.cpp's rope, the end-of-turn token, the rope
+scalings it handles and any metadata or generated tensors of its own. This module does the rest, in
+named steps: read the folder and its hyperparameters (:func:`read_model`, :func:`read_hparams`),
+plan the tensors (:func:`plan_tensors`), read the vocabulary (:func:`read_vocab`), write the
+metadata and the tensors (:func:`write_metadata`, :func:`write_tensors`), and read the file back
+(:func:`verify`).
 
-Two tokenizers are supported:
+Tokenizers supported:
 
 * SentencePiece-style (``tokenizer.json`` BPE with byte fallback: Phi-3, Llama 2) -> ``llama``.
   Scores come from ``tokenizer.model`` when the folder has one, else from the merge ranks of
   ``tokenizer.json`` (llama.cpp's SPM tokenizer merges the highest score first, HF the lowest rank).
-* GPT-2-style byte-level BPE (``ByteLevel`` pre-tokenizer with its regex: the tiny model) ->
-  ``gpt2`` with pre-tokenizer ``gpt-2``.
+* Byte-level BPE -> ``gpt2``, with llama.cpp's pre-tokenizer named from the split regex:
+  GPT-2's (``ByteLevel`` with its regex: the tiny models) -> ``gpt-2``, Qwen2's -> ``qwen2``,
+  Llama 3's -> ``llama-bpe``.
 """
 
 from __future__ import annotations
@@ -28,29 +33,80 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import re
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .families import families, family_for, gguf_families
-from .recipe import RecipeError
+from .errors import RecipeError
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-ARCHITECTURE = "Phi3ForCausalLM"
+OUTTYPES = ("f16", "bf16", "f32", "q8_0")  # the first is the default
 
 
 class GGUFExportError(RecipeError):
     """A model folder that cannot be exported to GGUF, with a message meant for the user."""
 
 
+Shapes = dict[str, tuple[int, ...]]
+
+
 @dataclass(frozen=True)
-class _Tensor:
+class GGUFPlan:
+    """One llama.cpp architecture, as a model family describes it (``Family.gguf_plan``)."""
+
+    arch: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES): "phi3", "qwen2", "llama"
+    architectures: tuple[str, ...]  # the Hugging Face architectures it covers
+    # hparams -> each tensor of one block: its GGUF name after "blk.N." and its checkpoint shape (out, in)
+    block: Callable[[dict], Shapes]
+    # llama.cpp's "llama" rotates interleaved pairs, transformers rotates halves: q and k rows are reordered
+    permute_qk: bool = False
+    eot_token: str | None = None  # the token that closes a turn (llama.cpp's end-of-turn id)
+    rope_types: tuple[str, ...] = ()  # rope scalings handled besides "default"
+    # (writer, hparams) -> the architecture's own keys, beyond those every architecture gets
+    metadata: Callable[[Any, dict], None] | None = None
+    # (model_dir, hparams) -> generated tensors (rope factors) that precede the checkpoint's
+    extra_tensors: Callable[[Path, dict], list] | None = None
+
+
+def separate_qkv_block(hp: dict, *, qkv_bias: bool = False, out_bias: bool = False, mlp_bias: bool = False) -> Shapes:
+    """A block with separate q/k/v and gate/up projections (Llama, Qwen2), GQA included."""
+    e, ff, hd = hp["n_embd"], hp["n_ff"], hp["head_dim"]
+    q, kv = hp["n_head"] * hd, hp["n_head_kv"] * hd
+    shapes: Shapes = {
+        "attn_norm.weight": (e,),
+        "attn_q.weight": (q, e),
+        "attn_k.weight": (kv, e),
+        "attn_v.weight": (kv, e),
+        "attn_output.weight": (e, q),
+        "ffn_norm.weight": (e,),
+        "ffn_gate.weight": (ff, e),
+        "ffn_up.weight": (ff, e),
+        "ffn_down.weight": (e, ff),
+    }
+    if qkv_bias:
+        shapes.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
+    if out_bias:
+        shapes["attn_output.bias"] = (e,)
+    if mlp_bias:
+        shapes.update({"ffn_gate.bias": (ff,), "ffn_up.bias": (ff,), "ffn_down.bias": (e,)})
+    return shapes
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of the GGUF file: where its data comes from and how it is written."""
+
     hf_name: str
     name: str  # GGUF name
     file: Path | None  # safetensors file; None for a generated tensor (rope factors)
     shape: tuple[int, ...]
     qtype: object  # gguf.GGMLQuantizationType
     values: tuple[float, ...] | None = None  # the data of a generated tensor
+    permute_heads: int = 0  # >0: rows reordered from rotate-half to interleaved pairs, per head
+
 
 
 def _gguf():
@@ -69,18 +125,26 @@ def _read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Config -> phi3 hyperparameters
+# Step 1: the folder, its family and its hyperparameters
 
 
-def _gguf_family(config: dict):
-    """The config's model family; a config that names Phi3ForCausalLM without a model_type is Phi-3's."""
+def _family_and_plan(config: dict):
+    """The config's model family and its GGUF plan; a config that names a supported architecture
+    without a known model_type gets that architecture's family."""
+    from .families import families, family_for
+
     family = family_for(config)
-    if family.gguf_plan is None and ARCHITECTURE in (config.get("architectures") or []):
-        return families()["phi3"]
-    return family
+    if family.gguf_plan is None:
+        archs = set(config.get("architectures") or [])
+        for candidate in families().values():
+            if candidate.gguf_plan is not None and archs & set(candidate.gguf_plan.architectures):
+                return candidate, candidate.gguf_plan
+    return family, family.gguf_plan
 
 
-def _check_folder(model_dir: Path) -> dict:
+def read_model(model_dir: Path) -> tuple[dict, GGUFPlan]:
+    """config.json of a merged, unquantized model folder with safetensors and tokenizer.json, and the
+    GGUF plan of its family; anything else is a GGUFExportError that says what to do."""
     if not model_dir.is_dir():
         raise GGUFExportError(f"{model_dir} is not a directory: give a merged model folder (`codetune merge`)")
     if not (model_dir / "config.json").is_file():
@@ -90,17 +154,21 @@ def _check_folder(model_dir: Path) -> dict:
         )
     if (model_dir / "adapter_config.json").is_file():
         raise GGUFExportError(f"{model_dir} is a LoRA adapter, not a model: merge it first (`codetune merge RUN_DIR`)")
+    from .families import GENERIC, gguf_families
+
     config = _read_json(model_dir / "config.json")
-    archs = config.get("architectures") or []
-    family = _gguf_family(config)
-    if family.gguf_plan is None:
+    family, plan = _family_and_plan(config)
+    if plan is None:
+        archs = ", ".join(config.get("architectures") or []) or "an unknown architecture"
+        kind = f"model_type {config.get('model_type')!r}" if family is GENERIC else f"model family {family.name}"
         raise GGUFExportError(
-            f"{model_dir}: GGUF export supports {ARCHITECTURE} only; this folder holds "
-            f"{', '.join(archs) or config.get('model_type') or 'an unknown architecture'} "
-            f"(model family {family.name}; GGUF export supports the families: {', '.join(gguf_families())})"
+            f"{model_dir}: this folder holds {archs} ({kind}); GGUF export supports the families: "
+            f"{', '.join(gguf_families())}"
         )
     if config.get("hidden_act", "silu") != "silu":
-        raise GGUFExportError(f"{model_dir}: hidden_act {config['hidden_act']!r} is not Phi-3's silu")
+        raise GGUFExportError(
+            f"{model_dir}: hidden_act {config['hidden_act']!r} is not silu, which llama.cpp's {plan.arch} uses"
+        )
     if config.get("quantization_config"):
         raise GGUFExportError(
             f"{model_dir} holds quantized weights ({config['quantization_config'].get('quant_method', '?')}): "
@@ -108,7 +176,7 @@ def _check_folder(model_dir: Path) -> dict:
         )
     if not (model_dir / "tokenizer.json").is_file():
         raise GGUFExportError(f"{model_dir} has no tokenizer.json: the GGUF file needs the tokenizer")
-    return config
+    return config, plan
 
 
 def _rope(config: dict) -> tuple[float, float, dict | None]:
@@ -117,12 +185,21 @@ def _rope(config: dict) -> tuple[float, float, dict | None]:
     scaling = config.get("rope_scaling") or None
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if scaling is None and params.get("rope_type", "default") != "default":
+    if scaling is None:
         scaling = params
+    if str(scaling.get("rope_type") or scaling.get("type") or "default").lower() == "default":
+        scaling = None  # transformers 5 writes {"rope_type": "default", "rope_theta": ...} for plain rope
     return float(theta), float(partial), scaling
 
 
-def _hparams(config: dict) -> dict:
+def rope_type(hp: dict) -> str:
+    """The rope scaling's kind ("default" when there is none)."""
+    scaling = hp["rope_scaling"] or {}
+    return str(scaling.get("rope_type") or scaling.get("type") or "default").lower()
+
+
+def read_hparams(config: dict, plan: GGUFPlan) -> dict:
+    """The hyperparameters llama.cpp's loader reads, from config.json."""
     try:
         n_embd = int(config["hidden_size"])
         n_head = int(config["num_attention_heads"])
@@ -132,22 +209,35 @@ def _hparams(config: dict) -> dict:
             n_layer=int(config["num_hidden_layers"]),
             n_head=n_head,
             n_head_kv=int(config.get("num_key_value_heads") or n_head),
+            head_dim=int(config.get("head_dim") or n_embd // n_head),
+            explicit_head_dim="head_dim" in config and config["head_dim"] is not None,
             n_ctx=int(config["max_position_embeddings"]),
             n_ctx_orig=int(config.get("original_max_position_embeddings") or config["max_position_embeddings"]),
             rms_eps=float(config["rms_norm_eps"]),
             n_vocab=int(config["vocab_size"]),
             sliding_window=int(config.get("sliding_window") or 0),
             tied=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
         )
-    except KeyError as exc:
-        raise GGUFExportError(f"config.json lacks {exc.args[0]!r}, which a Phi-3 config has") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        key = exc.args[0] if isinstance(exc, KeyError) else exc
+        raise GGUFExportError(
+            f"config.json lacks {key!r} or has a wrong value for it, which a {plan.arch} config has right"
+        ) from None
     hp["rope_theta"], partial, hp["rope_scaling"] = _rope(config)
-    hp["n_rot"] = int(partial * n_embd) // n_head
+    hp["n_rot"] = int(partial * hp["head_dim"])
+    kind = rope_type(hp)
+    if kind != "default" and kind not in plan.rope_types:
+        supported = ", ".join(("default", *plan.rope_types))
+        raise GGUFExportError(
+            f"config.json: rope scaling {kind!r} is not supported for llama.cpp's {plan.arch} (supported: {supported})"
+        )
     return hp
 
 
 # ---------------------------------------------------------------------------------------
-# Tensors
+# Step 2: the tensor plan
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -168,22 +258,41 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _plan_tensors(model_dir: Path, hp: dict, outtype: str) -> list[_Tensor]:
-    """Every tensor of the GGUF file: its GGUF name, source, shape and ggml type, in llama.cpp's order."""
+def expected_shapes(hp: dict, plan: GGUFPlan) -> Shapes:
+    """Every checkpoint tensor the file holds, by GGUF name, with its (out, in) shape."""
+    shapes: Shapes = {"token_embd.weight": (hp["n_vocab"], hp["n_embd"]), "output_norm.weight": (hp["n_embd"],)}
+    if not hp["tied"]:
+        shapes["output.weight"] = (hp["n_vocab"], hp["n_embd"])
+    for i in range(hp["n_layer"]):
+        shapes.update({f"blk.{i}.{name}": shape for name, shape in plan.block(hp).items()})
+    return shapes
+
+
+def _qtype(gguf, name: str, shape: tuple[int, ...], wanted):
+    # Norms, biases and other 1-D tensors stay f32, as llama.cpp's converter keeps them.
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    if wanted == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
+        return gguf.GGMLQuantizationType.F16  # q8_0 blocks are 32 wide; the converter falls back too
+    return wanted
+
+
+def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> list[Tensor]:
+    """Every tensor of the GGUF file: its GGUF name, source, shape and ggml type, in llama.cpp's order.
+
+    Each checkpoint tensor must be one the architecture has, with the shape config.json implies, and
+    none may be missing; a tied model's lm_head (when saved at all) is left out: llama.cpp reuses
+    token_embd.
+    """
     gguf = _gguf()
     from safetensors import safe_open
 
-    arch = gguf.MODEL_ARCH.PHI3
+    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[plan.arch]
     name_map = gguf.get_tensor_name_map(arch, hp["n_layer"])
-    allowed = set(gguf.MODEL_TENSORS[arch])
-    wanted = {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "bf16": gguf.GGMLQuantizationType.BF16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    }[outtype]
+    wanted = gguf.GGMLQuantizationType[outtype.upper()]
+    expect = expected_shapes(hp, plan)
 
-    tensors: list[_Tensor] = []
+    tensors: list[Tensor] = []
     for file in _safetensors_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for hf_name in f.keys():
@@ -195,83 +304,53 @@ def _plan_tensors(model_dir: Path, hp: dict, outtype: str) -> list[_Tensor]:
                         "(`codetune merge RUN_DIR` folds it in)"
                     )
                 found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if found is None or found[0] not in allowed:
-                    raise GGUFExportError(f"{file}: tensor {hf_name!r} has no place in llama.cpp's phi3 model")
-                name = found[1]
+                name = found[1] if found else ""
+                if name == "output.weight" and hp["tied"]:
+                    continue  # tied: the head is the embedding
                 shape = tuple(f.get_slice(hf_name).get_shape())
-                # Norms and other 1-D tensors stay f32, as llama.cpp's converter keeps them.
-                if len(shape) <= 1 or name.endswith("_norm.weight"):
-                    qtype = gguf.GGMLQuantizationType.F32
-                elif wanted == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
-                    qtype = gguf.GGMLQuantizationType.F16  # q8_0 blocks are 32 wide; the converter falls back too
-                else:
-                    qtype = wanted
-                tensors.append(_Tensor(hf_name, name, file, shape, qtype))
+                heads = 0
+                if plan.permute_qk and re.search(r"\.attn_[qk]\.", name):
+                    heads = hp["n_head"] if ".attn_q." in name else hp["n_head_kv"]
+                qtype = _qtype(gguf, name, shape, wanted)
+                tensors.append(Tensor(hf_name, name, file, shape, qtype, permute_heads=heads))
 
-    names = {t.name for t in tensors}
-    if len(names) != len(tensors):
+    # A tensor the architecture does not have says more about the folder than a wrong shape does.
+    for t in tensors:
+        if t.name not in expect:
+            raise GGUFExportError(f"{t.file}: tensor {t.hf_name!r} has no place in llama.cpp's {plan.arch} model")
+    for t in tensors:
+        if t.shape != expect[t.name]:
+            raise GGUFExportError(
+                f"{model_dir}: {t.hf_name} has shape {list(t.shape)}, config.json implies {list(expect[t.name])}"
+            )
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
         raise GGUFExportError(f"{model_dir}: two checkpoint tensors map to the same GGUF tensor")
-    required = {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{part}.weight"
-        for i in range(hp["n_layer"])
-        for part in ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
-    }
-    if not hp["tied"]:
-        required.add("output.weight")
-    missing = sorted(required - names)
+    missing = sorted(set(expect) - set(names))
     if missing:
         raise GGUFExportError(
             f"{model_dir}: the checkpoint lacks {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
-            "(llama.cpp's phi3 needs the fused self_attn.qkv_proj and mlp.gate_up_proj of Phi3ForCausalLM)"
+            f"(GGUF names), which llama.cpp's {plan.arch} needs"
         )
-    by_name = {t.name: t for t in tensors}
-    n_embd, n_ff, n_head, n_head_kv = hp["n_embd"], hp["n_ff"], hp["n_head"], hp["n_head_kv"]
-    head_dim = n_embd // n_head
-    expect = {"token_embd.weight": (hp["n_vocab"], n_embd), "output_norm.weight": (n_embd,)}
-    if not hp["tied"]:
-        expect["output.weight"] = (hp["n_vocab"], n_embd)
-    for i in range(hp["n_layer"]):
-        expect[f"blk.{i}.attn_qkv.weight"] = ((n_head + 2 * n_head_kv) * head_dim, n_embd)
-        expect[f"blk.{i}.ffn_up.weight"] = (2 * n_ff, n_embd)
-        expect[f"blk.{i}.ffn_down.weight"] = (n_embd, n_ff)
-    for name, shape in expect.items():
-        if by_name[name].shape != shape:
-            raise GGUFExportError(
-                f"{model_dir}: {by_name[name].hf_name} has shape {list(by_name[name].shape)}, "
-                f"config.json implies {list(shape)}"
-            )
 
     # The converter's order: embeddings, block by block, then the output norm and head.
-    def order(t: _Tensor):
+    def order(t: Tensor):
         if t.name.startswith("blk."):
             return (1, int(t.name.split(".")[1]), t.name)
         return (0 if t.name.startswith("token_embd") else 2, 0, t.name)
 
     tensors.sort(key=order)
-    return _rope_factor_tensors(hp) + tensors
+    extra = plan.extra_tensors(model_dir, hp) if plan.extra_tensors else []
+    return extra + tensors
 
 
-def _rope_factor_tensors(hp: dict) -> list[_Tensor]:
-    """Phi-3's long-context rope ("longrope", formerly "su") as llama.cpp's two factor tensors."""
-    gguf = _gguf()
-    scaling = hp["rope_scaling"]
-    if not scaling:
-        return []
-    kind = str(scaling.get("rope_type") or scaling.get("type") or "").lower()
-    if kind not in ("longrope", "su"):
-        raise GGUFExportError(f"config.json: rope scaling {kind or '?'!r} is not supported (only Phi-3's longrope)")
-    long_f, short_f = scaling.get("long_factor"), scaling.get("short_factor")
-    half = hp["n_rot"] // 2
-    if not long_f or not short_f or len(long_f) != half or len(short_f) != half:
-        raise GGUFExportError(f"config.json: longrope needs long_factor and short_factor of {half} values each")
-    f32 = gguf.GGMLQuantizationType.F32
-    return [
-        _Tensor("rope_scaling.long_factor", "rope_factors_long.weight", None, (half,), f32, tuple(long_f)),
-        _Tensor("rope_scaling.short_factor", "rope_factors_short.weight", None, (half,), f32, tuple(short_f)),
-    ]
+def generated_tensor(hf_name: str, name: str, values) -> Tensor:
+    """A 1-D f32 tensor the export computes (rope factors)."""
+    values = tuple(float(v) for v in values)
+    return Tensor(hf_name, name, None, (len(values),), _gguf().GGMLQuantizationType.F32, values)
 
 
-def _nbytes_and_shape(t: _Tensor):
+def _nbytes_and_shape(t: Tensor):
     """(byte count, shape for add_tensor_info, numpy dtype) of a tensor once converted to t.qtype."""
     import numpy as np
 
@@ -286,7 +365,15 @@ def _nbytes_and_shape(t: _Tensor):
     return math.prod(byte_shape), byte_shape, np.dtype(np.uint8)
 
 
-def _load(t: _Tensor, handles: dict):
+def _interleave_halves(data, heads: int):
+    """Rows of q or k from transformers' rotate-half order (per head: the first halves of the rotated
+    pairs, then the second halves) to llama.cpp's "llama" order (per head: the pairs side by side)."""
+    rows = data.shape[0]
+    half = rows // heads // 2
+    return data.reshape(heads, 2, half, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+
+
+def _load(t: Tensor, handles: dict):
     """The tensor's data, converted to t.qtype, as the numpy array GGUFWriter writes."""
     import numpy as np
     import torch
@@ -296,56 +383,114 @@ def _load(t: _Tensor, handles: dict):
         data = np.asarray(t.values, dtype=np.float32)
     else:
         data = handles[t.file].get_tensor(t.hf_name).to(torch.float32).numpy()
+    if t.permute_heads:
+        data = _interleave_halves(data, t.permute_heads)
     Q = gguf.GGMLQuantizationType
     if t.qtype == Q.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
     if t.qtype == Q.F16:
         return np.ascontiguousarray(data.astype(np.float16))
-    return gguf.quants.quantize(data, t.qtype)
+    return gguf.quants.quantize(np.ascontiguousarray(data), t.qtype)
 
 
 # ---------------------------------------------------------------------------------------
-# Vocabulary
+# Step 3: the vocabulary
+
+# llama.cpp names each byte-level BPE pre-tokenizer it implements; these are the split regexes of
+# the tokenizer.json files they stand for (llama.cpp's llama-vocab.cpp quotes them).
+# They differ only in how many digits make one piece: Qwen2 one, Llama 3 up to three.
+_SPLIT_HEAD = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_SPLIT_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLIT_REGEX_PRE = {
+    _SPLIT_HEAD + r"\p{N}" + _SPLIT_TAIL: "qwen2",
+    _SPLIT_HEAD + r"\p{N}{1,3}" + _SPLIT_TAIL: "llama-bpe",
+}
+# llama.cpp uses a whole word found in the vocabulary without merging for these pre-tokenizers only;
+# the tokenizer.json must say the same (its model.ignore_merges), or the two tokenize differently.
+_IGNORES_MERGES = {"llama-bpe"}
 
 
 @dataclass
-class _Vocab:
+class Vocab:
     model: str  # tokenizer.ggml.model: "llama" (SentencePiece) or "gpt2" (byte-level BPE)
     pre: str  # tokenizer.ggml.pre
     tokens: list[str]
     types: list[int]
     scores: list[float] | None
     merges: bool  # whether tokenizer.ggml.merges is needed
+    tokenizer: Any = None  # the transformers tokenizer it was read with
+    tokenizer_json: dict | None = None
 
 
-def _tokenizer_kind(tj: dict, model_dir: Path) -> str:
+
+def _byte_level_pre(tj: dict) -> str | None:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json; None if it is not one."""
+    pre = tj.get("pre_tokenizer") or {}
+    if (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
+        return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(parts) == 2:
+        split, byte_level = parts
+        if (
+            split.get("type") == "Split"
+            and split.get("behavior") == "Isolated"
+            and not split.get("invert", False)
+            and byte_level.get("type") == "ByteLevel"
+            and not byte_level.get("use_regex", True)
+            and not byte_level.get("add_prefix_space", False)
+        ):
+            return _SPLIT_REGEX_PRE.get((split.get("pattern") or {}).get("Regex"))
+    return None
+
+
+def _tokenizer_kind(tj: dict, model_dir: Path) -> tuple[str, str]:
+    """(tokenizer.ggml.model, tokenizer.ggml.pre) for a tokenizer.json."""
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise GGUFExportError(
             f"{model_dir}/tokenizer.json: a {model.get('type')!r} tokenizer is not supported (BPE only)"
         )
     if model.get("byte_fallback"):
-        return "spm"
-    pre = tj.get("pre_tokenizer") or {}
-    decoder = tj.get("decoder") or {}
-    if (
-        pre.get("type") == "ByteLevel"
-        and pre.get("use_regex", True)
-        and not pre.get("add_prefix_space", False)
-        and decoder.get("type") == "ByteLevel"
-    ):
-        return "gpt2"
-    raise GGUFExportError(
-        f"{model_dir}/tokenizer.json: unsupported pre-tokenizer {json.dumps(pre)[:200]}. GGUF export supports "
-        "Phi-3's SentencePiece-style tokenizer and GPT-2-style byte-level BPE (ByteLevel with its regex, "
-        "add_prefix_space=false); llama.cpp would need to know any other pre-tokenizer by name"
-    )
+        return "llama", "default"
+    pre = _byte_level_pre(tj)
+    if pre is None:
+        raise GGUFExportError(
+            f"{model_dir}/tokenizer.json: unsupported pre-tokenizer {json.dumps(tj.get('pre_tokenizer'))[:200]}. "
+            "GGUF export supports SentencePiece-style BPE (Phi-3) and byte-level BPE whose split llama.cpp "
+            "implements: GPT-2's (ByteLevel with its regex, add_prefix_space=false), Qwen2's and Llama 3's"
+        )
+    if bool(model.get("ignore_merges", False)) != (pre in _IGNORES_MERGES):
+        raise GGUFExportError(
+            f"{model_dir}/tokenizer.json: model.ignore_merges is {bool(model.get('ignore_merges', False))}, "
+            f"but llama.cpp's {pre!r} pre-tokenizer implies {pre in _IGNORES_MERGES}: "
+            "the two would tokenize differently"
+        )
+    return "gpt2", pre
 
 
-def _build_vocab(model_dir: Path, tj: dict, tokenizer, n_vocab: int) -> _Vocab:
+def read_vocab(model_dir: Path, hp: dict) -> Vocab:
+    """The tokenizer as llama.cpp's vocabulary, one entry per embedding row."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise GGUFExportError(f"{model_dir}: cannot load its tokenizer: {exc}") from None
+    # What transformers runs, which is not always what tokenizer.json says: transformers 5 loads a qwen2
+    # folder's tokenizer as Qwen2Tokenizer, which puts Qwen2's split regex in place of the file's.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tj = json.loads(backend.to_str()) if backend is not None else _read_json(model_dir / "tokenizer.json")
+    vocab = _build_vocab(model_dir, tj, tokenizer, hp["n_vocab"])
+    vocab.tokenizer, vocab.tokenizer_json = tokenizer, tj
+    return vocab
+
+
+def _build_vocab(model_dir: Path, tj: dict, tokenizer, n_vocab: int) -> Vocab:
     gguf = _gguf()
     T = gguf.TokenType
-    kind = _tokenizer_kind(tj, model_dir)
+    ggml_model, pre = _tokenizer_kind(tj, model_dir)
     model = tj["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
@@ -380,17 +525,17 @@ def _build_vocab(model_dir: Path, tj: dict, tokenizer, n_vocab: int) -> _Vocab:
             types.append(T.CONTROL if added[i].get("special") or looks_special or i in special_ids else T.USER_DEFINED)
         elif i == tokenizer.unk_token_id:
             types.append(T.UNKNOWN)
-        elif kind == "spm" and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        elif ggml_model == "llama" and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             types.append(T.BYTE)
         else:
             types.append(T.NORMAL)
 
-    if kind == "gpt2":
-        return _Vocab("gpt2", "gpt-2", tokens, types, None, merges=True)
+    if ggml_model == "gpt2":
+        return Vocab("gpt2", pre, tokens, types, None, merges=True)
 
     # SentencePiece (llama.cpp's "llama" vocabulary): scores decide the merge order.
     scores = _spm_scores(model_dir, model, tokens, types)
-    return _Vocab("llama", "default", tokens, types, scores, merges=False)
+    return Vocab("llama", pre, tokens, types, scores, merges=False)
 
 
 def _spm_scores(model_dir: Path, model: dict, tokens: list[str], types: list[int]) -> list[float]:
@@ -440,132 +585,225 @@ def _adds_special(tokenizer, token_id: int | None, first: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Export
+# Steps 4-6: write the metadata and the tensors, read the file back
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
 def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=None, overwrite: bool = False) -> Path:
-    """Write the merged Phi-3 model folder ``model_dir`` as the GGUF file ``out_file``.
+    """Write the merged model folder ``model_dir`` (phi3, qwen2 or llama family) as the GGUF file ``out_file``.
 
     ``outtype``: ``f32``, ``f16`` (default), ``bf16`` or ``q8_0``; norms and other 1-D tensors are
-    always f32. The file is written in a fresh staging folder beside ``out_file`` and renamed into
-    place at the end; an existing ``out_file`` is replaced only with ``overwrite`` and only if it is GGUF.
+    always f32. The file is written in a fresh staging folder beside ``out_file``, read back, and
+    renamed into place at the end; an existing ``out_file`` is replaced only with ``overwrite`` and
+    only if it is GGUF.
     """
     from .export import is_gguf_file
     from .rundir import check_target, staged_file
-
-    gguf = _gguf()
-    from transformers import AutoTokenizer
 
     model_dir, out_file = Path(model_dir), Path(out_file)
     target_rules = dict(overwrite=overwrite, protect=[model_dir], ours=is_gguf_file, what="GGUF output")
     check_target(out_file, "gguf", **target_rules)
     if outtype not in OUTTYPES:
         raise GGUFExportError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
-    config = _check_folder(model_dir)
-    hp = _hparams(config)
-    tensors = _gguf_family(config).gguf_plan(model_dir, hp, outtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise GGUFExportError(f"{model_dir}: cannot load its tokenizer: {exc}") from None
-    tokenizer_json = _read_json(model_dir / "tokenizer.json")
-    vocab = _build_vocab(model_dir, tokenizer_json, tokenizer, hp["n_vocab"])
+    config, plan = read_model(model_dir)
+    hp = read_hparams(config, plan)
+    tensors = plan_tensors(model_dir, hp, plan, outtype)
+    vocab = read_vocab(model_dir, hp)
 
-    ftype = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[outtype]
+    gguf = _gguf()
     with staged_file(out_file, "gguf", **target_rules) as staging:
-        _write_gguf(gguf, staging, hp, tensors, vocab, tokenizer, tokenizer_json, model_dir, ftype, log)
+        writer = gguf.GGUFWriter(str(staging), plan.arch)
+        try:
+            write_metadata(writer, model_dir, plan, hp, vocab, outtype)
+            write_tensors(writer, tensors, log)
+        finally:
+            writer.close()
+        verify(staging, plan, hp, tensors, vocab)
     if log:
         log(f"gguf {outtype}: {model_dir} -> {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB)")
     return out_file
 
 
-def _write_gguf(gguf, staging: Path, hp, tensors, vocab, tokenizer, tokenizer_json, model_dir: Path, ftype, log):
+def write_metadata(writer, model_dir: Path, plan: GGUFPlan, hp: dict, vocab: Vocab, outtype: str) -> None:
+    """general.*, the architecture's keys (what llama.cpp's converter writes for it) and tokenizer.ggml.*."""
+    gguf = _gguf()
+    # general.*
+    merge_info = model_dir / "codetune_merge.json"
+    writer.add_type(gguf.GGUFType.MODEL)
+    name = _merge_name(merge_info, model_dir) if merge_info.is_file() else model_dir.name
+    writer.add_name(_general_name(name, vocab.tokenizer_json))
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    # <arch>.*: the keys every supported architecture has, then the plan's own
+    writer.add_context_length(hp["n_ctx"])
+    writer.add_embedding_length(hp["n_embd"])
+    writer.add_feed_forward_length(hp["n_ff"])
+    writer.add_block_count(hp["n_layer"])
+    writer.add_head_count(hp["n_head"])
+    writer.add_head_count_kv(hp["n_head_kv"])
+    writer.add_layer_norm_rms_eps(hp["rms_eps"])
+    writer.add_rope_dimension_count(hp["n_rot"])
+    writer.add_rope_freq_base(hp["rope_theta"])
+    if hp["explicit_head_dim"]:  # llama.cpp assumes n_embd / n_head unless told
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
+    if plan.metadata:
+        plan.metadata(writer, hp)
+
+    # tokenizer.ggml.*
+    tokenizer = vocab.tokenizer
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    special = gguf.SpecialVocab(model_dir, load_merges=vocab.merges, n_vocab=len(vocab.tokens))
+    if vocab.merges and not special.merges:
+        raise GGUFExportError(f"{model_dir}/tokenizer.json has no BPE merges")
+    # The ids and the add-bos/eos behaviour of the tokenizer transformers actually loads.
+    special.special_token_ids = {
+        typ: tid
+        for typ, tid in (
+            ("bos", tokenizer.bos_token_id),
+            ("eos", tokenizer.eos_token_id),
+            ("unk", tokenizer.unk_token_id),
+            ("pad", tokenizer.pad_token_id),
+            ("eot", _token_id(tokenizer, plan.eot_token) if plan.eot_token else None),
+        )
+        if tid is not None
+    }
+    special.add_special_token = {
+        "bos": _adds_special(tokenizer, tokenizer.bos_token_id, first=True),
+        "eos": _adds_special(tokenizer, tokenizer.eos_token_id, first=False),
+    }
+    if tokenizer.chat_template:
+        special.chat_template = tokenizer.chat_template
+    if vocab.model == "llama":
+        writer.add_add_space_prefix(_spm_adds_prefix(vocab.tokenizer_json))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def write_tensors(writer, tensors: list[Tensor], log=None) -> None:
+    """The tensor infos, then the data one tensor at a time (a 3.8B model never sits in memory)."""
     from safetensors import safe_open
 
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3]
-    writer = gguf.GGUFWriter(str(staging), arch)
+    for t in tensors:
+        nbytes, shape, dtype = _nbytes_and_shape(t)
+        raw = None if dtype.kind == "f" else t.qtype
+        writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    with contextlib.ExitStack() as stack:
+        files = sorted({t.file for t in tensors if t.file is not None})
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        for i, t in enumerate(tensors):
+            writer.write_tensor_data(_load(t, handles))
+            if log and (i % 50 == 0 or i == len(tensors) - 1):
+                log(f"  [{i + 1}/{len(tensors)}] {t.name} {t.qtype.name} {list(t.shape)}")
+
+
+def verify(path: Path, plan: GGUFPlan, hp: dict, tensors: list[Tensor], vocab: Vocab) -> None:
+    """Read the written file back: the architecture, block count, vocabulary size, every tensor's name,
+    type and shape must be what was planned, and the data must reach the end of the last tensor (a file
+    llama.cpp would refuse never lands).
+
+    gguf-py's GGUFReader builds a numpy view per array element, which takes minutes for a 150k-token
+    vocabulary with its merges; :func:`_read_layout` walks the same layout with ``struct`` instead
+    (the tests check both agree).
+    """
     try:
-        # general.*
-        merge_info = model_dir / "codetune_merge.json"
-        writer.add_type(gguf.GGUFType.MODEL)
-        name = _merge_name(merge_info, model_dir) if merge_info.is_file() else model_dir.name
-        writer.add_name(_general_name(name, tokenizer_json))
-        writer.add_file_type(ftype)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        fields, infos, data_end = _read_layout(path, keys={"general.architecture", f"{plan.arch}.block_count"})
+    except (ValueError, struct.error, OSError) as exc:
+        raise GGUFExportError(f"the written GGUF file does not read back: {exc}") from None
+    problems = []
+    if fields.get("general.architecture") != plan.arch:
+        problems.append(f"general.architecture is {fields.get('general.architecture')!r}, not {plan.arch!r}")
+    if fields.get(f"{plan.arch}.block_count") != hp["n_layer"]:
+        problems.append(f"{plan.arch}.block_count is {fields.get(f'{plan.arch}.block_count')}, not {hp['n_layer']}")
+    if fields.get("tokenizer.ggml.tokens") != len(vocab.tokens):
+        problems.append(f"{fields.get('tokenizer.ggml.tokens')} tokens, not {len(vocab.tokens)}")
+    want = {t.name: (int(t.qtype), t.shape) for t in tensors}
+    got = {name: (qtype, shape) for name, (qtype, shape, _) in infos.items()}
+    if got != want:
+        wrong = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
+        problems.append(f"tensors differ from the plan: {', '.join(wrong[:6])}")
+    size = path.stat().st_size
+    if size < data_end:
+        problems.append(f"the file ends at byte {size}, before its last tensor's data ends ({data_end})")
+    if problems:
+        raise GGUFExportError(f"the written GGUF file is not what was planned: {'; '.join(problems)}")
 
-        # phi3.*: what llama.cpp's convert_hf_to_gguf.py writes for Phi3ForCausalLM
-        writer.add_context_length(hp["n_ctx"])
-        writer.add_rope_scaling_orig_ctx_len(hp["n_ctx_orig"])
-        writer.add_embedding_length(hp["n_embd"])
-        writer.add_feed_forward_length(hp["n_ff"])
-        writer.add_block_count(hp["n_layer"])
-        writer.add_head_count(hp["n_head"])
-        writer.add_head_count_kv(hp["n_head_kv"])
-        writer.add_layer_norm_rms_eps(hp["rms_eps"])
-        writer.add_rope_dimension_count(hp["n_rot"])
-        writer.add_rope_freq_base(hp["rope_theta"])
-        writer.add_sliding_window(hp["sliding_window"])
-        if hp["rope_scaling"]:
-            scale = hp["n_ctx"] / hp["n_ctx_orig"]
-            attn = math.sqrt(1 + math.log(scale) / math.log(hp["n_ctx_orig"])) if scale > 1.0 else 1.0
-            writer.add_rope_scaling_attn_factors(float(hp["rope_scaling"].get("attention_factor") or attn))
 
-        # tokenizer.ggml.*
-        writer.add_tokenizer_model(vocab.model)
-        writer.add_tokenizer_pre(vocab.pre)
-        writer.add_token_list(vocab.tokens)
-        if vocab.scores is not None:
-            writer.add_token_scores(vocab.scores)
-        writer.add_token_types(vocab.types)
-        special = gguf.SpecialVocab(model_dir, load_merges=vocab.merges, n_vocab=len(vocab.tokens))
-        if vocab.merges and not special.merges:
-            raise GGUFExportError(f"{model_dir}/tokenizer.json has no BPE merges")
-        # The ids and the add-bos/eos behaviour of the tokenizer transformers actually loads.
-        special.special_token_ids = {
-            typ: tid
-            for typ, tid in (
-                ("bos", tokenizer.bos_token_id),
-                ("eos", tokenizer.eos_token_id),
-                ("unk", tokenizer.unk_token_id),
-                ("pad", tokenizer.pad_token_id),
-                ("eot", _token_id(tokenizer, "<|end|>")),
-            )
-            if tid is not None
-        }
-        special.add_special_token = {
-            "bos": _adds_special(tokenizer, tokenizer.bos_token_id, first=True),
-            "eos": _adds_special(tokenizer, tokenizer.eos_token_id, first=False),
-        }
-        if tokenizer.chat_template:
-            special.chat_template = tokenizer.chat_template
-        if vocab.model == "llama":
-            writer.add_add_space_prefix(_spm_adds_prefix(tokenizer_json))
-        special.add_to_gguf(writer, quiet=True)
+def _read_layout(path: Path, keys: set[str]) -> tuple[dict, dict, int]:
+    """(the scalar values of ``keys`` and the length of every array, {tensor: (ggml type, shape as
+    (out, in), data offset)}, the byte where the last tensor's data ends) of a GGUF file."""
+    gguf = _gguf()
+    V = gguf.GGUFValueType
+    sizes = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4}
+    sizes |= {V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
+    formats = {V.UINT32: "<I", V.INT32: "<i", V.UINT64: "<Q", V.FLOAT32: "<f", V.BOOL: "<?"}
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
+        if magic != gguf.GGUF_MAGIC or version != gguf.GGUF_VERSION:
+            raise ValueError(f"magic {magic:#x}, version {version}")
+        pos = 24
 
-        # tensors: infos first, then the data one tensor at a time (a 3.8B model never sits in memory)
-        for t in tensors:
-            nbytes, shape, dtype = _nbytes_and_shape(t)
-            raw = None if dtype.kind == "f" else t.qtype
-            writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with contextlib.ExitStack() as stack:
-            files = sorted({t.file for t in tensors if t.file is not None})
-            handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
-            for i, t in enumerate(tensors):
-                writer.write_tensor_data(_load(t, handles))
-                if log and (i % 50 == 0 or i == len(tensors) - 1):
-                    log(f"  [{i + 1}/{len(tensors)}] {t.name} {t.qtype.name} {list(t.shape)}")
-        writer.close()
-    except BaseException:
-        writer.close()
-        raise
+        def string():
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            text = bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8")
+            pos += 8 + n
+            return text
+
+        def skip(vtype):
+            nonlocal pos
+            if vtype == V.STRING:
+                (n,) = struct.unpack_from("<Q", buf, pos)
+                pos += 8 + n
+            else:
+                pos += sizes[vtype]
+
+        fields: dict = {}
+        for _ in range(n_kv):
+            key = string()
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            if vtype == V.ARRAY:
+                item, count = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                fields[key] = count
+                if item == V.STRING:
+                    for _ in range(count):
+                        skip(V.STRING)
+                else:
+                    pos += sizes[V(item)] * count
+            elif key in keys and vtype == V.STRING:
+                fields[key] = string()
+            elif key in keys and vtype in formats:
+                (fields[key],) = struct.unpack_from(formats[V(vtype)], buf, pos)
+                skip(V(vtype))
+            else:
+                skip(V(vtype))
+
+        infos: dict = {}
+        for _ in range(n_tensors):
+            name = string()
+            (n_dims,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            infos[name] = (qtype, tuple(reversed(dims)), offset)
+        align = gguf.GGUF_DEFAULT_ALIGNMENT
+        data_start = pos + (-pos % align)
+        end = data_start
+        for qtype, shape, offset in infos.values():
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+            end = max(end, data_start + offset + math.prod(shape) // block * type_size)
+    return fields, infos, end
 
 
 def _token_id(tokenizer, text: str) -> int | None:

@@ -63,8 +63,8 @@ class Family:
     # The card's chat-format example: one user turn, rendered up to where the answer starts.
     prompt_example: str | None = None
     tiny: TinySpec | None = None
-    # (model_dir, hparams, outtype) -> the GGUF tensor plan; None: GGUF export refuses this family.
-    gguf_plan: Callable[..., Any] | None = None
+    # Its llama.cpp architecture (a codetune.gguf_export.GGUFPlan); None: GGUF export refuses this family.
+    gguf_plan: Any = None
 
     @property
     def builtin(self) -> str | None:

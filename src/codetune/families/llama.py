@@ -6,6 +6,7 @@ The stop and pad tokens are Llama-3's. Other ``llama`` model types with older vo
 
 from __future__ import annotations
 
+from ..gguf_export import GGUFPlan, generated_tensor, separate_qkv_block
 from ..templates import LLAMA3
 from . import Family, TinySpec
 
@@ -58,6 +59,47 @@ def tiny_config(tokenizer):
     )
 
 
+def _gguf_block(hp):
+    return separate_qkv_block(
+        hp, qkv_bias=hp["attention_bias"], out_bias=hp["attention_bias"], mlp_bias=hp["mlp_bias"]
+    )
+
+
+def _gguf_metadata(writer, hp):
+    writer.add_vocab_size(hp["n_vocab"])
+
+
+def _gguf_rope_freqs(model_dir, hp):
+    """Llama 3.1+'s "llama3" rope scaling as llama.cpp's rope_freqs tensor: per rotated pair, the
+    divisor of its frequency. transformers computes the scaled frequencies; the divisor is the
+    unscaled frequency over the scaled one."""
+    if not hp["rope_scaling"]:
+        return []
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    dim = hp["n_rot"]
+    plain = 1.0 / (hp["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return [generated_tensor("rope_parameters.llama3", "rope_freqs.weight", (plain / scaled).tolist())]
+
+
+# llama.cpp's llama rotates interleaved pairs where transformers rotates halves: the converter
+# reorders the rows of q and k (per head), and so does the export.
+GGUF_PLAN = GGUFPlan(
+    arch="llama",
+    architectures=("LlamaForCausalLM",),
+    block=_gguf_block,
+    permute_qk=True,
+    eot_token="<|eot_id|>",
+    rope_types=("llama3",),
+    metadata=_gguf_metadata,
+    extra_tensors=_gguf_rope_freqs,
+)
+
+
 FAMILY = Family(
     name="llama",
     model_types=("llama",),
@@ -81,4 +123,5 @@ FAMILY = Family(
         pretrain_steps=200,
         stop_tokens=("<|end_of_text|>",),
     ),
+    gguf_plan=GGUF_PLAN,
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..gguf_export import GGUFPlan
 from ..templates import PHI3
 from . import Family, TinySpec
 
@@ -49,12 +50,58 @@ def tiny_config(tokenizer, *, hidden_size: int = 128, layers: int = 2):
     )
 
 
-def _gguf_plan(model_dir, hp, outtype):
-    from ..gguf_export import _plan_tensors
+def _gguf_block(hp):
+    """llama.cpp's phi3 keeps Phi-3's fused projections: ``qkv_proj`` -> ``attn_qkv`` (rows q, k, v)
+    and ``gate_up_proj`` -> ``ffn_up`` (rows gate, then up; llama.cpp's SwiGLU splits it the way
+    ``Phi3MLP`` does). Phi-3's rope is the NeoX kind, so q and k are written unpermuted."""
+    e, ff, hd = hp["n_embd"], hp["n_ff"], hp["head_dim"]
+    return {
+        "attn_norm.weight": (e,),
+        "attn_qkv.weight": ((hp["n_head"] + 2 * hp["n_head_kv"]) * hd, e),
+        "attn_output.weight": (e, hp["n_head"] * hd),
+        "ffn_norm.weight": (e,),
+        "ffn_up.weight": (2 * ff, e),
+        "ffn_down.weight": (e, ff),
+    }
 
-    return _plan_tensors(model_dir, hp, outtype)
+
+def _gguf_metadata(writer, hp):
+    import math
+
+    writer.add_rope_scaling_orig_ctx_len(hp["n_ctx_orig"])
+    writer.add_sliding_window(hp["sliding_window"])
+    if hp["rope_scaling"]:
+        scale = hp["n_ctx"] / hp["n_ctx_orig"]
+        attn = math.sqrt(1 + math.log(scale) / math.log(hp["n_ctx_orig"])) if scale > 1.0 else 1.0
+        writer.add_rope_scaling_attn_factors(float(hp["rope_scaling"].get("attention_factor") or attn))
 
 
+def _gguf_rope_factors(model_dir, hp):
+    """Phi-3's long-context rope ("longrope", formerly "su") as llama.cpp's two factor tensors."""
+    from ..gguf_export import GGUFExportError, generated_tensor
+
+    scaling = hp["rope_scaling"]
+    if not scaling:
+        return []
+    long_f, short_f = scaling.get("long_factor"), scaling.get("short_factor")
+    half = hp["n_rot"] // 2
+    if not long_f or not short_f or len(long_f) != half or len(short_f) != half:
+        raise GGUFExportError(f"config.json: longrope needs long_factor and short_factor of {half} values each")
+    return [
+        generated_tensor("rope_scaling.long_factor", "rope_factors_long.weight", long_f),
+        generated_tensor("rope_scaling.short_factor", "rope_factors_short.weight", short_f),
+    ]
+
+
+GGUF_PLAN = GGUFPlan(
+    arch="phi3",
+    architectures=("Phi3ForCausalLM",),
+    block=_gguf_block,
+    eot_token="<|end|>",
+    rope_types=("longrope", "su"),
+    metadata=_gguf_metadata,
+    extra_tensors=_gguf_rope_factors,
+)
 
 
 FAMILY = Family(
@@ -80,5 +127,5 @@ FAMILY = Family(
         pretrain_steps=600,
         stop_tokens=("<|end|>",),
     ),
-    gguf_plan=_gguf_plan,
+    gguf_plan=GGUF_PLAN,
 )

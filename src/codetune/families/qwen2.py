@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..gguf_export import GGUFPlan, separate_qkv_block
 from ..templates import QWEN2
 from . import Family, TinySpec
 
@@ -46,6 +47,16 @@ def tiny_config(tokenizer):
     )
 
 
+def _gguf_block(hp):
+    # Qwen2's q, k and v always have biases (its config has no switch for them); the rope is the NeoX
+    # kind in both transformers and llama.cpp's qwen2, so nothing is permuted.
+    return separate_qkv_block(hp, qkv_bias=True)
+
+
+# Small Qwen2.5 models tie the head to the embedding: no output.weight then, llama.cpp reuses token_embd.
+GGUF_PLAN = GGUFPlan(arch="qwen2", architectures=("Qwen2ForCausalLM",), block=_gguf_block, eot_token="<|im_end|>")
+
+
 FAMILY = Family(
     name="qwen2",
     model_types=("qwen2",),
@@ -69,4 +80,5 @@ FAMILY = Family(
         pretrain_steps=200,
         stop_tokens=("<|endoftext|>",),
     ),
+    gguf_plan=GGUF_PLAN,
 )
