@@ -15,7 +15,7 @@ def test_family_matched_on_model_type_and_unknown_types_are_generic():
     assert family_for(qwen2_family.full_config()).name == "qwen2"
     assert family_for("llama").name == "llama"
     assert family_for("mistral") is GENERIC and family_for(None) is GENERIC
-    assert gguf_families() == ["phi3", "qwen2", "llama"]
+    assert gguf_families() == ["llama", "phi3", "qwen2"]
 
 
 def test_lora_targets_by_role():
@@ -92,7 +92,7 @@ def test_gguf_export_of_an_unsupported_family_names_the_supported_ones(tmp_path)
     folder = tmp_path / "mistral"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
-    refused = r"MistralForCausalLM \(model_type 'mistral'\); GGUF export supports the families: phi3, qwen2, llama"
+    refused = r"MistralForCausalLM \(model_type 'mistral'\); GGUF export supports the families: llama, phi3, qwen2"
     with pytest.raises(GGUFExportError, match=refused):
         export_gguf(folder, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
