@@ -56,66 +56,65 @@ def _sandbox_levels(summary: dict) -> str:
 
 def _eval_results(summary: dict | None, dataset: str) -> list:
     """The fine-tuned model's scores as ``huggingface_hub.EvalResult``s (the card's model-index)."""
-    from huggingface_hub import EvalResult
-
-    from .evaluate import from_starter
+    from .suites import all_suites
 
     if not summary:
         return []
     tuned = summary["results"].get("fine-tuned") or next(iter(summary["results"].values()))
-    task = {"task_type": "text-generation", "task_name": "Code generation"}
     results = []
+    for suite in all_suites():
+        info = tuned.get(suite.name)
+        if not info:
+            continue
+        if suite.scoring == "rouge":
+            results += _rouge_results(info, suite.card_dataset or (dataset, None, "test"))
+        # a partial suite's score is not the suite's score, nor is one on tasks not known to be held out
+        elif suite.card_dataset and not (info.get("partial") or (suite.held_out and info.get("held_out") is False)):
+            results += _pass_at_k_results(info, suite.card_dataset)
+    return results
+
+
+_TASK = {"task_type": "text-generation", "task_name": "Code generation"}
+
+
+def _rouge_results(info: dict, card_dataset: tuple[str, str | None, str]) -> list:
+    from huggingface_hub import EvalResult
+
     # The hub groups metrics by task, dataset type and split (not by dataset name): the split keeps
     # ROUGE on the test rows apart from pass@k on the held-out starter tasks of the same dataset.
-    if "rouge" in tuned:
-        name = f"{dataset} (test split, first {tuned['rouge']['samples']} rows)"
-        results += [
-            EvalResult(
-                **task,
-                dataset_type=dataset,
-                dataset_name=name,
-                dataset_split="test",
-                metric_type="rouge",
-                metric_name=label,
-                metric_value=round(tuned["rouge"][key], 2),
-            )
-            for key, label in ROUGE_NAMES.items()
-        ]
-    datasets = {
-        "humaneval": ("openai_humaneval", "HumanEval", "test"),
-        "mbpp": ("mbpp", "MBPP (test, tasks 11-510)", "test"),
-        "starter": ("codetune-starter", "codetune starter set (held-out tasks)", "held-out"),
-        # one split each: the hub would otherwise fold the two rows of the same dataset into one
-        "starter-family": (
-            "codetune-starter",
-            "codetune starter set (held-out members of taught task families)",
-            "held-out-family",
-        ),
-        "starter-novel": (
-            "codetune-starter",
-            "codetune starter set (held-out tasks unlike any trained on)",
-            "held-out-novel",
-        ),
-    }
-    for suite, (dtype, dname, split) in datasets.items():
-        info = tuned.get(suite) or {}
-        # a partial suite's score is not the suite's score, nor is one on tasks not known to be held out
-        if info.get("partial") or (from_starter(suite) and info.get("held_out") is False):
-            continue
-        for key, value in info.items():
-            if key.startswith("pass@"):
-                results.append(
-                    EvalResult(
-                        **task,
-                        dataset_type=dtype,
-                        dataset_name=dname,
-                        dataset_split=split,
-                        metric_type=key,
-                        metric_name=key,
-                        metric_value=round(value, 2),
-                    )
-                )
-    return results
+    dtype, dname, split = card_dataset
+    name = dname or f"{dtype} (test split, first {info['samples']} rows)"
+    return [
+        EvalResult(
+            **_TASK,
+            dataset_type=dtype,
+            dataset_name=name,
+            dataset_split=split,
+            metric_type="rouge",
+            metric_name=label,
+            metric_value=round(info[key], 2),
+        )
+        for key, label in ROUGE_NAMES.items()
+    ]
+
+
+def _pass_at_k_results(info: dict, card_dataset: tuple[str, str, str]) -> list:
+    from huggingface_hub import EvalResult
+
+    dtype, dname, split = card_dataset
+    return [
+        EvalResult(
+            **_TASK,
+            dataset_type=dtype,
+            dataset_name=dname,
+            dataset_split=split,
+            metric_type=key,
+            metric_name=key,
+            metric_value=round(value, 2),
+        )
+        for key, value in info.items()
+        if key.startswith("pass@")
+    ]
 
 
 def card_metadata(name: str, recipe: Recipe, summary: dict | None, dataset: str):

@@ -363,13 +363,10 @@ def _all_text(ex: Example) -> str:
 
 
 def _benchmark_texts(name: str, recipe: Recipe) -> list[str]:
-    from .suites import load_humaneval, load_mbpp
+    """The texts of a suite that ``data.decontaminate`` names (the recipe allows only suites that have them)."""
+    from .suites import get_suite
 
-    if name == "humaneval":
-        return [p["prompt"] for p in load_humaneval()]
-    if name == "mbpp":
-        return [r["text"] for r in load_mbpp(recipe.evaluation.mbpp_source, test_only=False)]
-    raise ValueError(name)
+    return get_suite(name).decontamination(recipe)
 
 
 # ---------------------------------------------------------------------------------------
