@@ -56,66 +56,65 @@ def _sandbox_levels(summary: dict) -> str:
 
 def _eval_results(summary: dict | None, dataset: str) -> list:
     """The fine-tuned model's scores as ``huggingface_hub.EvalResult``s (the card's model-index)."""
-    from huggingface_hub import EvalResult
-
-    from .evaluate import from_starter
+    from .suites import all_suites
 
     if not summary:
         return []
     tuned = summary["results"].get("fine-tuned") or next(iter(summary["results"].values()))
-    task = {"task_type": "text-generation", "task_name": "Code generation"}
     results = []
+    for suite in all_suites():
+        info = tuned.get(suite.name)
+        if not info:
+            continue
+        if suite.scoring == "rouge":
+            results += _rouge_results(info, suite.card_dataset or (dataset, None, "test"))
+        # a partial suite's score is not the suite's score, nor is one on tasks not known to be held out
+        elif suite.card_dataset and not (info.get("partial") or (suite.held_out and info.get("held_out") is False)):
+            results += _pass_at_k_results(info, suite.card_dataset)
+    return results
+
+
+_TASK = {"task_type": "text-generation", "task_name": "Code generation"}
+
+
+def _rouge_results(info: dict, card_dataset: tuple[str, str | None, str]) -> list:
+    from huggingface_hub import EvalResult
+
     # The hub groups metrics by task, dataset type and split (not by dataset name): the split keeps
     # ROUGE on the test rows apart from pass@k on the held-out starter tasks of the same dataset.
-    if "rouge" in tuned:
-        name = f"{dataset} (test split, first {tuned['rouge']['samples']} rows)"
-        results += [
-            EvalResult(
-                **task,
-                dataset_type=dataset,
-                dataset_name=name,
-                dataset_split="test",
-                metric_type="rouge",
-                metric_name=label,
-                metric_value=round(tuned["rouge"][key], 2),
-            )
-            for key, label in ROUGE_NAMES.items()
-        ]
-    datasets = {
-        "humaneval": ("openai_humaneval", "HumanEval", "test"),
-        "mbpp": ("mbpp", "MBPP (test, tasks 11-510)", "test"),
-        "starter": ("codetune-starter", "codetune starter set (held-out tasks)", "held-out"),
-        # one split each: the hub would otherwise fold the two rows of the same dataset into one
-        "starter-family": (
-            "codetune-starter",
-            "codetune starter set (held-out members of taught task families)",
-            "held-out-family",
-        ),
-        "starter-novel": (
-            "codetune-starter",
-            "codetune starter set (held-out tasks unlike any trained on)",
-            "held-out-novel",
-        ),
-    }
-    for suite, (dtype, dname, split) in datasets.items():
-        info = tuned.get(suite) or {}
-        # a partial suite's score is not the suite's score, nor is one on tasks not known to be held out
-        if info.get("partial") or (from_starter(suite) and info.get("held_out") is False):
-            continue
-        for key, value in info.items():
-            if key.startswith("pass@"):
-                results.append(
-                    EvalResult(
-                        **task,
-                        dataset_type=dtype,
-                        dataset_name=dname,
-                        dataset_split=split,
-                        metric_type=key,
-                        metric_name=key,
-                        metric_value=round(value, 2),
-                    )
-                )
-    return results
+    dtype, dname, split = card_dataset
+    name = dname or f"{dtype} (test split, first {info['samples']} rows)"
+    return [
+        EvalResult(
+            **_TASK,
+            dataset_type=dtype,
+            dataset_name=name,
+            dataset_split=split,
+            metric_type="rouge",
+            metric_name=label,
+            metric_value=round(info[key], 2),
+        )
+        for key, label in ROUGE_NAMES.items()
+    ]
+
+
+def _pass_at_k_results(info: dict, card_dataset: tuple[str, str, str]) -> list:
+    from huggingface_hub import EvalResult
+
+    dtype, dname, split = card_dataset
+    return [
+        EvalResult(
+            **_TASK,
+            dataset_type=dtype,
+            dataset_name=dname,
+            dataset_split=split,
+            metric_type=key,
+            metric_name=key,
+            metric_value=round(value, 2),
+        )
+        for key, value in info.items()
+        if key.startswith("pass@")
+    ]
 
 
 def card_metadata(name: str, recipe: Recipe, summary: dict | None, dataset: str):
@@ -204,26 +203,47 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 
 
 def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
-    from .train import ADAPTER
+    """The card's text: its YAML header (model-index from the evaluation), then one section after another."""
+    from huggingface_hub import ModelCard
 
     run_dir = Path(run_dir)
+    recipe = _run_recipe(run_dir)
+    summary = _eval_summary(run_dir)
+    name = repo_id.split("/")[-1] if repo_id else f"{recipe.name}-qlora"
+    lines = [
+        *_intro_section(name, recipe),
+        *_training_section(run_dir),
+        *_recipe_section(recipe),
+        *_evaluation_section(run_dir, recipe, summary),
+        *_chat_format_section(run_dir, recipe),
+        *_usage_section(run_dir, recipe, repo_id),
+        *_versions_section(),
+    ]
+    data = card_metadata(name, recipe, summary, _dataset_name(recipe))
+    # ModelCard parses the header back, so a malformed one fails here rather than on the hub
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines) + "\n"))
+
+
+def _run_recipe(run_dir: Path) -> Recipe:
+    """The recipe of a run directory that has trained (the card describes its adapter)."""
+    from .train import ADAPTER
+
     if not (run_dir / "recipe.yaml").is_file():
         raise RecipeError(f"{run_dir} is not a run directory (no recipe.yaml)")
     if not (run_dir / ADAPTER / "adapter_config.json").is_file():
         raise RecipeError(f"{run_dir} has no trained adapter: run `codetune train` first")
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    summary = _eval_summary(run_dir)
-    train_summary = (
-        json.loads((run_dir / "train_summary.json").read_text()) if (run_dir / "train_summary.json").is_file() else {}
-    )
-    name = repo_id.split("/")[-1] if repo_id else f"{recipe.name}-qlora"
-    dataset = (
-        recipe.data.source
-        if recipe.data.source not in ("starter",) and not Path(recipe.data.source).exists()
-        else "codetune-starter"
-        if recipe.data.source == "starter"
-        else Path(recipe.data.source).name
-    )
+    return load_recipe(run_dir / "recipe.yaml")
+
+
+def _dataset_name(recipe: Recipe) -> str:
+    """The training data as the hub's metadata names it: a hub id, the starter set, or a local file's name."""
+    source = recipe.data.source
+    if source == "starter":
+        return "codetune-starter"
+    return Path(source).name if Path(source).exists() else source
+
+
+def _intro_section(name: str, recipe: Recipe) -> list[str]:
     lines = [
         "",
         f"# {name}",
@@ -237,15 +257,19 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
     desc = recipe.description.strip()
     if desc:
         lines += ["> " + desc.replace("\n", "\n> "), ""]
+    return lines
 
-    lines += ["## Training", ""]
-    if train_summary:
+
+def _training_section(run_dir: Path) -> list[str]:
+    """What training did (train_summary.json), its loss table and plot."""
+    lines = ["## Training", ""]
+    path = run_dir / "train_summary.json"
+    if path.is_file():
+        done = json.loads(path.read_text())
         lines += [
-            f"- optimizer steps: {train_summary['global_step']}, epochs: {train_summary['epochs']:.2f}, "
-            f"tokens seen: {train_summary['tokens']:,}",
-            f"- trainable parameters: {train_summary['trainable_parameters']:,} of "
-            f"{train_summary['total_parameters']:,}",
-            f"- device: {train_summary['device']}, processes: {train_summary['world_size']}",
+            f"- optimizer steps: {done['global_step']}, epochs: {done['epochs']:.2f}, tokens seen: {done['tokens']:,}",
+            f"- trainable parameters: {done['trainable_parameters']:,} of {done['total_parameters']:,}",
+            f"- device: {done['device']}, processes: {done['world_size']}",
             "",
         ]
     loss_table = run_dir / "loss_table.md"
@@ -253,7 +277,11 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
         lines += [loss_table.read_text().rstrip(), ""]
     if (run_dir / "loss.png").is_file():
         lines += ["![training and validation loss](loss.png)", ""]
-    lines += [
+    return lines
+
+
+def _recipe_section(recipe: Recipe) -> list[str]:
+    lines = [
         "### The recipe",
         "",
         "Every setting of the run, resolved (`recipe.yaml`):",
@@ -268,8 +296,23 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
         shown = shown.replace("|", "\\|").replace("\n", "\\n")
         lines.append(f"| `{key}` | `{shown}` |")
     lines.append("")
+    return lines
 
-    lines += ["## Evaluation", ""]
+
+TINY_MODEL_NOTE = (
+    "**What this tiny model can and cannot show.** Its base is a 2-layer Phi-3 that codetune builds and "
+    "pre-trains on Python standard-library source in a minute, so that the whole pipeline runs offline on "
+    "a CPU. Fine-tuning teaches it the chat format and the shape of an answer (ROUGE and the parse rate), "
+    "but it cannot yet pass held-out tasks by execution, not even new members of the task families it was "
+    "taught (`starter-family`): its answers barely depend on the instruction and name a function from its "
+    "training instead of the one asked for (a base this small never learned to copy an unseen name). "
+    "`starter-novel`, HumanEval and MBPP need a real base model (`phi3-mini-python`)."
+)
+
+
+def _evaluation_section(run_dir: Path, recipe: Recipe, summary: dict | None) -> list[str]:
+    """The evaluation's tables (eval/summary.md, one heading level down) and how they were measured."""
+    lines = ["## Evaluation", ""]
     if summary:
         md = (run_dir / "eval" / "summary.md").read_text()
         body = md.split("\n", 1)[1].strip() if md.startswith("# ") else md.strip()
@@ -285,21 +328,15 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
     else:
         lines += ["Not evaluated yet: run `codetune eval` on the run directory, then `codetune card` again.", ""]
     if recipe.model.name_or_path == "builtin:tiny-phi3":
-        lines += [
-            "**What this tiny model can and cannot show.** Its base is a 2-layer Phi-3 that codetune builds and "
-            "pre-trains on Python standard-library source in a minute, so that the whole pipeline runs offline on "
-            "a CPU. Fine-tuning teaches it the chat format and the shape of an answer (ROUGE and the parse rate), "
-            "but it cannot yet pass held-out tasks by execution, not even new members of the task families it was "
-            "taught (`starter-family`): its answers barely depend on the instruction and name a function from its "
-            "training instead of the one asked for (a base this small never learned to copy an unseen name). "
-            "`starter-novel`, HumanEval and MBPP need a real base model (`phi3-mini-python`).",
-            "",
-        ]
+        lines += [TINY_MODEL_NOTE, ""]
+    return lines
 
-    lines += _chat_format_section(run_dir, recipe)
+
+def _usage_section(run_dir: Path, recipe: Recipe, repo_id: str | None) -> list[str]:
+    from .train import ADAPTER
 
     model_id = repo_id or str((run_dir / ADAPTER).resolve())
-    lines += [
+    return [
         "## Usage",
         "",
         "Runs as written (`pip install transformers peft accelerate`):",
@@ -311,14 +348,11 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
         ),
         "",
     ]
-    lines += ["## Framework versions", ""] + [
-        f"- {pkg} {_version(pkg)}" for pkg in ("codetune", "transformers", "peft", "trl", "torch", "bitsandbytes")
-    ]
-    from huggingface_hub import ModelCard
 
-    data = card_metadata(name, recipe, summary, dataset)
-    # ModelCard parses the header back, so a malformed one fails here rather than on the hub
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines) + "\n"))
+
+def _versions_section() -> list[str]:
+    packages = ("codetune", "transformers", "peft", "trl", "torch", "bitsandbytes")
+    return ["## Framework versions", "", *(f"- {pkg} {_version(pkg)}" for pkg in packages)]
 
 
 def _gen_line(recipe: Recipe) -> str:

@@ -363,13 +363,10 @@ def _all_text(ex: Example) -> str:
 
 
 def _benchmark_texts(name: str, recipe: Recipe) -> list[str]:
-    from .suites import load_humaneval, load_mbpp
+    """The texts of a suite that ``data.decontaminate`` names (the recipe allows only suites that have them)."""
+    from .suites import get_suite
 
-    if name == "humaneval":
-        return [p["prompt"] for p in load_humaneval()]
-    if name == "mbpp":
-        return [r["text"] for r in load_mbpp(recipe.evaluation.mbpp_source, test_only=False)]
-    raise ValueError(name)
+    return get_suite(name).decontamination(recipe)
 
 
 # ---------------------------------------------------------------------------------------
@@ -515,10 +512,11 @@ def prepare(
 ) -> PrepareResult:
     """Write ``RUN_DIR/data/{train,test}.parquet`` and ``stats.json`` for ``recipe``.
 
-    Everything is written to a staging folder first and moved into place at the end, so a
-    failure never leaves a half-written ``data/`` that later stages would take for complete.
-    A run that has trained is left alone unless ``overwrite`` (its training is then deleted, since it
-    would no longer match the data).
+    The steps, in order: read the rows, check and format them and split them (``_check_and_split``),
+    deduplicate and decontaminate the training split, tokenize both splits, count, write. Everything is
+    written to a staging folder first and moved into place at the end, so a failure never leaves a
+    half-written ``data/`` that later stages would take for complete. A run that has trained is left
+    alone unless ``overwrite`` (its training is then deleted, since it would no longer match the data).
     """
     from .families import family_for_source
     from .model import load_tokenizer
@@ -533,107 +531,156 @@ def prepare(
     turn_end = family_for_source(recipe.model.name_or_path, revision=recipe.model.revision).turn_end
     rows, where = read_source(d.source, revision=d.revision, hub_split=d.hub_split)
     log(f"read {len(rows)} rows from {where}")
+    checker = _RowChecker(d, where, stop=not (skip_invalid or d.invalid_rows == "drop_after_split"))
 
-    import datasets
+    train, test, counts = _check_and_split(rows, d, checker)
+    if d.dedupe:
+        train = _dedupe(train, counts)
+    train, contaminated = _decontaminate(train, test, recipe, counts)
+    train_records, train_truncated = _tokenize_train(train, tokenizer, recipe, turn_end, checker, skip_invalid, counts)
+    test_records, test_truncated = _tokenize_test(test, tokenizer, recipe, turn_end)
+    counts.update(train_final=len(train_records), test_final=len(test_records))
+    stats = _stats(recipe, where, counts, train_records, test_records, train_truncated, test_truncated)
 
-    def split_indices(n: int) -> tuple[list[int], list[int]]:
-        try:
-            split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
-                test_size=d.split.test_size, seed=d.split.seed
-            )
-        except ValueError as exc:  # datasets' own message says which way the sizes fail
-            raise DataError(
-                f"{where}: data.split.test_size {d.split.test_size} cannot split {n} usable row(s) into "
-                f"non-empty train and test splits ({exc}); give more rows or a smaller test_size"
-            ) from None
-        return split["train"]["i"], split["test"]["i"]
+    _write_data(rd.data, train_records, test_records, checker.rejected, contaminated, stats)
+    if retrain:
+        log(f"--overwrite: deleted the earlier training of {run_dir}, which no longer matches its data")
+        rd.clear_training()
+    save_recipe(recipe, run_dir)
+    if checker.rejected:
+        log(f"set aside {len(checker.rejected)} invalid rows -> {rd.data / 'rejected.jsonl'}")
+    return PrepareResult(rd.data, stats)
 
-    after_split = d.invalid_rows == "drop_after_split"
-    rejected: list[dict] = []
 
-    def checked(chosen: list[dict], split_name: str | None) -> list[Example]:
+class _RowChecker:
+    """Turns source rows into Examples; a bad row stops the stage (``stop``) or is set aside in ``rejected``."""
+
+    def __init__(self, d, where: str, stop: bool):
+        self.d, self.where, self.stop = d, where, stop
+        self.rejected: list[dict] = []
+
+    def __call__(self, chosen: list[dict], split_name: str | None = None) -> list[Example]:
         kept = []
         for row in chosen:
             try:
-                kept.append(row_to_example(row, d.format, d.formatting))
+                kept.append(row_to_example(row, self.d.format, self.d.formatting))
             except _Bad as bad:
                 problem = RowProblem(row["__row__"], bad.field, bad.reason)
-                if not (skip_invalid or after_split):
-                    raise DataError(problem.message(where) + " (use --skip-invalid to set such rows aside)") from None
+                if self.stop:
+                    raise DataError(
+                        problem.message(self.where) + " (use --skip-invalid to set such rows aside)"
+                    ) from None
                 entry = {"row": problem.row, "field": problem.field, "reason": problem.reason}
                 if split_name:
                     entry["split"] = split_name
                 entry["data"] = {k: v for k, v in row.items() if k != "__row__"}
-                rejected.append(entry)
+                self.rejected.append(entry)
         return kept
 
-    if after_split:
-        # The reference split every row it read; a bad row dropped first would shift every later one.
+
+def _split_indices(n: int, d, where: str) -> tuple[list[int], list[int]]:
+    import datasets
+
+    try:
+        split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
+            test_size=d.split.test_size, seed=d.split.seed
+        )
+    except ValueError as exc:  # datasets' own message says which way the sizes fail
+        raise DataError(
+            f"{where}: data.split.test_size {d.split.test_size} cannot split {n} usable row(s) into "
+            f"non-empty train and test splits ({exc}); give more rows or a smaller test_size"
+        ) from None
+    return split["train"]["i"], split["test"]["i"]
+
+
+def _check_and_split(rows: list[dict], d, checker: _RowChecker) -> tuple[list[Example], list[Example], dict]:
+    """The train and test Examples, and the rows counted so far. With ``drop_after_split`` every row read is
+    split first, as the reference did (a bad row dropped first would shift every later one), and invalid
+    rows are then set aside from either split; otherwise invalid rows go before the split."""
+    where = checker.where
+    if d.invalid_rows == "drop_after_split":
         if len(rows) < 2:
             raise DataError(f"{where}: {len(rows)} row(s): too few to split")
-        train_i, test_i = split_indices(len(rows))
-        train = checked([rows[i] for i in train_i], "train")
-        test = checked([rows[i] for i in test_i], "test")
+        train_i, test_i = _split_indices(len(rows), d, where)
+        train = checker([rows[i] for i in train_i], "train")
+        test = checker([rows[i] for i in test_i], "test")
+        if not train:
+            raise DataError(f"{where}: no usable rows in the training split")
         counts: dict[str, Any] = {
             "read": len(rows),
             "train_split": len(train_i),
             "test_split": len(test_i),
-            "invalid": len(rejected),
+            "invalid": len(checker.rejected),
             "invalid_train": len(train_i) - len(train),
             "invalid_test": len(test_i) - len(test),
             "valid": len(train) + len(test),
         }
-        if not train:
-            raise DataError(f"{where}: no usable rows in the training split")
-    else:
-        examples = checked(rows, None)
-        if not examples:
-            raise DataError(f"{where}: no usable rows")
-        train_i, test_i = split_indices(len(examples))
-        train = [examples[i] for i in train_i]
-        test = [examples[i] for i in test_i]
-        counts = {
-            "read": len(rows),
-            "invalid": len(rejected),
-            "valid": len(examples),
-            "train_split": len(train),
-            "test_split": len(test),
-        }
+        return train, test, counts
+    examples = checker(rows)
+    if not examples:
+        raise DataError(f"{where}: no usable rows")
+    train_i, test_i = _split_indices(len(examples), d, where)
+    train = [examples[i] for i in train_i]
+    test = [examples[i] for i in test_i]
+    counts = {
+        "read": len(rows),
+        "invalid": len(checker.rejected),
+        "valid": len(examples),
+        "train_split": len(train),
+        "test_split": len(test),
+    }
+    return train, test, counts
 
-    if d.dedupe:
-        seen: set[str] = set()
+
+def _dedupe(train: list[Example], counts: dict) -> list[Example]:
+    seen: set[str] = set()
+    kept = []
+    for ex in train:
+        key = example_key(ex)
+        if key not in seen:
+            seen.add(key)
+            kept.append(ex)
+    counts["duplicates_removed"] = len(train) - len(kept)
+    counts["after_dedupe"] = len(kept)
+    return kept
+
+
+def _decontaminate(
+    train: list[Example], test: list[Example], recipe: Recipe, counts: dict
+) -> tuple[list[Example], list[dict]]:
+    """The training rows that share no n-gram with ``data.decontaminate``'s sources, and the ones dropped."""
+    d = recipe.data
+    contaminated: list[dict] = []
+    if not d.decontaminate:
+        return train, contaminated
+    counts["decontaminated"] = {}
+    for name in d.decontaminate:
+        # Against the test split, prompts are compared with prompts: answers share code idioms
+        # ("for i in range(len(arr))") that say nothing about a leaked task.
+        if name == "test":
+            index = NgramIndex([_prompt_text(ex) for ex in test], d.decontamination_ngram)
+        else:
+            index = NgramIndex(_benchmark_texts(name, recipe), d.decontamination_ngram)
         kept = []
         for ex in train:
-            key = example_key(ex)
-            if key not in seen:
-                seen.add(key)
+            hit = index.match(_prompt_text(ex) if name == "test" else _all_text(ex))
+            if hit is None:
                 kept.append(ex)
-        counts["duplicates_removed"] = len(train) - len(kept)
-        train = kept
-        counts["after_dedupe"] = len(train)
-
-    contaminated: list[dict] = []
-    if d.decontaminate:
-        counts["decontaminated"] = {}
-        for name in d.decontaminate:
-            # Against the test split, prompts are compared with prompts: answers share code idioms
-            # ("for i in range(len(arr))") that say nothing about a leaked task.
-            if name == "test":
-                index = NgramIndex([_prompt_text(ex) for ex in test], d.decontamination_ngram)
             else:
-                index = NgramIndex(_benchmark_texts(name, recipe), d.decontamination_ngram)
-            kept = []
-            for ex in train:
-                hit = index.match(_prompt_text(ex) if name == "test" else _all_text(ex))
-                if hit is None:
-                    kept.append(ex)
-                else:
-                    contaminated.append({"row": ex.row, "against": name, "overlap": hit})
-            counts["decontaminated"][name] = len(train) - len(kept)
-            train = kept
-        counts["after_decontamination"] = len(train)
+                contaminated.append({"row": ex.row, "against": name, "overlap": hit})
+        counts["decontaminated"][name] = len(train) - len(kept)
+        train = kept
+    counts["after_decontamination"] = len(train)
+    return train, contaminated
 
-    train_records, test_records = [], []
+
+def _tokenize_train(
+    train: list[Example], tokenizer, recipe: Recipe, turn_end, checker: _RowChecker, skip_invalid: bool, counts: dict
+) -> tuple[list[dict], int]:
+    """The training records (rows too long per ``data.too_long``, or left with no trained token, left out)
+    and how many were truncated."""
+    d = recipe.data
+    records = []
     truncated = dropped = untrained = 0
     for ex in train:
         text = render(tokenizer, ex.messages)
@@ -642,37 +689,44 @@ def prepare(
             reason = f"{tok.full_length} tokens, longer than data.max_length {d.max_length}"
             if d.too_long == "error" and not skip_invalid:
                 raise DataError(
-                    f"{where}, row {ex.row}, field 'text': {reason} "
+                    f"{checker.where}, row {ex.row}, field 'text': {reason} "
                     "(set data.too_long to truncate or drop, or use --skip-invalid)"
                 )
             if d.too_long == "error":
-                rejected.append({"row": ex.row, "field": "text", "reason": reason})
+                checker.rejected.append({"row": ex.row, "field": "text", "reason": reason})
             dropped += 1
             continue
         if all(label == IGNORE_INDEX for label in tok.labels):
             untrained += 1
             continue
         truncated += tok.truncated
-        train_records.append(_example_record(ex, tok, text))
-    test_truncated = 0
+        records.append(_example_record(ex, tok, text))
+    if not records:
+        raise DataError(f"{checker.where}: the training split is empty after filtering ({counts})")
+    counts.update(too_long_dropped=dropped, no_trained_tokens=untrained)
+    return records, truncated
+
+
+def _tokenize_test(test: list[Example], tokenizer, recipe: Recipe, turn_end) -> tuple[list[dict], int]:
+    """Every test row, truncated when too long (for the evaluation loss only), and how many were."""
+    records, truncated = [], 0
     for ex in test:
         text = render(tokenizer, ex.messages)
         tok = tokenize_example(tokenizer, recipe, ex.messages, text, turn_end)
-        test_truncated += tok.truncated  # the test split keeps every row, truncated for eval loss only
-        test_records.append(_example_record(ex, tok, text))
-    if not train_records:
-        raise DataError(f"{where}: the training split is empty after filtering ({counts})")
-    counts.update(
-        too_long_dropped=dropped,
-        no_trained_tokens=untrained,
-        train_final=len(train_records),
-        test_final=len(test_records),
-    )
+        truncated += tok.truncated
+        records.append(_example_record(ex, tok, text))
+    return records, truncated
 
+
+def _stats(
+    recipe: Recipe, where: str, counts: dict, train_records: list[dict], test_records: list[dict],
+    train_truncated: int, test_truncated: int,
+) -> dict[str, Any]:  # fmt: skip
     train_lengths = [r["n_tokens"] for r in train_records]
     trained_tokens = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in train_records)
-    pack_share, pack_rows = packed_share(train_lengths, d.max_length)
-    stats = {
+    pack_share, pack_rows = packed_share(train_lengths, recipe.data.max_length)
+    t = recipe.training
+    return {
         "recipe": recipe.name,
         "source": where,
         "rows": counts,
@@ -680,26 +734,32 @@ def prepare(
             "train": length_summary(train_lengths),
             "test": length_summary([r["n_tokens"] for r in test_records]),
         },
-        "truncated_share": {"train": truncated / len(train_records), "test": test_truncated / max(1, len(test))},
+        "truncated_share": {
+            "train": train_truncated / len(train_records),
+            "test": test_truncated / max(1, len(test_records)),
+        },
         "trained_token_share": trained_tokens / sum(train_lengths),
         "padding": {
-            "batch_size": recipe.training.batch_size,
-            "padded_batches_share": round(
-                padded_batch_share(train_lengths, recipe.training.batch_size, recipe.training.seed), 4
-            ),
+            "batch_size": t.batch_size,
+            "padded_batches_share": round(padded_batch_share(train_lengths, t.batch_size, t.seed), 4),
             "packed_share": round(pack_share, 4),
             "packed_rows": pack_rows,
         },
     }
 
+
+def _earlier_data(p: Path) -> bool:
+    """data/ of this codetune run (also from before markers)."""
+    return p.is_dir() and not p.is_symlink() and (p / "stats.json").is_file()
+
+
+def _write_data(
+    target: Path, train_records: list[dict], test_records: list[dict], rejected: list[dict],
+    contaminated: list[dict], stats: dict,
+) -> None:  # fmt: skip
     from .rundir import staged_dir
 
-    target = rd.data
-
-    def earlier_data(p: Path) -> bool:  # data/ of this codetune run (also from before markers)
-        return p.is_dir() and not p.is_symlink() and (p / "stats.json").is_file()
-
-    with staged_dir(target, "data", overwrite=True, ours=earlier_data, what="data folder") as staging:
+    with staged_dir(target, "data", overwrite=True, ours=_earlier_data, what="data folder") as staging:
         _write_split(staging / "train.parquet", train_records)
         _write_split(staging / "test.parquet", test_records)
         if rejected:
@@ -707,13 +767,6 @@ def prepare(
         if contaminated:
             write_jsonl(staging / "decontaminated.jsonl", contaminated)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    if retrain:
-        log(f"--overwrite: deleted the earlier training of {run_dir}, which no longer matches its data")
-        rd.clear_training()
-    save_recipe(recipe, run_dir)
-    if rejected:
-        log(f"set aside {len(rejected)} invalid rows -> {target / 'rejected.jsonl'}")
-    return PrepareResult(target, stats)
 
 
 def load_split(run_dir: Path, split: str):

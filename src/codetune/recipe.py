@@ -63,6 +63,14 @@ INTEGRATIONS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
+def _only(names: list[str], allowed: list[str], what: str) -> list[str]:
+    """``names`` when each is one of ``allowed`` (the registry's, so a new suite module is allowed at once)."""
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
+    return names
+
+
 class _Section(BaseModel):
     # strict: `batch_size: true` or `epochs: "3"` is a mistake, not a 1 or a 3; no inf or nan anywhere
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
@@ -148,7 +156,8 @@ class DataConfig(_Section):
     packing: bool = False
     loss_on: Literal["all", "answer"] = "answer"
     dedupe: bool = True
-    decontaminate: list[Literal["test", "humaneval", "mbpp"]] = ["test", "humaneval", "mbpp"]
+    # "test" (the run's own test split) or a suite that declares decontamination texts (codetune.suites)
+    decontaminate: list[str] = ["test", "humaneval", "mbpp"]
     decontamination_ngram: int = Field(
         13, ge=4, description="Word n-gram length that counts as overlap (13, as GPT-3's decontamination)"
     )
@@ -156,6 +165,13 @@ class DataConfig(_Section):
     # drop_after_split: split every row as read (row for row the reference's split), then set invalid rows
     # aside from whichever split holds them, counted in stats.json; never stops.
     invalid_rows: Literal["error", "drop_after_split"] = "error"
+
+    @field_validator("decontaminate")
+    @classmethod
+    def _known_sources(cls, names: list[str]) -> list[str]:
+        from .suites import decontamination_sources
+
+        return _only(names, ["test", *decontamination_sources()], "decontamination source")
 
 
 class TrainingConfig(_Section):
@@ -220,7 +236,7 @@ class GenerationConfig(_Section):
 
 class EvaluationConfig(_Section):
     samples: int = Field(500, gt=0, description="Test rows scored with ROUGE (the first N)")
-    suites: list[Literal["rouge", "humaneval", "mbpp", "starter", "starter-family", "starter-novel"]] = ["rouge"]
+    suites: list[str] = Field(["rouge"], description="Names of codetune.suites modules' suites")
     n_samples: int = Field(1, gt=0, description="Completions per task for pass@k")
     batch_size: int = Field(16, gt=0, description="Prompts generated together")
     compare_base: bool = Field(False, description="Also score the base model without the adapter")
@@ -236,6 +252,13 @@ class EvaluationConfig(_Section):
     sandbox: Literal["strict", "auto"] = Field(
         "auto", description="strict: refuse to execute tests without bubblewrap; auto: fall back, with a warning"
     )
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, names: list[str]) -> list[str]:
+        from .suites import suite_names
+
+        return _only(names, suite_names(), "suite")
 
     @model_validator(mode="after")
     def _k_fits_n(self) -> EvaluationConfig:

@@ -24,7 +24,7 @@ import gc
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -576,105 +576,23 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``recipe``'s model with LoRA on the prepared data in ``run_dir``.
 
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects (timing, custom logging).
+    The steps: check everything that can fail cheaply, ready the run directory (data, recipe), load the
+    model and attach LoRA, build the trainer, train, save, clean up. ``callbacks``: extra
+    ``transformers.TrainerCallback`` objects (timing, custom logging).
     """
     from accelerate import PartialState
 
-    from .data import prepare
-    from .loss import add_lean_loss
-    from .model import (
-        attach_lora,
-        check_lora_targets_from_config,
-        check_model_source,
-        check_sharded_qlora,
-        load_base_model,
-        load_tokenizer,
-        resolve_model_path,
-        sharded_mode,
-    )
-
-    def say(msg: str) -> None:
-        if console is not None and state.is_main_process:
-            console.print(msg, highlight=False)
-
+    run = _Session(recipe, Path(run_dir), PartialState(), cuda_available(), console)
     # ---- setup: everything that can fail cheaply fails before the model loads
-    state = PartialState()
-    cuda = cuda_available()
-    for note in check_hardware(recipe, cuda):
-        say(f"note: {note}")
-    check_model_source(recipe.model.name_or_path, "model.name_or_path")
-    check_sharded_qlora(recipe)
-    check_integrations(recipe)
-    rd = RunDir(run_dir)
-    start_over = not resume and check_fresh(run_dir, overwrite)
-    if state.is_main_process:
-        rd.ensure()  # a foreign or read-only run directory fails here, before anything is changed
-    tokenizer = load_tokenizer(recipe)
-    check_lora_targets_from_config(recipe, resolve_model_path(recipe.model.name_or_path))
-    matches = _data_matches(recipe, run_dir)
-    if resume and not matches and complete_checkpoints(run_dir):
-        raise RecipeError(f"cannot resume {run_dir}: its data or model settings differ from this recipe")
-    if resume and (done := _finished(rd)) is not None:
-        say(f"{run_dir} finished training at step {done.global_step}: nothing to resume")
-        return done
-    # Every check has passed: only now is an earlier run changed.
-    if start_over:
-        with state.main_process_first():
-            if state.is_main_process:
-                rd.clear_training()
-    with state.main_process_first():  # one process prepares; the others then read its files
-        if not matches and state.is_main_process:
-            say("preparing data (run directory has none for this recipe)")
-            prepare(recipe, run_dir, skip_invalid=skip_invalid, log=say)
-        if state.is_main_process:
-            save_recipe(recipe, run_dir)
+    checked = _check(run, resume, overwrite)
+    if isinstance(checked, TrainResult):
+        return checked
+    tokenizer, matches, start_over = checked
+    _ready_run_dir(run, matches, start_over, skip_invalid)  # every check has passed: only now is a run changed
     train_ds, eval_ds = _datasets(recipe, run_dir)
-    resume_from = None
-    if resume:
-        ckpts = complete_checkpoints(run_dir)
-        if ckpts:
-            resume_from = str(ckpts[-1])
-            say(f"resuming from {resume_from}")
-        else:
-            say("no complete checkpoint to resume from: starting from the beginning")
-
-    device_map = {"": state.local_process_index} if cuda else None
-    model = load_base_model(recipe, device_map=device_map)
-    # FSDP and ZeRO-3 hold the head's weight sharded outside its own forward: keep the model's loss there
-    lean = not sharded_mode() and add_lean_loss(model)
-    model = attach_lora(model, recipe, gradient_checkpointing=recipe.training.gradient_checkpointing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    say(f"model {recipe.model.name_or_path}: {trainable:,} trainable LoRA parameters of {total:,}")
-    if not lean:
-        why = "FSDP / ZeRO-3 shard the head" if sharded_mode() else "this model's head is not a plain projection"
-        say(f"note: {why}: training uses the model's own loss (full logits)")
-
-    collator = _collator(recipe, tokenizer)
-    sampler, steps, epochs = None, None, 1
-    if recipe.training.accumulation_windows == "across_epochs":
-        t = recipe.training
-        steps, epochs = across_epochs_steps(recipe, len(train_ds), state.num_processes)
-        sampler = EpochsBatchSampler(len(train_ds), t.batch_size, epochs, t.seed)
-        say(f"accumulation windows run across epochs: {steps} optimizer steps ({epochs} epochs of batches)")
-    args = _training_arguments(recipe, run_dir, cuda, steps, epochs)
-    trainer = _trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[
-            _metrics_callback(run_dir, console if state.is_main_process else None, sampler.epochs if sampler else 1.0),
-            *(callbacks or []),
-        ],
-    )
-    trainer.loss_normalization = recipe.training.loss_normalization
-    trainer.epochs_batch_sampler = sampler
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # our callback reports; the Trainer's would print raw dicts
+    resume_from = _resume_point(run, resume)
+    model, trainable, total = _load_model(run)
+    trainer = _build_trainer(run, model, tokenizer, train_ds, eval_ds, callbacks)
 
     # ---- train
     t0 = time.perf_counter()
@@ -682,12 +600,161 @@ def train(
     wall = time.perf_counter() - t0
 
     # ---- save
-    adapter_dir = run_dir / ADAPTER
-    metrics = _read_metrics(run_dir / METRICS)
+    metrics = _read_metrics(run.run_dir / METRICS)
+    summary = _train_summary(run, trainer, output, metrics, wall, trainable, total, resume_from)
+    if trainer.is_world_process_zero():
+        _save(run, trainer, tokenizer, metrics, summary)
+    run.state.wait_for_everyone()
+    if console is not None:
+        console.print(
+            f"rank {run.state.process_index}/{run.state.num_processes} finished at step {trainer.state.global_step}",
+            highlight=False,
+        )
+
+    # ---- cleanup
+    del trainer, model
+    gc.collect()
+    return TrainResult(
+        run.run_dir,
+        run.run_dir / ADAPTER,
+        summary["global_step"],
+        summary["last_train_loss"],
+        summary["last_eval_loss"],
+        summary,
+    )
+
+
+@dataclass
+class _Session:
+    """What every step of ``train`` reads: the recipe, the run directory, the processes, the device."""
+
+    recipe: Recipe
+    run_dir: Path
+    state: Any  # accelerate's PartialState
+    cuda: bool
+    console: Any
+    rd: RunDir = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rd = RunDir(self.run_dir)
+
+    def say(self, msg: str) -> None:
+        if self.console is not None and self.state.is_main_process:
+            self.console.print(msg, highlight=False)
+
+
+def _check(run: _Session, resume: bool, overwrite: bool):
+    """(tokenizer, data matches the recipe, start over), or the finished run's TrainResult when resuming
+    one that has nothing left to do. Changes nothing on disk but creating an empty run directory."""
+    from .model import (
+        check_lora_targets_from_config,
+        check_model_source,
+        check_sharded_qlora,
+        load_tokenizer,
+        resolve_model_path,
+    )
+
+    recipe, run_dir = run.recipe, run.run_dir
+    for note in check_hardware(recipe, run.cuda):
+        run.say(f"note: {note}")
+    check_model_source(recipe.model.name_or_path, "model.name_or_path")
+    check_sharded_qlora(recipe)
+    check_integrations(recipe)
+    start_over = not resume and check_fresh(run_dir, overwrite)
+    if run.state.is_main_process:
+        run.rd.ensure()  # a foreign or read-only run directory fails here, before anything is changed
+    tokenizer = load_tokenizer(recipe)
+    check_lora_targets_from_config(recipe, resolve_model_path(recipe.model.name_or_path))
+    matches = _data_matches(recipe, run_dir)
+    if resume and not matches and complete_checkpoints(run_dir):
+        raise RecipeError(f"cannot resume {run_dir}: its data or model settings differ from this recipe")
+    if resume and (done := _finished(run.rd)) is not None:
+        run.say(f"{run_dir} finished training at step {done.global_step}: nothing to resume")
+        return done
+    return tokenizer, matches, start_over
+
+
+def _ready_run_dir(run: _Session, matches: bool, start_over: bool, skip_invalid: bool) -> None:
+    """Clear an earlier training when starting over, prepare the data when missing, save the recipe."""
+    from .data import prepare
+
+    state = run.state
+    if start_over:
+        with state.main_process_first():
+            if state.is_main_process:
+                run.rd.clear_training()
+    with state.main_process_first():  # one process prepares; the others then read its files
+        if not matches and state.is_main_process:
+            run.say("preparing data (run directory has none for this recipe)")
+            prepare(run.recipe, run.run_dir, skip_invalid=skip_invalid, log=run.say)
+        if state.is_main_process:
+            save_recipe(run.recipe, run.run_dir)
+
+
+def _resume_point(run: _Session, resume: bool) -> str | None:
+    if not resume:
+        return None
+    ckpts = complete_checkpoints(run.run_dir)
+    if not ckpts:
+        run.say("no complete checkpoint to resume from: starting from the beginning")
+        return None
+    run.say(f"resuming from {ckpts[-1]}")
+    return str(ckpts[-1])
+
+
+def _load_model(run: _Session):
+    """The base model with the lean loss (where it applies) and LoRA attached; its trainable and total parameters."""
+    from .loss import add_lean_loss
+    from .model import attach_lora, load_base_model, sharded_mode
+
+    recipe = run.recipe
+    device_map = {"": run.state.local_process_index} if run.cuda else None
+    model = load_base_model(recipe, device_map=device_map)
+    # FSDP and ZeRO-3 hold the head's weight sharded outside its own forward: keep the model's loss there
+    lean = not sharded_mode() and add_lean_loss(model)
+    model = attach_lora(model, recipe, gradient_checkpointing=recipe.training.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    run.say(f"model {recipe.model.name_or_path}: {trainable:,} trainable LoRA parameters of {total:,}")
+    if not lean:
+        why = "FSDP / ZeRO-3 shard the head" if sharded_mode() else "this model's head is not a plain projection"
+        run.say(f"note: {why}: training uses the model's own loss (full logits)")
+    return model, trainable, total
+
+
+def _build_trainer(run: _Session, model, tokenizer, train_ds, eval_ds, callbacks: list | None):
+    from transformers.trainer_callback import PrinterCallback
+
+    recipe, state = run.recipe, run.state
+    sampler, steps, epochs = None, None, 1
+    if recipe.training.accumulation_windows == "across_epochs":
+        t = recipe.training
+        steps, epochs = across_epochs_steps(recipe, len(train_ds), state.num_processes)
+        sampler = EpochsBatchSampler(len(train_ds), t.batch_size, epochs, t.seed)
+        run.say(f"accumulation windows run across epochs: {steps} optimizer steps ({epochs} epochs of batches)")
+    console = run.console if state.is_main_process else None
+    trainer = _trainer_class()(
+        model=model,
+        args=_training_arguments(recipe, run.run_dir, run.cuda, steps, epochs),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=_collator(recipe, tokenizer),
+        processing_class=tokenizer,
+        callbacks=[_metrics_callback(run.run_dir, console, sampler.epochs if sampler else 1.0), *(callbacks or [])],
+    )
+    trainer.loss_normalization = recipe.training.loss_normalization
+    trainer.epochs_batch_sampler = sampler
+    trainer.remove_callback(PrinterCallback)  # our callback reports; the Trainer's would print raw dicts
+    return trainer
+
+
+def _train_summary(
+    run: _Session, trainer, output, metrics: list[dict], wall: float, trainable: int, total: int, resume_from
+) -> dict[str, Any]:
     last_eval = next((m["eval_loss"] for m in reversed(metrics) if m.get("eval_loss") is not None), None)
     last_train = next((m["train_loss"] for m in reversed(metrics) if m.get("train_loss") is not None), None)
-    summary = {
-        "recipe": recipe.name,
+    return {
+        "recipe": run.recipe.name,
         "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_loss_mean": output.training_loss,
@@ -698,29 +765,23 @@ def train(
         "trainable_parameters": trainable,
         "total_parameters": total,
         "resumed_from": resume_from,
-        "world_size": state.num_processes,
-        "device": "cuda" if cuda else "cpu",
+        "world_size": run.state.num_processes,
+        "device": "cuda" if run.cuda else "cpu",
     }
-    if trainer.is_world_process_zero():
 
-        def earlier_adapter(p: Path) -> bool:  # this run's adapter (a resumed run that had finished once)
-            return p.is_dir() and not p.is_symlink() and (p / "adapter_config.json").is_file()
 
-        with staged_dir(adapter_dir, "adapter", overwrite=True, ours=earlier_adapter, what="adapter") as staging:
-            trainer.save_model(str(staging))
-            tokenizer.save_pretrained(str(staging))
-        write_loss_table(metrics, run_dir / "loss_table.md")
-        if metrics:
-            plot_losses(metrics, run_dir / "loss.png", f"{recipe.name}: loss")
-        atomic_write(run_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
-    state.wait_for_everyone()
-    if console is not None:
-        console.print(
-            f"rank {state.process_index}/{state.num_processes} finished at step {trainer.state.global_step}",
-            highlight=False,
-        )
+def _earlier_adapter(p: Path) -> bool:
+    """This run's adapter (a resumed run that had finished once)."""
+    return p.is_dir() and not p.is_symlink() and (p / "adapter_config.json").is_file()
 
-    # ---- cleanup
-    del trainer, model
-    gc.collect()
-    return TrainResult(run_dir, adapter_dir, summary["global_step"], last_train, last_eval, summary)
+
+def _save(run: _Session, trainer, tokenizer, metrics: list[dict], summary: dict) -> None:
+    """The adapter (with the tokenizer), the loss table and plot, and train_summary.json."""
+    run_dir = run.run_dir
+    with staged_dir(run_dir / ADAPTER, "adapter", overwrite=True, ours=_earlier_adapter, what="adapter") as staging:
+        trainer.save_model(str(staging))
+        tokenizer.save_pretrained(str(staging))
+    write_loss_table(metrics, run_dir / "loss_table.md")
+    if metrics:
+        plot_losses(metrics, run_dir / "loss.png", f"{run.recipe.name}: loss")
+    atomic_write(run_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")

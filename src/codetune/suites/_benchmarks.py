@@ -1,14 +1,12 @@
-"""The executed benchmarks' task lists: HumanEval, MBPP and the starter set.
-
-Data preparation reads their prompts to decontaminate training data; evaluation runs their tests.
-"""
+"""HumanEval and MBPP as published: the ``humaneval`` and ``mbpp`` suites build their tasks from them,
+and data preparation reads their texts to decontaminate training data."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .recipe import RecipeError
+from ..errors import RecipeError
 
 # The customary MBPP test split (Austin et al., 2021): task ids 11..510.
 MBPP_TEST_IDS = range(11, 511)
