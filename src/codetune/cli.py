@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 
 from .errors import CodetuneError, InputError
 from .recipe import Recipe, load_recipe, shipped_recipes
+from .suites import executed_suites, suite_names
 
 HELP = "Fine-tune a small open LLM into a Python coder with QLoRA, and prove the gain by running the code it writes."
 
@@ -311,6 +312,7 @@ RecipeOpt = Annotated[
 
 def _print_summary(summary: dict) -> None:
     from .evaluate import ROUGE_TYPES, suite_info, suite_label
+    from .suites import get_suite
 
     results = summary["results"]
     models = list(results)
@@ -319,7 +321,7 @@ def _print_summary(summary: dict) -> None:
     for suite in suites:
         keys = (
             list(ROUGE_TYPES)
-            if suite == "rouge"
+            if suite in suite_names() and get_suite(suite).scoring == "rouge"
             else sorted({k for r in results.values() for k in r.get(suite, {}) if k.startswith("pass@")})
         )
         for key in [*keys, "parse_rate"]:
@@ -333,7 +335,7 @@ def eval_cmd(
     source: Annotated[str | None, typer.Argument(help="A run directory, a merged model folder or a hub id")] = None,
     suite: Annotated[
         list[str] | None,
-        typer.Option("--suite", help="rouge, humaneval, mbpp, starter, starter-family, starter-novel (repeatable)"),
+        typer.Option("--suite", help=f"{', '.join(suite_names())} (repeatable; codetune.suites)"),
     ] = None,
     compare_base: Annotated[
         bool | None,
@@ -356,7 +358,7 @@ def eval_cmd(
         if source is not None:
             _fail("give a SOURCE to evaluate or --completions FILE, not both")
         if not suite or len(suite) != 1:
-            _fail("--completions needs exactly one --suite (humaneval, mbpp or starter)")
+            _fail(f"--completions needs exactly one --suite ({', '.join(executed_suites())})")
         r = _load(recipe or "phi3-mini-python", set_)  # no model: only the evaluation settings matter
         out_dir = out_dir or completions_out_dir(completions)
         summary = score_completions_file(
