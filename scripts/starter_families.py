@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 STARTER = Path(__file__).resolve().parents[1] / "src" / "codetune" / "assets" / "starter.jsonl"
-MEMBERS = 18  # per family; about a tenth of them land in the held-out split
+MEMBERS = 40  # per family; about a tenth of them land in the held-out split
 SEED = 15
 
 NOUNS = ["prices", "scores", "values", "weights", "counts", "sizes", "marks", "totals", "levels", "ages",
@@ -32,6 +32,11 @@ PARAMS_STR = ["s", "text", "word", "name", "line", "label", "token", "msg", "tit
 WORDS = ["ab", "pre", "tmp", "log", "x", "data", "id", "re", "un", "sub", "py", "dev", "test", "max"]
 KEYS = ["name", "id", "size", "color", "mode", "level", "user", "port", "host", "kind", "rate", "unit"]
 VERBS = ["Write", "Create", "Implement", "Define"]
+# A function's name is a verb of this pool and a noun, whatever its family: a family's own verbs
+# ("scale", "boost") would let a model guess the name from the task's wording instead of reading it.
+NAME_VERBS = ["calc", "make", "do", "apply", "run", "build", "process", "handle", "solve", "compute",
+              "transform", "get", "fn", "eval", "go", "task", "my", "new", "next", "main", "core", "basic",
+              "simple", "quick"]
 
 
 def _ints(r: random.Random, lo: int, hi: int) -> int:
@@ -103,7 +108,7 @@ def fam_divisible(r):
 
 
 def fam_power(r):
-    k = r.randint(2, 5)
+    k = r.randint(2, 6)
     return dict(
         verbs=["power", "raise", "pow", "exp", "to_power", "lift"],
         params=PARAMS_NUM,
@@ -115,7 +120,7 @@ def fam_power(r):
 
 
 def fam_repeat(r):
-    k = r.randint(2, 6)
+    k = r.randint(2, 8)
     return dict(
         verbs=["repeat", "echo", "copy", "dup", "times", "multiply"],
         params=PARAMS_STR,
@@ -186,7 +191,7 @@ def fam_cap(r):
 
 
 def fam_long_words(r):
-    k = r.randint(2, 6)
+    k = r.randint(2, 8)
 
     def sentences():
         words = ["a", "to", "cat", "tree", "house", "garden", "planet", "yes", "bottle", "no"]
@@ -231,7 +236,7 @@ def make_rows(first_id: int) -> list[dict]:
             spec = make(r)
             if not spec.get("ok", lambda: True)():
                 continue
-            verb = r.choice(spec["verbs"])
+            verb = r.choice(NAME_VERBS)
             name = f"{verb}_{r.choice(NOUNS)}"
             param = r.choice(spec["params"])
             if name in used_names or (param, repr(spec["k"])) in seen:
@@ -257,7 +262,7 @@ def make_rows(first_id: int) -> list[dict]:
                 {
                     "task_id": f"starter/{first_id + len(rows)}",
                     "family": family,
-                    "instruction": f"{verb_word} a Python function `{name}({param})` that {text}",
+                    "instruction": f"{verb_word} a Python function {name}({param}) that {text}",
                     "input": "",
                     "output": code,
                     "entry_point": name,

@@ -31,11 +31,6 @@ def seed_runs(tmp_path_factory, tiny_dir):
     return runs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="target not met yet: the fine-tuned tiny model's answers barely depend on the instruction and never "
-    "copy the name asked for, so it scores 0 on starter-family too (README, The tiny model); XPASS: drop this mark",
-)
 def test_fine_tuning_passes_held_out_family_members_that_the_base_fails_for_every_seed(seed_runs):
     base = seed_runs[SEEDS[0]][1]["base"]["starter-family"]
     gains = {
@@ -44,6 +39,12 @@ def test_fine_tuning_passes_held_out_family_members_that_the_base_fails_for_ever
     }
     assert base["tasks"] >= 20
     assert all(gain >= MIN_GAIN for gain in gains.values()), (base["pass@1"], gains)
+    # the gain is the model's, not the scoring's: each fine-tuned run's passing answers are its own code,
+    # defining the function the task names
+    for seed, (run, _) in seed_runs.items():
+        rows = [json.loads(line) for line in (run / "eval" / "starter-family.jsonl").read_text().splitlines()]
+        passed = [r for r in rows if r["verdict"] == "passed"]
+        assert passed and all(f"def {r['reference'].split('(')[0][4:]}(" in r["code"] for r in passed), seed
 
 
 def test_the_two_rows_split_the_held_out_tasks_by_whether_their_family_was_taught(seed_runs):

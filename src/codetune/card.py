@@ -303,10 +303,11 @@ TINY_MODEL_NOTE = (
     "**What this tiny model can and cannot show.** Its base is a 2-layer Phi-3 that codetune builds and "
     "pre-trains on Python standard-library source in a minute, so that the whole pipeline runs offline on "
     "a CPU. Fine-tuning teaches it the chat format and the shape of an answer (ROUGE and the parse rate), "
-    "but it cannot yet pass held-out tasks by execution, not even new members of the task families it was "
-    "taught (`starter-family`): its answers barely depend on the instruction and name a function from its "
-    "training instead of the one asked for (a base this small never learned to copy an unseen name). "
-    "`starter-novel`, HumanEval and MBPP need a real base model (`phi3-mini-python`)."
+    "and it passes, by execution, new members of the task families it was taught (`starter-family`: other "
+    "function and parameter names, constants and types than any it trained on), which its base never does. "
+    "That is all it can show: tasks unlike any it trained on (`starter-novel`), HumanEval and MBPP stay at "
+    "or near 0, since a base this small knows little Python; they need a real base model "
+    "(`phi3-mini-python`)."
 )
 
 

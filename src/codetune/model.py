@@ -97,7 +97,7 @@ def _starter_corpus() -> list[str]:
     return [t for t in texts if t]
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024, family: Family | None = None):
+def build_tiny_tokenizer(vocab_size: int = 2048, family: Family | None = None):
     """A byte-level BPE tokenizer with the family's special tokens and chat template (default Phi-3's),
     trained on Python source."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -119,7 +119,7 @@ FAMILY = Family(
         pad_token="<|finetune_right_pad_id|>",
         chat_template=LLAMA3,
         config=tiny_config,
-        version="v2",  # v2: the tokenizer also reads the starter families
+        version="v3",  # v3: 2,048 tokens, and the starter families as regenerated
         pretrain_steps=200,
         stop_tokens=("<|end_of_text|>",),
     ),

@@ -123,7 +123,7 @@ FAMILY = Family(
         pad_token="<|endoftext|>",
         chat_template=PHI3,
         config=tiny_config,
-        version="v5",  # v5: the tokenizer also reads the starter families
+        version="v6",  # v6: 2,048 tokens, and the starter families as regenerated
         pretrain_steps=600,
         stop_tokens=("<|end|>",),
     ),

@@ -76,7 +76,7 @@ FAMILY = Family(
         pad_token="<|endoftext|>",
         chat_template=QWEN2,
         config=tiny_config,
-        version="v2",  # v2: the tokenizer also reads the starter families
+        version="v3",  # v3: 2,048 tokens, and the starter families as regenerated
         pretrain_steps=200,
         stop_tokens=("<|endoftext|>",),
     ),
