@@ -84,6 +84,9 @@ def family_recipe(family, *overrides: str):
             f"training.max_steps={FAMILY_STEPS}",
             f"training.batch_size={FAMILY_BATCH}",
             "training.eval_steps=null",
+            "training.logging_steps=5",  # the resumed run's last window (steps 16-20) is then the whole run's
+            "lora.r=16",
+            "lora.alpha=32",
             f"training.save_steps={FAMILY_STEPS // 4}",
             "training.save_total_limit=null",
             "generation.max_new_tokens=24",

@@ -107,7 +107,7 @@ def test_metadata_reads_back(exported, tiny_dirs, family):
     assert _field(r, "tokenizer.ggml.model") == "gpt2"
     assert _field(r, "tokenizer.ggml.pre") == {"qwen2": "qwen2", "llama": "gpt-2"}[family]
     tokens = _field(r, "tokenizer.ggml.tokens")
-    assert len(tokens) == config.vocab_size == 1024
+    assert len(tokens) == config.vocab_size == 2048
     assert tokens == tok.convert_ids_to_tokens(list(range(len(tok))))
     types = _field(r, "tokenizer.ggml.token_type")
     n_special = {"qwen2": 3, "llama": 6}[family]  # the family's special tokens take the first ids
@@ -145,7 +145,7 @@ def test_tensors_names_shapes_and_values(exported, tiny_dirs, family):
     assert list(tensors["blk.0.attn_k.weight"].shape) == list(tensors["blk.1.attn_v.weight"].shape) == [64, 32]
     assert list(tensors["blk.0.ffn_gate.weight"].shape) == list(tensors["blk.0.ffn_up.weight"].shape) == [64, 128]
     assert list(tensors["blk.0.ffn_down.weight"].shape) == [128, 64]
-    assert list(tensors["token_embd.weight"].shape) == [64, 1024]
+    assert list(tensors["token_embd.weight"].shape) == [64, 2048]
     for name, t in tensors.items():
         one_d = len(t.shape) == 1
         assert t.tensor_type == gguf.GGMLQuantizationType.F32, name

@@ -106,7 +106,7 @@ def test_lean_loss_leaves_generation_alone_and_survives_an_empty_batch(tiny_dir)
     ids = torch.randint(10, 900, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    assert logits.shape == (1, 12, 1024)
+    assert logits.shape == (1, 12, 2048)
     out = model(input_ids=ids, labels=torch.full_like(ids, -100))  # nothing to train in this micro-batch
     assert out.loss.item() == 0.0
     out.loss.backward()
@@ -182,7 +182,10 @@ def test_training_in_bf16_autocast_runs_and_learns(tmp_path, tiny_dir):
     from codetune.train import train
 
     run = tmp_path / "r"
-    res = train(tiny_recipe("training.precision=bf16", "training.max_steps=16", "training.eval_steps=null"), run)
+    res = train(
+        tiny_recipe("training.precision=bf16", "training.max_steps=16", "training.eval_steps=null", "training.logging_steps=2"),
+        run,
+    )
     assert res.global_step == 16
     losses = [m["train_loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     losses = [x for x in losses if x is not None]

@@ -93,7 +93,7 @@ def test_card_has_metadata_tables_and_real_numbers(run_dir):
     assert rouge_l == round(summary["fine-tuned"]["rouge"]["rougeL"], 2)
     assert any(m["type"] == "pass@1" for r in results for m in r["metrics"])
     assert "| Step | Training Loss | Validation Loss |" in text and "![training and validation loss](loss.png)" in text
-    assert "| `lora.r` | `16` |" in text and "| `data.loss_on` | `answer` |" in text
+    assert "| `lora.r` | `64` |" in text and "| `data.loss_on` | `answer` |" in text
     assert "| rougeL |" in text and "fine-tuned" in text and "base" in text
     assert "<|user|>" in text and "<|end|>" in text
 
