@@ -118,3 +118,18 @@ def family_run(request, tmp_path_factory, codetune_home) -> FamilyRun:
     recipe = family_recipe(family)
     run = tmp_path_factory.mktemp(f"family-{family.name}") / "run"
     return FamilyRun(family, run, recipe, train(recipe, run))
+
+
+def save_random_model(out: Path, model, tokenizer_source) -> Path:
+    """``model`` (random, seeded by the caller) with its 2-D weights widened, so that greedy choices are not
+    near-ties, saved to ``out`` with the tokenizer of ``tokenizer_source``: a full-vocabulary model to export."""
+    import torch
+    from transformers import AutoTokenizer
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out)
+    return out

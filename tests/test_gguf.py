@@ -11,7 +11,7 @@ import torch
 
 from codetune.gguf_export import GGUFExportError, export_gguf
 
-from .conftest import PHI3_TOKENIZER, needs_phi3_tokenizer
+from .conftest import PHI3_TOKENIZER, needs_phi3_tokenizer, save_random_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -309,7 +309,7 @@ def test_longrope_config_exports_rope_factors(tiny_dir, tmp_path):
 def phi3_sp_dir(tmp_path_factory):
     """A 2-layer Phi-3 with random weights, vocab 32064 and the Phi-3 tokenizer saved by transformers 5
     (which writes tokenizer.json but no tokenizer.model, like `codetune merge`)."""
-    from transformers import AutoTokenizer, Phi3ForCausalLM
+    from transformers import Phi3ForCausalLM
 
     from codetune.model import phi3_mini_config
 
@@ -319,13 +319,7 @@ def phi3_sp_dir(tmp_path_factory):
     )
     torch.manual_seed(0)
     model = Phi3ForCausalLM(config)
-    with torch.no_grad():  # wider than the default init, so the greedy choices are not near-ties
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(PHI3_TOKENIZER).save_pretrained(out)
-    return out
+    return save_random_model(out, model, PHI3_TOKENIZER)
 
 
 @needs_phi3_tokenizer

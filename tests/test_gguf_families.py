@@ -12,7 +12,7 @@ import torch
 
 from codetune.gguf_export import GGUFExportError, _read_layout, export_gguf
 
-from .conftest import SHARED
+from .conftest import SHARED, save_random_model
 from .test_gguf import LLAMA_CPP_MISSING, NEW_TOKENS, _compare_with_hf, _field
 
 gguf = pytest.importorskip("gguf")
@@ -414,7 +414,7 @@ def test_llama_cpp_tokenizes_like_transformers(exported, tiny_dirs, family):
 def qwen2_real_tok_dir(tmp_path_factory):
     """A 2-layer Qwen2 with random weights, the real vocab size (151936), tied embeddings and the real
     Qwen2 tokenizer."""
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     from codetune.families.qwen2 import full_config
 
@@ -424,13 +424,7 @@ def qwen2_real_tok_dir(tmp_path_factory):
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # wider than the default init, so the greedy choices are not near-ties
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(QWEN2_TOKENIZER).save_pretrained(out)
-    return out
+    return save_random_model(out, model, QWEN2_TOKENIZER)
 
 
 @needs_qwen2_tokenizer
