@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from codetune.cli import app
 from codetune.data import IGNORE_INDEX, load_split
-from codetune.families import GENERIC, families, family_for_source, gguf_families
+from codetune.families import GENERIC, families, family_for_source, gguf_families, tiny_shape
 from codetune.model import load_tokenizer, stop_token_ids
 from codetune.recipe import load_recipe
 
@@ -222,19 +222,7 @@ def unknown_model(tmp_path_factory, codetune_home):
     from codetune.model import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-qwen2"))
-    config = MistralConfig(
-        vocab_size=((len(tok) + 63) // 64) * 64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        sliding_window=None,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = MistralConfig(**tiny_shape(tok, sliding_window=None))
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("unknown-family") / "tiny-mistral"
     MistralForCausalLM(config).save_pretrained(folder)

@@ -103,6 +103,26 @@ class FamilyError(CodetuneError):
     """A family module that cannot be used: no FAMILY, or a name or model_type another family has."""
 
 
+def tiny_shape(tokenizer, **overrides) -> dict:
+    """The config fields every tiny builtin shares: 2 layers of width 64, 4 heads over 2 KV heads (GQA),
+    1,024 positions, the vocabulary padded to a multiple of 64 and the tokenizer's own bos/eos/pad ids.
+    A family's ``tiny_config`` passes these to its config class, with its own ``overrides``."""
+    shape = dict(
+        vocab_size=((len(tokenizer) + 63) // 64) * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    shape.update(overrides)
+    return shape
+
+
 def families() -> dict[str, Family]:
     """Every family module of this package by family name (GENERIC excluded), in name order.
 
@@ -212,5 +232,6 @@ __all__ = [
     "family_for_source",
     "family_named",
     "gguf_families",
+    "tiny_shape",
     "recipe_for_source",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..gguf_export import GGUFPlan, generated_tensor, separate_qkv_block
 from ..templates import LLAMA3
-from . import Family, TinySpec
+from . import Family, TinySpec, tiny_shape
 
 SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -43,20 +43,8 @@ def full_config(**overrides):
 
 
 def tiny_config(tokenizer):
-    return full_config(
-        vocab_size=((len(tokenizer) + 63) // 64) * 64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,  # the larger Llama-3 models: a separate head
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    # tie_word_embeddings False: the larger Llama-3 models have a separate head
+    return full_config(**tiny_shape(tokenizer, rope_theta=10000.0, tie_word_embeddings=False))
 
 
 def _gguf_block(hp):

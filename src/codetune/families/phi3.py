@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..gguf_export import GGUFPlan
 from ..templates import PHI3
-from . import Family, TinySpec
+from . import Family, TinySpec, tiny_shape
 
 # The Phi-3 special tokens, in Phi-3's order; the tiny tokenizer gives them the first ids.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
@@ -34,19 +34,17 @@ def full_config(**overrides):
 
 
 def tiny_config(tokenizer, *, hidden_size: int = 128, layers: int = 2):
+    # wider than the other tiny builtins, with full attention heads: the demo's model
     return full_config(
-        vocab_size=((len(tokenizer) + 63) // 64) * 64,  # padded like Phi-3's 32011 -> 32064
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        original_max_position_embeddings=1024,
-        sliding_window=None,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **tiny_shape(
+            tokenizer,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=layers,
+            num_key_value_heads=4,
+            original_max_position_embeddings=1024,
+            sliding_window=None,
+        )
     )
 
 

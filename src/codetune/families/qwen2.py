@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..gguf_export import GGUFPlan, separate_qkv_block
 from ..templates import QWEN2
-from . import Family, TinySpec
+from . import Family, TinySpec, tiny_shape
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -33,18 +33,7 @@ def full_config(**overrides):
 
 def tiny_config(tokenizer):
     # GQA (4 heads, 2 KV heads) and tied embeddings, like the small Qwen2.5 models.
-    return full_config(
-        vocab_size=((len(tokenizer) + 63) // 64) * 64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return full_config(**tiny_shape(tokenizer))
 
 
 def _gguf_block(hp):
