@@ -249,11 +249,6 @@ def test_llama_cpp_greedy_tokens_match_transformers(exported, tiny_dir, outtype,
 
 
 def test_llama_cpp_tokenizes_like_transformers(exported, tiny_dir):
-    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    llm = llama_cpp.Llama(model_path=str(exported["f16"]), vocab_only=True, verbose=False)
     texts = [
         "def add(a, b):\n    return a + b\n",
         "x = [i ** 2 for i in range(10)]  # squares\n\tprint(x)",
@@ -261,6 +256,15 @@ def test_llama_cpp_tokenizes_like_transformers(exported, tiny_dir):
         "<|user|>\nSort a list.<|end|>\n<|assistant|>\n",
         "héllo wörld 你好 🚀",
     ]
+    _assert_llama_cpp_tokenizes_like_hf(tiny_dir, exported["f16"], texts)
+
+
+def _assert_llama_cpp_tokenizes_like_hf(model_dir, gguf_path, texts):
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     try:
         for text in texts:
             want = tok(text, add_special_tokens=False)["input_ids"]

@@ -13,7 +13,7 @@ import torch
 from codetune.gguf_export import GGUFExportError, _read_layout, export_gguf
 
 from .conftest import SHARED, save_random_model
-from .test_gguf import LLAMA_CPP_MISSING, NEW_TOKENS, _compare_with_hf, _field
+from .test_gguf import NEW_TOKENS, _assert_llama_cpp_tokenizes_like_hf, _compare_with_hf, _field
 
 gguf = pytest.importorskip("gguf")
 
@@ -291,22 +291,6 @@ TOKENIZER_TEXTS = [
     "'''docstring''' \"quoted\"  it's   spaced I'VE\n\n\nend",
     "héllo wörld 你好 🚀",
 ]
-
-
-def _assert_llama_cpp_tokenizes_like_hf(model_dir, gguf_path, texts):
-    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
-    try:
-        for text in texts:
-            want = tok(text, add_special_tokens=False)["input_ids"]
-            got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            assert got == want, text
-            assert llm.detokenize(got, special=True).decode("utf-8") == text
-    finally:
-        llm.close()
 
 
 def test_llama3_pre_tokenizer_is_llama_bpe(tiny_dirs, tmp_path):
