@@ -52,7 +52,7 @@ def _lists(r: random.Random) -> list[list[int]]:
     return [[r.randint(-5, 12) for _ in range(r.randint(3, 5))] for _ in range(2)] + [[]]
 
 
-# Each family: (name verbs, parameter pool, constant maker, instruction, solution, test inputs).
+# Each family: (parameter pool, constant maker, instruction, solution, test inputs).
 # An instruction has at most 12 words after the function's name (unique to its member), so two
 # members never share 13 consecutive words: `codetune prepare` drops a training row that shares a
 # 13-word n-gram with a test prompt, and would otherwise drop the taught members as leaks.
@@ -62,7 +62,6 @@ MAX_WORDS_AFTER_NAME = 12
 def fam_scale(r):
     k = _num(r)
     return dict(
-        verbs=["scale", "multiply", "stretch", "boost", "amplify", "grow"],
         params=PARAMS_LIST,
         text="returns a list with every number of {p} times {k!r}.",
         body="return [x * {k!r} for x in {p}]",
@@ -74,7 +73,6 @@ def fam_scale(r):
 def fam_shift(r):
     k = _num(r)
     return dict(
-        verbs=["shift", "offset", "raise", "bump", "lift", "add_to"],
         params=PARAMS_LIST,
         text="returns a list of each number of {p} plus {k!r}.",
         body="return [x + {k!r} for x in {p}]",
@@ -86,7 +84,6 @@ def fam_shift(r):
 def fam_above(r):
     k = r.randint(0, 8) if r.random() < 0.7 else r.choice([2.5, 4.5, 0.5])
     return dict(
-        verbs=["above", "over", "keep_above", "filter", "select", "big"],
         params=PARAMS_LIST,
         text="returns the numbers of {p} greater than {k!r}, in order.",
         body="return [x for x in {p} if x > {k!r}]",
@@ -98,7 +95,6 @@ def fam_above(r):
 def fam_divisible(r):
     k = r.randint(2, 13)
     return dict(
-        verbs=["divisible", "is_multiple", "divides", "is_divisible", "multiple_of", "fits"],
         params=PARAMS_NUM,
         text="returns True if the integer {p} is divisible by {k!r}.",
         body="return {p} % {k!r} == 0",
@@ -110,7 +106,6 @@ def fam_divisible(r):
 def fam_power(r):
     k = r.randint(2, 6)
     return dict(
-        verbs=["power", "raise", "pow", "exp", "to_power", "lift"],
         params=PARAMS_NUM,
         text="returns the number {p} raised to the power {k!r}.",
         body="return {p} ** {k!r}",
@@ -122,7 +117,6 @@ def fam_power(r):
 def fam_repeat(r):
     k = r.randint(2, 8)
     return dict(
-        verbs=["repeat", "echo", "copy", "dup", "times", "multiply"],
         params=PARAMS_STR,
         text="returns the string {p} repeated {k!r} times.",
         body="return {p} * {k!r}",
@@ -134,7 +128,6 @@ def fam_repeat(r):
 def fam_prefix(r):
     k = r.choice(WORDS)
     return dict(
-        verbs=["starts_with", "has_prefix", "begins", "is_prefixed", "check_prefix", "leading"],
         params=PARAMS_STR,
         text="returns True if the string {p} starts with {k!r}.",
         body="return {p}.startswith({k!r})",
@@ -150,7 +143,6 @@ def fam_count(r):
     else:
         gen = lambda: [r.choice([k, k, "c", "d", "yes"]) for _ in range(r.randint(3, 6))]  # noqa: E731
     return dict(
-        verbs=["count", "tally", "how_many", "occurrences", "num", "count_of"],
         params=PARAMS_LIST,
         text="returns how many times {k!r} occurs in the list {p}.",
         body="return {p}.count({k!r})",
@@ -167,7 +159,6 @@ def fam_lookup(r):
         return [({k: r.randint(1, 99), "other": 5},), ({"zzz": 1},), ({k: "v" + str(r.randint(1, 9))},)]
 
     return dict(
-        verbs=["get", "lookup", "fetch", "read", "find", "value_of"],
         params=["d", "config", "record", "row", "options", "entry", "mapping", "info", "obj", "settings"],
         text="returns {p}[{k!r}], or " + repr(d) + " when the key is missing.",
         body="return {p}.get({k!r}, " + repr(d) + ")",
@@ -181,7 +172,6 @@ def fam_lookup(r):
 def fam_cap(r):
     k = r.randint(5, 100) if r.random() < 0.7 else r.choice([1.5, 9.5, 0.5])
     return dict(
-        verbs=["cap", "limit", "clip", "at_most", "bound", "ceiling"],
         params=PARAMS_NUM,
         text="returns the smaller of {p} and {k!r}.",
         body="return min({p}, {k!r})",
@@ -198,7 +188,6 @@ def fam_long_words(r):
         return [(" ".join(r.choice(words) for _ in range(r.randint(4, 7))),) for _ in range(3)] + [("",)]
 
     return dict(
-        verbs=["long_words", "words_over", "wide_words", "big_words", "lengthy", "keep_long"],
         params=PARAMS_STR,
         text="returns the words of the string {p} longer than {k!r} characters.",
         body="return [w for w in {p}.split() if len(w) > {k!r}]",
