@@ -375,28 +375,10 @@ def _version(pkg: str) -> str:
         return "?"
 
 
-def is_card(path: Path) -> bool:
-    """A model card codetune wrote (its metadata carries the codetune tag): what ``--overwrite`` may replace."""
-    from .rundir import is_regular_file
-
-    if not is_regular_file(path):
-        return False
-    import yaml
-
-    text = path.read_bytes()[: 1 << 20].decode("utf-8", "replace")
-    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
-        return False
-    try:
-        meta = yaml.safe_load(text[4:].split("\n---\n", 1)[0])
-    except (yaml.YAMLError, RecursionError):
-        return False
-    return isinstance(meta, dict) and isinstance(meta.get("tags"), list) and "codetune" in meta["tags"]
-
-
 def write_card(run_dir: Path, *, repo_id: str | None = None, overwrite: bool = False) -> Path:
     """Write ``RUN_DIR/README.md``; an existing one is replaced only with ``overwrite`` and only if it is
     a card codetune wrote."""
-    from .rundir import RunDir, check_target, staged_file
+    from .rundir import RunDir, check_target, is_card, staged_file
 
     rd = RunDir(run_dir)
     check_target(rd.card, "card", overwrite=overwrite, ours=is_card, what="model card")

@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import InputError
 from .gguf_export import OUTTYPES as GGUF_OUTTYPES
 from .recipe import load_recipe
-from .rundir import RunDir, check_target, is_regular_file, ours_or_legacy, read_marker, staged_dir
+from .rundir import RunDir, check_target, is_gguf_file, is_regular_file, ours_or_legacy, read_marker, staged_dir
 
 MERGED = RunDir.MERGED
 
@@ -89,14 +89,6 @@ def _write_heldout_record(rd: RunDir, folder: Path) -> None:
         "adapter_sha256": rd.adapter_fingerprint(),
     }
     (folder / HELDOUT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def is_gguf_file(path: Path) -> bool:
-    """A GGUF file (its magic bytes): the only kind of file ``export --overwrite`` replaces."""
-    if not is_regular_file(path):
-        return False
-    with path.open("rb") as fh:
-        return fh.read(4) == b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -196,4 +188,4 @@ def export(
     return fmt.write(rd.path, out, outtype, overwrite, log)
 
 
-__all__ = ["FORMATS", "MERGED", "ExportFormat", "export", "export_format", "is_gguf_file", "merge"]
+__all__ = ["FORMATS", "MERGED", "ExportFormat", "export", "export_format", "merge"]

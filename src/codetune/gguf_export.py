@@ -598,8 +598,7 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
     renamed into place at the end; an existing ``out_file`` is replaced only with ``overwrite`` and
     only if it is GGUF.
     """
-    from .export import is_gguf_file
-    from .rundir import check_target, staged_file
+    from .rundir import check_target, is_gguf_file, staged_file
 
     model_dir, out_file = Path(model_dir), Path(out_file)
     target_rules = dict(overwrite=overwrite, protect=[model_dir], ours=is_gguf_file, what="GGUF output")

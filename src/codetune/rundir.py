@@ -29,6 +29,11 @@ from .errors import OutputError, RecipeError
 
 MARKER = ".codetune.json"
 MARKER_VERSION = 1
+# File names of a run directory and of the folders codetune writes: spelled here and nowhere else.
+RECIPE_FILE = "recipe.yaml"  # a run's resolved recipe (also in a merged folder: its run's)
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a folder holding it is an adapter
+EVAL_SUMMARY = "summary.json"  # in eval/ (and any --out of eval)
+MERGE_RECORD = "codetune_merge.json"  # in merged/: the adapter it was merged from
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,6 +251,30 @@ def is_regular_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
+def is_gguf_file(path: Path) -> bool:
+    """A GGUF file (its magic bytes): the only kind of file ``export --overwrite`` replaces."""
+    if not is_regular_file(path):
+        return False
+    with path.open("rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def is_card(path: Path) -> bool:
+    """A model card codetune wrote (its metadata carries the codetune tag): what ``--overwrite`` may replace."""
+    if not is_regular_file(path):
+        return False
+    import yaml
+
+    text = path.read_bytes()[: 1 << 20].decode("utf-8", "replace")
+    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
+        return False
+    try:
+        meta = yaml.safe_load(text[4:].split("\n---\n", 1)[0])
+    except (yaml.YAMLError, RecursionError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("tags"), list) and "codetune" in meta["tags"]
+
+
 def ours_or_legacy(kind: str, legacy_file: str) -> Callable[[Path], bool]:
     """Whether a folder is a codetune ``kind`` output: its marker, or, for outputs written before
     markers existed, ``legacy_file`` in a folder that sits directly in a codetune run directory
@@ -276,15 +305,21 @@ class RunDir:
     A run that has trained is immutable unless the command is given ``--overwrite``.
     """
 
-    RECIPE = "recipe.yaml"
+    RECIPE = RECIPE_FILE
     DATA = "data"
+    STATS = "stats.json"  # in data/
+    HELDOUT = "heldout.json"  # in data/: the task ids the run trained on
     ADAPTER = "adapter"
     CHECKPOINTS = "checkpoints"
     METRICS = "metrics.jsonl"
+    TRAIN_SUMMARY = "train_summary.json"
+    LOSS_TABLE = "loss_table.md"
+    LOSS_PLOT = "loss.png"
     EVAL = "eval"
     MERGED = "merged"
     CARD = "README.md"
-    TRAINING_OUTPUTS = (CHECKPOINTS, ADAPTER, METRICS, "train_summary.json", "loss_table.md", "loss.png")
+    REPORT = "report.html"
+    TRAINING_OUTPUTS = (CHECKPOINTS, ADAPTER, METRICS, TRAIN_SUMMARY, LOSS_TABLE, LOSS_PLOT)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -297,12 +332,19 @@ class RunDir:
 
     recipe_file = property(lambda self: self.path / self.RECIPE)
     data = property(lambda self: self.path / self.DATA)
+    stats = property(lambda self: self.data / self.STATS)
     adapter = property(lambda self: self.path / self.ADAPTER)
+    adapter_config = property(lambda self: self.adapter / ADAPTER_CONFIG)
     checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
     metrics = property(lambda self: self.path / self.METRICS)
+    train_summary = property(lambda self: self.path / self.TRAIN_SUMMARY)
+    loss_table = property(lambda self: self.path / self.LOSS_TABLE)
+    loss_plot = property(lambda self: self.path / self.LOSS_PLOT)
     eval = property(lambda self: self.path / self.EVAL)
+    eval_summary = property(lambda self: self.eval / EVAL_SUMMARY)
     merged = property(lambda self: self.path / self.MERGED)
     card = property(lambda self: self.path / self.CARD)
+    report = property(lambda self: self.path / self.REPORT)
 
     @property
     def is_run(self) -> bool:
@@ -311,7 +353,7 @@ class RunDir:
         if is_kind(self.path, "run"):
             return True
         return self.recipe_file.is_file() and (
-            (self.data / "stats.json").is_file() or (self.adapter / "adapter_config.json").is_file()
+            self.stats.is_file() or self.adapter_config.is_file()
         )
 
     def complete_checkpoints(self) -> list[Path]:
@@ -322,7 +364,7 @@ class RunDir:
         return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
     def is_trained(self) -> bool:
-        return (self.adapter / "adapter_config.json").is_file() or bool(self.complete_checkpoints())
+        return self.adapter_config.is_file() or bool(self.complete_checkpoints())
 
     def adapter_fingerprint(self) -> str | None:
         """The SHA-256 of the adapter's weights: what derived outputs (merged/, eval/, the card) record, so
@@ -340,9 +382,10 @@ class RunDir:
         return digest.hexdigest()
 
     def require_adapter(self) -> Path:
+        """The adapter folder of a trained run; the one message for a run without one."""
         if not self.recipe_file.is_file():
-            raise RecipeError(f"{self.path} is not a run directory (no recipe.yaml)")
-        if not (self.adapter / "adapter_config.json").is_file():
+            raise RecipeError(f"{self.path} is not a run directory (no {self.RECIPE})")
+        if not self.adapter_config.is_file():
             raise RecipeError(
                 f"{self.path} has no trained adapter ({self.adapter} is missing): run `codetune train` first"
             )
@@ -396,14 +439,11 @@ class RunDir:
         """Delete what codetune made from the run's adapter (eval/, merged/, the card, the report, GGUF
         files), so that a run started over never shows or exports the old model's results. Only outputs
         that codetune made (their marker, or their own form) are deleted; anything else stays."""
-        from .card import is_card
-        from .export import is_gguf_file
-
         derived = {
-            self.eval: ours_or_legacy("eval", "summary.json"),
-            self.merged: ours_or_legacy("merged", "codetune_merge.json"),
+            self.eval: ours_or_legacy("eval", EVAL_SUMMARY),
+            self.merged: ours_or_legacy("merged", MERGE_RECORD),
             self.card: is_card,
-            self.path / "report.html": _is_report,
+            self.report: is_report,
         }
         derived.update({p: is_gguf_file for p in self.path.glob("*.gguf")})
         removed = []
@@ -425,7 +465,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _is_report(path: Path) -> bool:
+def is_report(path: Path) -> bool:
     """A report.html that codetune wrote (its generator meta tag)."""
     if not is_regular_file(path):
         return False
