@@ -65,7 +65,8 @@ def random_phi3_folder(small: bool) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from codetune.model import build_tiny_tokenizer, phi3_mini_config
+    from codetune.model import phi3_mini_config
+    from codetune.tiny import build_tiny_tokenizer
 
     folder = tempfile.mkdtemp(prefix="phi3-random-")
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -81,7 +82,7 @@ def random_adapter_run(model_dir: str | None) -> Path:
 
     from codetune.model import attach_lora, load_base_model
     from codetune.recipe import load_recipe, save_recipe
-    from codetune.train import ADAPTER
+    from codetune.rundir import RunDir
 
     if model_dir is None:
         recipe = load_recipe("tiny-cpu")
@@ -102,7 +103,7 @@ def random_adapter_run(model_dir: str | None) -> Path:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-    model.save_pretrained(run / ADAPTER)
+    model.save_pretrained(run / RunDir.ADAPTER)
     save_recipe(recipe, run)
     return run
 
@@ -226,8 +227,9 @@ def main() -> None:
     import torch
 
     from codetune.generate import generate, load_for_inference
-    from codetune.model import build_tiny_tokenizer, ensure_tiny_model, phi3_mini_config
+    from codetune.model import phi3_mini_config
     from codetune.starter import load_starter
+    from codetune.tiny import build_tiny_tokenizer, ensure_tiny_model
 
     source = args.source
     if args.phi3_mini:

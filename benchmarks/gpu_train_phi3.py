@@ -161,8 +161,9 @@ def main() -> None:
     from train_speed import PATHS, fmt_table, machine
     from transformers import AutoModelForCausalLM
 
-    from codetune.model import build_tiny_tokenizer, phi3_mini_config
+    from codetune.model import phi3_mini_config
     from codetune.recipe import load_recipe, save_recipe
+    from codetune.tiny import build_tiny_tokenizer
 
     cuda = torch.cuda.is_available()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="phi3-gpu-bench-"))

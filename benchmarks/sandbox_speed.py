@@ -93,7 +93,7 @@ def names_loaded(code: str) -> set[str]:
 
 
 def mechanisms(suite: str, tasks) -> dict:
-    from codetune.evaluate import scored_program
+    from codetune.suites import scored_program
 
     counts = collections.Counter()
     for task in tasks:
@@ -157,7 +157,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
 
     from codetune import sandbox
-    from codetune.evaluate import build_program, humaneval_tasks, mbpp_tasks, scored_program, starter_tasks
+    from codetune.suites import build_program, scored_program
+    from codetune.suites.humaneval import humaneval_tasks
+    from codetune.suites.mbpp import mbpp_tasks
+    from codetune.suites.starter import starter_tasks
 
     ballast = bytearray(int(args.ballast_gb * (1 << 30)))
     for i in range(0, len(ballast), 4096):  # touched, so the pages are really mapped

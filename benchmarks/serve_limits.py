@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = """
 import sys, uvicorn
-from codetune.model import ensure_tiny_model
+from codetune.tiny import ensure_tiny_model
 from codetune.serve import create_app, load_engine
 engine = load_engine(ensure_tiny_model(), name="tiny", max_tokens_limit=1000)
 uvicorn.run(create_app(engine), host="127.0.0.1", port=int(sys.argv[1]), log_level="error")

@@ -98,7 +98,7 @@ def overrides(path: str, model_dir: Path, source: Path, max_length: int, *, answ
 
 def prepare_data(work: Path, model_dir: Path, source: Path, max_length: int) -> dict[str, Path]:
     """Prepared data per path (and the reference format with answer-only labels, for the held-out loss)."""
-    from codetune.data import prepare
+    from codetune.prepare import prepare
     from codetune.recipe import load_recipe
 
     dirs = {}
@@ -304,7 +304,8 @@ def run_reference(recipe, run_dir: Path, *, bf16: bool, callbacks: list | None =
 def run_codetune(recipe, run_dir: Path, callbacks: list | None = None) -> dict:
     import torch
 
-    from codetune.train import resolve_precision, train
+    from codetune.pipeline import train
+    from codetune.train import resolve_precision
 
     result = train(recipe, run_dir, callbacks=callbacks)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -48,12 +48,25 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:``: annotations only, never executed."""
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            skipped.update(id(n) for child in node.body for n in ast.walk(child))
+    return skipped
+
+
 def imports_of(root: Path, path: Path, known: set[str]) -> set[str]:
-    """Every codetune module `path` imports, at module level or inside a function."""
+    """Every codetune module `path` imports, at module level or inside a function (not the imports made
+    for type annotations only, under ``if TYPE_CHECKING:``, which never run)."""
     module = module_name(root, path)
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = _type_checking_only(tree)
     found: set[str] = set()
     for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]

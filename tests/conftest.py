@@ -40,7 +40,7 @@ def codetune_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dir(codetune_home):
-    from codetune.model import ensure_tiny_model
+    from codetune.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
 
@@ -48,8 +48,8 @@ def tiny_dir(codetune_home):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_dir):
     """A tiny run trained 40 steps, shared by the inference and serving tests (they read it; eval adds eval/)."""
+    from codetune.pipeline import train
     from codetune.recipe import load_recipe
-    from codetune.train import train
 
     run = tmp_path_factory.mktemp("tiny-run") / "run"
     settings = ["training.max_steps=40", "training.eval_steps=null", "training.save_strategy=no"]
@@ -112,7 +112,7 @@ def family_run(request, tmp_path_factory, codetune_home) -> FamilyRun:
     Shared by tests/test_family_pipeline.py: the tests read it and write their outputs elsewhere (eval adds
     eval/). Parametrized on the session scope, so pytest runs one family's tests together, then the next."""
     from codetune.families import family_named
-    from codetune.train import train
+    from codetune.pipeline import train
 
     family = family_named(request.param)
     recipe = family_recipe(family)

@@ -77,10 +77,17 @@ def test_no_compare_base_overrides_the_recipe(tmp_path, monkeypatch):
         return {"suites": [], "results": {}}
 
     monkeypatch.setattr(ev, "evaluate", fake)
-    for flag, expected in (([], True), (["--no-compare-base"], False), (["--compare-base"], True)):
+    # the command passes the flag on; without one, evaluate applies the recipe's default
+    for flag, expected in (([], None), (["--no-compare-base"], False), (["--compare-base"], True)):
         res = runner.invoke(app, ["eval", str(run), *flag])
         assert res.exit_code == 0, res.output
         assert seen[-1] is expected, flag
+    from codetune.source import Source
+
+    recipe = load_recipe(run / "recipe.yaml")
+    assert ev.compare_base_for(recipe, Source.of(run), None) is True
+    assert ev.compare_base_for(recipe, Source.of(run), False) is False
+    assert ev.compare_base_for(recipe, Source.of("builtin:tiny-phi3"), None) is False  # no adapter to switch off
 
 
 def test_chat_line_editing_and_pasted_code_at_a_terminal():

@@ -6,7 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from codetune.cli import app
-from codetune.data import IGNORE_INDEX, DataError, load_split, prepare, user_content
+from codetune.data import IGNORE_INDEX, DataError, load_split, user_content
+from codetune.prepare import prepare
 from codetune.recipe import load_recipe
 
 runner = CliRunner()

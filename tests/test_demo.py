@@ -15,8 +15,8 @@ def seed_runs(tmp_path_factory, tiny_dir):
     """The tiny-cpu recipe trained once per seed (the demo's steps, no checkpoints); the base is scored once:
     it is the same model under every seed."""
     from codetune.evaluate import evaluate
+    from codetune.pipeline import train
     from codetune.recipe import load_recipe
-    from codetune.train import train
 
     root = tmp_path_factory.mktemp("demo-seeds")
     runs = {}
@@ -48,8 +48,9 @@ def test_fine_tuning_passes_held_out_family_members_that_the_base_fails_for_ever
 
 
 def test_the_two_rows_split_the_held_out_tasks_by_whether_their_family_was_taught(seed_runs):
-    from codetune.evaluate import starter_tasks, trained_task_ids
+    from codetune.data import trained_task_ids
     from codetune.starter import load_starter
+    from codetune.suites.starter import starter_tasks
 
     run, results = seed_runs[SEEDS[0]]
     family = {r["task_id"]: r.get("family") for r in load_starter()}
@@ -68,8 +69,8 @@ def test_the_two_rows_split_the_held_out_tasks_by_whether_their_family_was_taugh
 
 
 def test_family_and_novel_rows_follow_the_families_the_run_was_taught():
-    from codetune.evaluate import starter_split_tasks
     from codetune.starter import load_starter
+    from codetune.suites.starter_family import starter_split_tasks
 
     rows = load_starter()
     scale = [r["task_id"] for r in rows if r.get("family") == "scale"]

@@ -6,8 +6,9 @@ import pytest
 
 from codetune.data import DataError
 from codetune.errors import CodetuneError
-from codetune.evaluate import Task, program_parses
+from codetune.evaluate import Task
 from codetune.recipe import OPTIMIZERS, SCHEDULERS, RecipeError, check_integrations, load_recipe
+from codetune.suites import program_parses
 from codetune.train import NonFiniteLossError
 
 

@@ -87,12 +87,13 @@ def _scored_ids(folder: Path, suite: str = "starter") -> set[str]:
 
 
 def test_merge_records_the_trained_tasks_and_eval_of_the_merged_folder_leaves_them_out(tiny_run, merged_dir, tmp_path):
-    from codetune.evaluate import HELDOUT_FILE, evaluate, trained_task_ids
-    from codetune.rundir import RunDir
+    from codetune.data import trained_task_ids
+    from codetune.evaluate import evaluate
+    from codetune.rundir import HELDOUT_RECORD, RunDir
 
     trained = trained_task_ids(tiny_run)
     assert trained, "the tiny run trains on starter tasks"
-    record = json.loads((merged_dir / HELDOUT_FILE).read_text())
+    record = json.loads((merged_dir / HELDOUT_RECORD).read_text())
     assert set(record["trained_task_ids"]) == trained
     assert record["adapter_sha256"] == RunDir(tiny_run).adapter_fingerprint()
 
@@ -106,11 +107,13 @@ def test_merge_records_the_trained_tasks_and_eval_of_the_merged_folder_leaves_th
 
 
 def test_a_model_folder_without_the_record_is_labelled_not_held_out(tiny_run, merged_dir, tmp_path):
-    from codetune.evaluate import HELDOUT_FILE, evaluate, trained_task_ids
+    from codetune.data import trained_task_ids
+    from codetune.evaluate import evaluate
+    from codetune.rundir import HELDOUT_RECORD
 
     bare = tmp_path / "bare"
     shutil.copytree(merged_dir, bare)
-    (bare / HELDOUT_FILE).unlink()
+    (bare / HELDOUT_RECORD).unlink()
     recipe = load_recipe(tiny_run / "recipe.yaml", FAST)
     summary = evaluate(bare, ["starter"], recipe=recipe, out_dir=tmp_path / "eval")
     result = summary["results"]["model"]["starter"]

@@ -4,18 +4,11 @@ from itertools import combinations
 import pytest
 from rouge_score import rouge_scorer
 
-from codetune.evaluate import (
-    build_program,
-    extract_code,
-    humaneval_tasks,
-    mbpp_tasks,
-    parses,
-    pass_at_k,
-    rouge_means,
-    rouge_per_sample,
-    starter_tasks,
-)
 from codetune.recipe import RecipeError, load_recipe
+from codetune.suites import build_program, extract_code, parses, pass_at_k, rouge_means, rouge_per_sample
+from codetune.suites.humaneval import humaneval_tasks
+from codetune.suites.mbpp import mbpp_tasks
+from codetune.suites.starter import starter_tasks
 
 from .conftest import MBPP_JSONL, needs_mbpp
 

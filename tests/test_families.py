@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from codetune.families import GENERIC, families, family_for, family_for_source, gguf_families, recipe_for_source
+from codetune.families import GENERIC, families, family_for, family_for_source, gguf_families
 from codetune.families import qwen2 as qwen2_family
+from codetune.source import recipe_for_source
 
 
 def test_family_matched_on_model_type_and_unknown_types_are_generic():
@@ -202,7 +203,7 @@ def test_the_readmes_family_example_is_one_working_file(family_folder):
     from pathlib import Path
 
     from codetune.families import builtin_models
-    from codetune.model import build_tiny_tokenizer
+    from codetune.tiny import build_tiny_tokenizer
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("\n## Model families\n", 1)[1].split("\n## ", 1)[0]

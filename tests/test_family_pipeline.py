@@ -87,7 +87,7 @@ def test_train_packs_several_examples_per_row_and_targets_the_familys_linear_lay
 def test_resume_from_the_last_checkpoint_ends_where_the_whole_run_did(family_run, tmp_path):
     from safetensors.torch import load_file
 
-    from codetune.train import train
+    from codetune.pipeline import train
 
     fr, last = family_run, FAMILY_STEPS - FAMILY_STEPS // 4
     cut = tmp_path / "run"  # the run as a kill between its last checkpoint and its end would have left it
@@ -219,7 +219,7 @@ def unknown_model(tmp_path_factory, codetune_home):
     chat template is ChatML and whose eos is <|im_end|>."""
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-    from codetune.model import resolve_model_path
+    from codetune.tiny import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-qwen2"))
     config = MistralConfig(**tiny_shape(tok, sliding_window=None))
@@ -236,7 +236,7 @@ def test_an_unknown_model_type_trains_evaluates_and_merges_with_its_tokenizers_t
     from codetune.evaluate import evaluate
     from codetune.export import merge
     from codetune.generate import load_for_inference
-    from codetune.train import train
+    from codetune.pipeline import train
 
     assert family_for_source(unknown_model) is GENERIC
     recipe = load_recipe(

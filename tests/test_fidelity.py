@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetune.data import IGNORE_INDEX, load_split, prepare, render, tokenize_example
+from codetune.data import IGNORE_INDEX, load_split
 from codetune.model import load_tokenizer
+from codetune.pipeline import train
+from codetune.prepare import prepare, render, tokenize_example
 from codetune.recipe import RecipeError, load_recipe
 from codetune.train import (
     EpochsBatchSampler,
@@ -17,7 +19,6 @@ from codetune.train import (
     _trainer_class,
     _training_arguments,
     across_epochs_steps,
-    train,
 )
 
 from .conftest import PHI3_TOKENIZER_2024_05, needs_phi3_tokenizer

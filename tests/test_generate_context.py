@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 import codetune
 from codetune.cli import app
 from codetune.generate import (
+    Coder,
     ContextError,
     ContextWarning,
-    Coder,
     fit_to_context,
     generate,
     load_for_inference,

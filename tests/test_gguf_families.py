@@ -34,7 +34,7 @@ CODE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass Config:\n    def __
 
 @pytest.fixture(scope="module")
 def tiny_dirs(codetune_home):
-    from codetune.model import ensure_tiny_model
+    from codetune.tiny import ensure_tiny_model
 
     return {name: ensure_tiny_model(f"builtin:tiny-{name}") for name in FAMILIES}
 

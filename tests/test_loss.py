@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from codetune import loss as lean
-from codetune.data import load_split, prepare
+from codetune.data import load_split
+from codetune.prepare import prepare
 from codetune.recipe import load_recipe
 from codetune.train import REAL_TOKENS, PackedRowsCollator, cpu_has_fast_bf16, resolve_precision
 
@@ -179,7 +180,7 @@ def test_auto_precision_follows_the_cpu_and_explicit_precision_wins(monkeypatch)
 def test_training_in_bf16_autocast_runs_and_learns(tmp_path, tiny_dir):
     import json
 
-    from codetune.train import train
+    from codetune.pipeline import train
 
     run = tmp_path / "r"
     res = train(

@@ -3,8 +3,9 @@ import re
 import pytest
 import torch
 
-from codetune.model import PHI3_SPECIAL_TOKENS, ensure_tiny_model, load_tokenizer, resolve_model_path
+from codetune.model import load_tokenizer
 from codetune.recipe import RecipeError, load_recipe
+from codetune.tiny import PHI3_SPECIAL_TOKENS, ensure_tiny_model, resolve_model_path
 
 
 def test_tiny_model_is_a_phi3_with_phi3_special_tokens(tiny_dir):
@@ -60,7 +61,7 @@ def test_build_progress_is_a_bar_on_a_terminal_and_ten_plain_lines_in_a_log(term
 
     from rich.console import Console
 
-    from codetune.model import BuildProgress
+    from codetune.tiny import BuildProgress
 
     buf = io.StringIO()
     progress = BuildProgress(Console(file=buf, force_terminal=terminal, width=60))

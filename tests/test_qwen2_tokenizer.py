@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from codetune.data import IGNORE_INDEX, load_split, prepare
+from codetune.data import IGNORE_INDEX, load_split
+from codetune.prepare import prepare
 from codetune.recipe import load_recipe
 
 from .conftest import SHARED, _needs

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from codetune.data import IGNORE_INDEX, load_split, prepare
+from codetune.data import IGNORE_INDEX, load_split
 from codetune.model import count_trainable_lora_params, load_tokenizer, phi3_mini_config
+from codetune.prepare import prepare
 from codetune.recipe import load_recipe
 
 from .conftest import MBPP_JSONL, PHI3_TOKENIZER, PHI3_TOKENIZER_2024_05, needs_mbpp, needs_phi3_tokenizer

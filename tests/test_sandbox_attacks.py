@@ -18,9 +18,10 @@ import pytest
 
 from codetune import sandbox
 from codetune.data import read_jsonl
-from codetune.evaluate import humaneval_tasks, score_suite
 from codetune.recipe import load_recipe
 from codetune.sandbox import UID_BASE, UID_COUNT, Limits, isolation_report, run_program
+from codetune.suites import score_suite
+from codetune.suites.humaneval import humaneval_tasks
 
 from .conftest import MBPP_JSONL
 

@@ -6,9 +6,10 @@ import textwrap
 
 import pytest
 
-from codetune.evaluate import humaneval_tasks, scored_program
 from codetune.sandbox import Limits, Program, run_program
 from codetune.sandbox_harness import MAX_DEPTH, Unplain, decode, encode
+from codetune.suites import scored_program
+from codetune.suites.humaneval import humaneval_tasks
 
 FAST = Limits(timeout_s=10.0, cpu_s=10, memory_mb=512)
 

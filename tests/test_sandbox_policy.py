@@ -4,8 +4,10 @@ import pytest
 
 from codetune import sandbox
 from codetune.card import _sandbox_levels
-from codetune.evaluate import score_suite, starter_tasks, summary_markdown
+from codetune.evaluate import summary_markdown
 from codetune.recipe import RecipeError, load_recipe
+from codetune.suites import score_suite
+from codetune.suites.starter import starter_tasks
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from codetune.card import extract_usage, render_card, write_card
 from codetune.cli import app
+from codetune.pipeline import train
 from codetune.recipe import RecipeError, load_recipe
-from codetune.train import train
 
 runner = CliRunner()
 

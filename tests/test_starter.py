@@ -69,7 +69,7 @@ def test_families_are_many_members_of_one_kind_with_other_names_and_constants():
 def test_held_out_family_members_survive_decontamination(tmp_path, tiny_dir):
     """Family members must differ from each other by more than a 13-word n-gram, or `prepare` would drop the
     taught members as copies of the held-out ones and the family row would measure nothing."""
-    from codetune.data import prepare
+    from codetune.prepare import prepare
     from codetune.recipe import load_recipe
 
     stats = prepare(load_recipe("tiny-cpu"), tmp_path / "run", log=lambda _: None).stats

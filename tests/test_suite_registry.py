@@ -114,7 +114,7 @@ def test_a_new_suite_module_is_accepted_by_the_recipe_and_evaluated_end_to_end(d
 
 
 def test_a_new_suite_with_texts_decontaminates_training_data(doubled, tiny_dir, tmp_path):
-    from codetune.data import prepare
+    from codetune.prepare import prepare
 
     recipe = load_recipe("tiny-cpu", ["data.decontaminate=[doubled]"])
     stats = prepare(recipe, tmp_path / "run", log=lambda *a: None).stats

@@ -2,8 +2,11 @@
 
 import json
 
-from codetune.evaluate import extract_code, humaneval_tasks, mbpp_tasks, scored_program, starter_tasks
 from codetune.sandbox import Limits, run_programs
+from codetune.suites import extract_code, scored_program
+from codetune.suites.humaneval import humaneval_tasks
+from codetune.suites.mbpp import mbpp_tasks
+from codetune.suites.starter import starter_tasks
 
 from .conftest import MBPP_JSONL, needs_mbpp
 

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetune.data import load_split, prepare
+from codetune.data import load_split
+from codetune.pipeline import train
+from codetune.prepare import prepare
 from codetune.recipe import RecipeError, load_recipe
-from codetune.train import NonFiniteLossError, complete_checkpoints, train
+from codetune.rundir import RunDir
+from codetune.train import NonFiniteLossError
 
 from .test_data import alpaca_rows, write_jsonl
 
@@ -147,7 +150,7 @@ def test_train_writes_the_run_directory(tmp_path, tiny_dir):
         "adapter/tokenizer_config.json",
     ]:
         assert (run / name).is_file(), name
-    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-10", "checkpoint-12"]  # save_total_limit 2
+    assert [p.name for p in RunDir(run).complete_checkpoints()] == ["checkpoint-10", "checkpoint-12"]  # save_total_limit 2
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     keys = {"step", "epoch", "train_loss", "eval_loss", "learning_rate", "tokens", "tokens_per_s", "elapsed_s"}
     assert all(keys <= m.keys() for m in metrics)
@@ -186,11 +189,13 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, tiny_dir):
 
 def test_bad_setup_fails_before_the_model_loads(tmp_path, tiny_dir, monkeypatch):
     import codetune.model as model_mod
+    import codetune.train as train_mod
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(model_mod, "load_base_model", no_load)
+    monkeypatch.setattr(train_mod, "load_base_model", no_load)
     with pytest.raises(RecipeError, match="model.name_or_path: local path .*nowhere' does not exist"):
         train(
             tiny_recipe(f"model.name_or_path={tmp_path}/nowhere", f"tokenizer.name_or_path={tiny_dir}"), tmp_path / "a"
@@ -225,7 +230,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
         train(tiny_recipe("training.max_steps=20", "training.save_steps=5", "training.eval_steps=null"), run)
     assert info.value.step == 7
     assert "at step 7" in str(info.value) and "checkpoint-5" in str(info.value)
-    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-5"]
+    assert [p.name for p in RunDir(run).complete_checkpoints()] == ["checkpoint-5"]
     assert not (run / "adapter").exists()
 
 
@@ -318,7 +323,7 @@ def test_resume_after_sigkill_finishes_with_the_same_steps(tmp_path, tiny_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "adapter").exists()
-    last = complete_checkpoints(killed)[-1]
+    last = RunDir(killed).complete_checkpoints()[-1]
     assert 20 <= int(last.name.split("-")[1]) < 40
 
     resumed = subprocess.run(

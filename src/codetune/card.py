@@ -14,9 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .families import family_for_source
+from .model import stop_token_ids
 from .recipe import Recipe, RecipeError, load_recipe
+from .rundir import RunDir, check_target, is_card, staged_file
+from .suites import all_suites
 
-CARD = "README.md"
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 
 
@@ -33,9 +36,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def _eval_summary(run_dir: Path) -> dict | None:
     """The run's evaluation, refused when it was made from another adapter than the one the card describes."""
-    from .rundir import RunDir
-
-    path = run_dir / "eval" / "summary.json"
+    path = RunDir(run_dir).eval_summary
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
@@ -56,7 +57,6 @@ def _sandbox_levels(summary: dict) -> str:
 
 def _eval_results(summary: dict | None, dataset: str) -> list:
     """The fine-tuned model's scores as ``huggingface_hub.EvalResult``s (the card's model-index)."""
-    from .suites import all_suites
 
     if not summary:
         return []
@@ -137,10 +137,7 @@ def card_metadata(name: str, recipe: Recipe, summary: dict | None, dataset: str)
 def _stop_ids(run_dir: Path, recipe: Recipe) -> list[int]:
     from transformers import AutoTokenizer
 
-    from .model import stop_token_ids
-    from .train import ADAPTER
-
-    tok = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    tok = AutoTokenizer.from_pretrained(RunDir(run_dir).adapter)
     return stop_token_ids(tok, recipe.generation.stop_tokens)
 
 
@@ -149,16 +146,13 @@ CARD_PROMPT = "Write a Python function that checks whether a number is prime."
 
 def _chat_format_section(run_dir: Path, recipe: Recipe) -> list[str]:
     """How a prompt looks: the family's example, else the run's own template rendering one user turn."""
-    from .families import family_for_source
-    from .train import ADAPTER
-
     family = family_for_source(recipe.model.name_or_path, revision=recipe.model.revision)
     if family.prompt_example:
         example = family.prompt_example.format(prompt=CARD_PROMPT)
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+        tok = AutoTokenizer.from_pretrained(RunDir(run_dir).adapter)
         example = tok.apply_chat_template(
             [{"role": "user", "content": CARD_PROMPT}], tokenize=False, add_generation_prompt=True
         )
@@ -226,13 +220,9 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
 
 def _run_recipe(run_dir: Path) -> Recipe:
     """The recipe of a run directory that has trained (the card describes its adapter)."""
-    from .train import ADAPTER
-
-    if not (run_dir / "recipe.yaml").is_file():
-        raise RecipeError(f"{run_dir} is not a run directory (no recipe.yaml)")
-    if not (run_dir / ADAPTER / "adapter_config.json").is_file():
-        raise RecipeError(f"{run_dir} has no trained adapter: run `codetune train` first")
-    return load_recipe(run_dir / "recipe.yaml")
+    rd = RunDir(run_dir)
+    rd.require_adapter()
+    return load_recipe(rd.recipe_file)
 
 
 def _dataset_name(recipe: Recipe) -> str:
@@ -263,7 +253,8 @@ def _intro_section(name: str, recipe: Recipe) -> list[str]:
 def _training_section(run_dir: Path) -> list[str]:
     """What training did (train_summary.json), its loss table and plot."""
     lines = ["## Training", ""]
-    path = run_dir / "train_summary.json"
+    rd = RunDir(run_dir)
+    path = rd.train_summary
     if path.is_file():
         done = json.loads(path.read_text())
         lines += [
@@ -272,11 +263,10 @@ def _training_section(run_dir: Path) -> list[str]:
             f"- device: {done['device']}, processes: {done['world_size']}",
             "",
         ]
-    loss_table = run_dir / "loss_table.md"
-    if loss_table.is_file():
-        lines += [loss_table.read_text().rstrip(), ""]
-    if (run_dir / "loss.png").is_file():
-        lines += ["![training and validation loss](loss.png)", ""]
+    if rd.loss_table.is_file():
+        lines += [rd.loss_table.read_text().rstrip(), ""]
+    if rd.loss_plot.is_file():
+        lines += [f"![training and validation loss]({RunDir.LOSS_PLOT})", ""]
     return lines
 
 
@@ -334,9 +324,7 @@ def _evaluation_section(run_dir: Path, recipe: Recipe, summary: dict | None) -> 
 
 
 def _usage_section(run_dir: Path, recipe: Recipe, repo_id: str | None) -> list[str]:
-    from .train import ADAPTER
-
-    model_id = repo_id or str((run_dir / ADAPTER).resolve())
+    model_id = repo_id or str(RunDir(run_dir).adapter.resolve())
     return [
         "## Usage",
         "",
@@ -378,7 +366,6 @@ def _version(pkg: str) -> str:
 def write_card(run_dir: Path, *, repo_id: str | None = None, overwrite: bool = False) -> Path:
     """Write ``RUN_DIR/README.md``; an existing one is replaced only with ``overwrite`` and only if it is
     a card codetune wrote."""
-    from .rundir import RunDir, check_target, is_card, staged_file
 
     rd = RunDir(run_dir)
     check_target(rd.card, "card", overwrite=overwrite, ours=is_card, what="model card")
@@ -410,11 +397,9 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, token: str | Non
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .train import ADAPTER
-
     run_dir = Path(run_dir)
-    if not (run_dir / ADAPTER / "adapter_config.json").is_file():
-        raise RecipeError(f"{run_dir} has no trained adapter: nothing to push")
+    rd = RunDir(run_dir)
+    rd.require_adapter()
     if "/" not in repo_id:
         raise RecipeError(f"--repo-id {repo_id!r}: expected OWNER/NAME")
     if constants.HF_HUB_OFFLINE:
@@ -422,17 +407,17 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, token: str | Non
     card = render_card(run_dir, repo_id=repo_id)  # in memory: the run directory is left as it is
     with tempfile.TemporaryDirectory(prefix="codetune-push-") as tmp:
         stage = Path(tmp)
-        for f in (run_dir / ADAPTER).iterdir():
+        for f in rd.adapter.iterdir():
             if f.is_file():
                 shutil.copy2(f, stage / f.name)
-        (stage / CARD).write_text(card)
-        for extra in ("loss.png", "loss_table.md", "recipe.yaml", "train_summary.json"):
-            if (run_dir / extra).is_file():
-                shutil.copy2(run_dir / extra, stage / extra)
-        if (run_dir / "eval" / "summary.json").is_file():
-            (stage / "eval").mkdir()
-            for f in ("summary.json", "summary.md"):
-                shutil.copy2(run_dir / "eval" / f, stage / "eval" / f)
+        (stage / RunDir.CARD).write_text(card)
+        for extra in (rd.loss_plot, rd.loss_table, rd.recipe_file, rd.train_summary):
+            if extra.is_file():
+                shutil.copy2(extra, stage / extra.name)
+        if rd.eval_summary.is_file():
+            (stage / RunDir.EVAL).mkdir()
+            for f in (rd.eval_summary, rd.eval_summary.with_suffix(".md")):
+                shutil.copy2(f, stage / RunDir.EVAL / f.name)
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)

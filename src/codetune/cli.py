@@ -14,7 +14,9 @@ from typer.core import TyperGroup
 
 from .errors import CodetuneError, InputError
 from .recipe import Recipe, load_recipe, shipped_recipes
-from .suites import executed_suites, suite_names
+from .rundir import RunDir
+from .source import Source
+from .suites import ROUGE_TYPES, executed_suites, get_suite, suite_names
 
 HELP = "Fine-tune a small open LLM into a Python coder with QLoRA, and prove the gain by running the code it writes."
 
@@ -105,13 +107,9 @@ def _load(recipe: str, overrides: list[str] | None) -> Recipe:
     return load_recipe(recipe, overrides or [])
 
 
-def _run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
-    return run_dir if run_dir is not None else Path("runs") / recipe.name
-
-
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .version import __version__
 
         _emit(f"codetune {__version__}")
         raise typer.Exit()
@@ -170,15 +168,10 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
     _emit(_load(recipe, set_).to_yaml())
 
 
-def _prepare(recipe: Recipe, run_dir: Path, skip_invalid: bool, overwrite: bool = False) -> None:
-    from .data import prepare
-
-    result = prepare(
-        recipe, run_dir, skip_invalid=skip_invalid, overwrite=overwrite, log=lambda m: console.print(m, highlight=False)
-    )
+def _print_prepared(result) -> None:
     s = result.stats
     rows, tokens, pad = s["rows"], s["tokens"]["train"], s["padding"]
-    table = Table("", "", title=f"prepared {recipe.name}", show_header=False)
+    table = Table("", "", title=f"prepared {s['recipe']}", show_header=False)
     table.add_row("rows read / valid", f"{rows['read']} / {rows['valid']}")
     table.add_row("train / test split", f"{rows['train_split']} / {rows['test_split']}")
     if "duplicates_removed" in rows:
@@ -227,18 +220,22 @@ def prepare_cmd(
     ] = False,
 ) -> None:
     """Check, format, split, deduplicate, decontaminate and tokenize the recipe's data."""
-    r = _load(recipe, set_)
-    _prepare(r, _run_dir(r, run_dir), skip_invalid, overwrite)
+    result = _pipeline(recipe, run_dir, set_, ("prepare",), overwrite=overwrite, skip_invalid=skip_invalid)
+    _print_prepared(result.prepared)
 
 
-def _train(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool, skip_invalid: bool):
-    from .train import train
+def _pipeline(recipe: str, run_dir: Path | None, set_: list[str] | None, stages, **kwargs):
+    from .pipeline import run
 
-    result = train(recipe, run_dir, resume=resume, overwrite=overwrite, console=console, skip_invalid=skip_invalid)
+    return run(recipe, run_dir, overrides=set_ or [], stages=stages, console=console, **kwargs)
+
+
+def _print_trained(result) -> None:
     s = result.summary
     if s["world_size"] > 1 and not _is_main():
-        return result
-    table = Table("", "", title=f"trained {recipe.name}", show_header=False)
+        return
+    rd = RunDir(result.run_dir)
+    table = Table("", "", title=f"trained {s['recipe']}", show_header=False)
     table.add_row("optimizer steps", str(s["global_step"]))
     table.add_row("last training / validation loss", f"{_f(s['last_train_loss'])} / {_f(s['last_eval_loss'])}")
     table.add_row("tokens seen", f"{s['tokens']:,}")
@@ -246,9 +243,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool, skip_in
     table.add_row("wall time", f"{s['wall_s_this_session']:.1f} s")
     out.print(table)
     out.print(f"adapter  -> {result.adapter_dir}")
-    out.print(f"metrics  -> {run_dir / 'metrics.jsonl'}")
-    out.print(f"loss     -> {run_dir / 'loss_table.md'}, {run_dir / 'loss.png'}")
-    return result
+    out.print(f"metrics  -> {rd.metrics}")
+    out.print(f"loss     -> {rd.loss_table}, {rd.loss_plot}")
 
 
 def _f(x) -> str:
@@ -271,33 +267,14 @@ def train_cmd(
     skip_invalid: SkipOpt = False,
 ) -> None:
     """Fine-tune with QLoRA (prepares the data first when the run directory has none)."""
-    r, rd = _recipe_for_run(recipe, set_, run_dir, resume, overwrite)
-    _train(r, rd, resume, overwrite, skip_invalid)
+    result = _pipeline(recipe, run_dir, set_, ("train",), resume=resume, overwrite=overwrite, skip_invalid=skip_invalid)
+    _print_trained(result.trained)
 
 
-def _recipe_for_run(recipe: str, set_: list[str] | None, run_dir: Path | None, resume: bool, overwrite: bool):
-    """The named recipe, or the run directory's own once the run exists (``rundir.run_recipe``)."""
-    from .rundir import run_recipe
-
-    named = _load(recipe, set_)
-    rd = _run_dir(named, run_dir)
-    r, note = run_recipe(named, set_ or [], rd, resume=resume, overwrite=overwrite)
-    if note:
-        console.print(f"note: {note}", highlight=False, markup=False)
-    return r, rd
-
-
-def _source_recipe(source: str, recipe: str | None, overrides: list[str] | None) -> Recipe:
-    """A run directory's own recipe, else the named one, else the default recipe of SOURCE's model family
-    (its model is replaced by SOURCE when loading)."""
-    from .families import recipe_for_source
-
-    saved = Path(source) / "recipe.yaml"
-    if saved.is_file():
-        return _load(str(saved), overrides)
-    if recipe is not None:
-        return _load(recipe, overrides)
-    return recipe_for_source(source, overrides or [])
+def _source(source: str, recipe: str | None, overrides: list[str] | None) -> tuple[Source, Recipe]:
+    """SOURCE resolved, and the recipe whose settings apply (``Source.recipe``)."""
+    src = Source.of(source)
+    return src, src.recipe(recipe, overrides or [])
 
 
 SourceArg = Annotated[str, typer.Argument(help="A run directory, a merged model folder or a hub id")]
@@ -311,8 +288,7 @@ RecipeOpt = Annotated[
 
 
 def _print_summary(summary: dict) -> None:
-    from .evaluate import ROUGE_TYPES, suite_info, suite_label
-    from .suites import get_suite
+    from .evaluate import suite_info, suite_label
 
     results = summary["results"]
     models = list(results)
@@ -359,7 +335,7 @@ def eval_cmd(
             _fail("give a SOURCE to evaluate or --completions FILE, not both")
         if not suite or len(suite) != 1:
             _fail(f"--completions needs exactly one --suite ({', '.join(executed_suites())})")
-        r = _load(recipe or "phi3-mini-python", set_)  # no model: only the evaluation settings matter
+        r = load_recipe(recipe, set_ or []) if recipe is not None else None
         out_dir = out_dir or completions_out_dir(completions)
         summary = score_completions_file(
             completions, suite[0], recipe=r, out_dir=out_dir, overwrite=overwrite, console=console
@@ -367,19 +343,17 @@ def eval_cmd(
     else:
         if source is None:
             _fail("give a SOURCE to evaluate, or --completions FILE")
-        r = _source_recipe(source, recipe, set_)
+        src, r = _source(source, recipe, set_)
         summary = evaluate(  # out_dir None: the run's eval/ (a model folder or hub id needs --out)
-            source,
+            src,
             suite or r.evaluation.suites,
             recipe=r,
             out_dir=out_dir,
             overwrite=overwrite,
-            compare_base=compare_base
-            if compare_base is not None
-            else r.evaluation.compare_base and (Path(source) / "adapter").is_dir(),
+            compare_base=compare_base,
             console=console,
         )
-        out_dir = out_dir or Path(source) / "eval"
+        out_dir = out_dir or src.run.eval
     _print_summary(summary)
     out.print(f"results  -> {out_dir}")
 
@@ -400,14 +374,14 @@ def generate_cmd(
 
     if (prompt is None) == (file is None):
         _fail("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
-    r = _source_recipe(source, recipe, set_)
+    src, r = _source(source, recipe, set_)
     if file is not None:
         convs = read_prompts(file)
         target = out_file or file.with_name(file.stem + ".completions.jsonl")
         write_jsonl_new(target, None, overwrite=overwrite, protect=[file], check_only=True)  # refuse before generating
     else:
         convs = [[{"role": "user", "content": prompt}]]
-    answers = load_session(source, recipe=r).generate(convs)
+    answers = load_session(src, recipe=r).generate(convs)
     if file is None:
         _emit(answers[0])
         return
@@ -421,8 +395,8 @@ def chat_cmd(source: SourceArg, recipe: RecipeOpt = None, set_: SetOpt = None) -
     """Talk to a model; its answers stream as they are generated. /reset starts over, /exit (or Ctrl-D) ends."""
     from .generate import load_session
 
-    r = _source_recipe(source, recipe, set_)
-    session = load_session(source, recipe=r)
+    src, r = _source(source, recipe, set_)
+    session = load_session(src, recipe=r)
     from .chat_input import converse, turns
 
     def say(message: str) -> None:
@@ -506,7 +480,7 @@ def card_cmd(
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (or an `eval --out` folder)")],
-    out_file: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/report.html")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help=f"Default: RUN_DIR/{RunDir.REPORT}")] = None,
 ) -> None:
     """Write RUN_DIR/report.html: loss curves, base vs fine-tuned scores and every sample, in one offline page."""
     from .report import write_report
@@ -565,7 +539,8 @@ def serve_cmd(
         _fail(f"--engine {engine!r}: use hf or vllm")
     import uvicorn
 
-    eng = load_engine(source, name=name, max_tokens_limit=max_tokens_limit, recipe=_source_recipe(source, recipe, set_))
+    src, r = _source(source, recipe, set_)
+    eng = load_engine(src, name=name, max_tokens_limit=max_tokens_limit, recipe=r)
     console.print(
         f"serving {eng.name!r} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'}); "
         f"report at http://{host}:{port}/, chat at http://{host}:{port}/chat",
@@ -587,33 +562,17 @@ def run_cmd(
     skip_invalid: SkipOpt = False,
 ) -> None:
     """Run every stage in one go: prepare, train, evaluate on the recipe's suites, write the model card."""
-    r, rd = _recipe_for_run(recipe, set_, run_dir, resume, overwrite)
-    if not resume:
-        from .recipe import check_integrations
-        from .train import check_fresh
+    from .pipeline import STAGES
 
-        check_integrations(r)
-        check_fresh(rd, overwrite)  # before prepare touches data/ of an earlier run
-        _prepare(r, rd, skip_invalid, overwrite)
-    _train(r, rd, resume, overwrite, skip_invalid)
-    if not _is_main():
+    result = _pipeline(recipe, run_dir, set_, STAGES, resume=resume, overwrite=overwrite, skip_invalid=skip_invalid)
+    if result.trained is not None:
+        _print_trained(result.trained)
+    if result.summary is None:  # not the main process
         return
-    from .evaluate import evaluate
-
-    summary = evaluate(
-        rd,
-        r.evaluation.suites,
-        recipe=r,
-        console=console,
-        compare_base=r.evaluation.compare_base,
-        overwrite=overwrite or resume,
-    )
-    _print_summary(summary)
-    out.print(f"results  -> {rd / 'eval'}")
-    from .card import write_card
-
-    out.print(f"card     -> {write_card(rd, overwrite=overwrite or resume)}")
-    out.print(f"run      -> {rd}")
+    _print_summary(result.summary)
+    out.print(f"results  -> {RunDir(result.run_dir).eval}")
+    out.print(f"card     -> {result.card}")
+    out.print(f"run      -> {result.run_dir}")
 
 
 def main() -> None:

@@ -17,22 +17,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import known_trained_ids
 from .errors import InputError
 from .gguf_export import OUTTYPES as GGUF_OUTTYPES
 from .recipe import load_recipe
-from .rundir import RunDir, check_target, is_gguf_file, is_regular_file, ours_or_legacy, read_marker, staged_dir
+from .rundir import (
+    HELDOUT_RECORD,
+    MERGE_RECORD,
+    RunDir,
+    check_target,
+    is_gguf_file,
+    ours_or_legacy,
+    read_marker,
+    staged_dir,
+)
 
 MERGED = RunDir.MERGED
-
-
-def merged_model(recipe, adapter_dir: Path, *, dtype: str | None = None, device_map=None):
-    """The recipe's base, unquantized in ``dtype`` (default: the compute dtype), with the adapter folded in."""
-    from peft import PeftModel
-
-    from .model import load_base_model
-
-    base = load_base_model(recipe, quantize=False, dtype=dtype, device_map=device_map)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def merge(
@@ -40,12 +40,12 @@ def merge(
 ) -> Path:
     """Base (unquantized, ``dtype``) + adapter -> one model folder with safetensors, tokenizer and a
     generation config that stops on every stop token of the recipe (``<|end|>`` included)."""
-    from .model import load_tokenizer, stop_token_ids
+    from .model import load_tokenizer, merged_model, stop_token_ids
 
     rd = RunDir(run_dir)
     adapter = rd.require_adapter()
     out_dir = Path(out_dir) if out_dir else rd.merged
-    rules = dict(overwrite=overwrite, protect=[rd.path], ours=ours_or_legacy("merged", "codetune_merge.json"))
+    rules = dict(overwrite=overwrite, protect=[rd.path], ours=ours_or_legacy("merged", MERGE_RECORD))
     check_target(out_dir, "merged", what="--out", **rules)  # before the model loads
     recipe = load_recipe(rd.recipe_file)
 
@@ -62,7 +62,7 @@ def merge(
     with staged_dir(out_dir, "merged", what="--out", meta=fingerprint, **rules) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "codetune_merge.json").write_text(
+        (staging / MERGE_RECORD).write_text(
             json.dumps(
                 {"run_dir": str(rd.path), "recipe": recipe.name, "base": recipe.model.name_or_path, "dtype": dtype},
                 indent=2,
@@ -78,17 +78,15 @@ def _write_heldout_record(rd: RunDir, folder: Path) -> None:
     """The executable tasks the run trained on, so that evaluating the merged folder alone still leaves
     them out of the starter suites (it has no data/ of its own). No record without the run's training
     split: eval then says the starter scores are not known to be held out."""
-    from .evaluate import HELDOUT_FILE, known_trained_ids
-
     trained = known_trained_ids(rd.path)
     if trained is None:
         return
     record = {
         "trained_task_ids": sorted(trained),
-        "from": str((rd.data / "train.parquet").resolve()),
+        "from": str(rd.split("train").resolve()),
         "adapter_sha256": rd.adapter_fingerprint(),
     }
-    (folder / HELDOUT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / HELDOUT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .recipe import GenerationConfig, Recipe, RecipeError, format_validation_error, load_recipe
+from .model import disable_avx512_bf16_path, load_base_model, load_tokenizer, merged_model, stop_token_ids
+from .recipe import GenerationConfig, Recipe, RecipeError, format_validation_error
+from .source import Source
 
 
 class ContextError(RecipeError):
@@ -33,30 +35,6 @@ class ContextWarning(UserWarning):
     """max_new_tokens was cut so that prompt + answer fit the model's context."""
 
 
-def check_source(source: str | Path) -> None:
-    """Refuse a path-like source that does not exist, instead of taking a typo for a hub id.
-
-    A hub id is ``NAME`` or ``OWNER/NAME``; a source that starts like a path, has more than one
-    ``/``, or whose first part is a folder here (``runs/tiny-cpx`` next to ``runs/``) is a path.
-    """
-    text = str(source)
-    path = Path(text).expanduser()
-    if text.startswith("builtin:") or path.exists():
-        return
-    parts = text.replace("\\", "/").split("/")
-    path_like = (
-        text.startswith(("/", ".", "~"))
-        or "\\" in text
-        or len(parts) > 2
-        or text.endswith("/")
-        or (len(parts) == 2 and Path(parts[0]).is_dir())
-    )
-    if path_like:
-        raise RecipeError(
-            f"no such run directory or model folder: {text} does not exist (check the path; a hub id is OWNER/NAME)"
-        )
-
-
 @dataclass
 class Loaded:
     model: object
@@ -64,26 +42,20 @@ class Loaded:
     recipe: Recipe
 
 
-def load_for_inference(source: str | Path, *, recipe: Recipe | None = None, merged: bool = False) -> Loaded:
+def load_for_inference(
+    source: str | Path | Source, *, recipe: Recipe | None = None, merged: bool = False
+) -> Loaded:
     """A run directory (its recipe's base model plus ``adapter/``), or anything ``from_pretrained`` takes.
 
     ``merged``: for a run directory, the adapter merged into the unquantized base in the compute dtype
     (as the reference notebook evaluated) instead of the 4-bit base with the adapter on top.
     """
-    from .model import disable_avx512_bf16_path, load_base_model, load_tokenizer
-    from .train import ADAPTER
-
-    check_source(source)
-    path = Path(source)
-    if (path / "recipe.yaml").is_file():
-        recipe = recipe or load_recipe(path / "recipe.yaml")
-        adapter = path / ADAPTER
-        if not (adapter / "adapter_config.json").is_file():
-            raise RecipeError(f"{path} has no trained adapter ({adapter} is missing): run `codetune train` first")
+    src = Source.of(source)
+    recipe = src.model_recipe(recipe or src.recipe())
+    if src.run is not None:
+        adapter = src.adapter
         if merged:
             import torch
-
-            from .export import merged_model
 
             # unquantized weights stay where they load; the 4-bit path is placed on the GPU by bitsandbytes
             model = merged_model(recipe, adapter, device_map={"": 0} if torch.cuda.is_available() else None)
@@ -92,18 +64,6 @@ def load_for_inference(source: str | Path, *, recipe: Recipe | None = None, merg
 
             model = PeftModel.from_pretrained(load_base_model(recipe), str(adapter))
     else:
-        if path.exists() and not (path / "config.json").is_file():
-            raise RecipeError(f"{path} is neither a run directory (recipe.yaml) nor a model folder (config.json)")
-        from .families import recipe_for_source
-
-        base = recipe or recipe_for_source(source)
-        recipe = base.model_copy(
-            update={
-                "model": base.model.model_copy(update={"name_or_path": str(source), "revision": None}),
-                "tokenizer": base.tokenizer.model_copy(update={"name_or_path": None, "revision": None}),
-                "quantization": base.quantization.model_copy(update={"load_in_4bit": False}),
-            }
-        )
         model = load_base_model(recipe)
     tokenizer = load_tokenizer(recipe)
     disable_avx512_bf16_path(model)
@@ -278,7 +238,6 @@ class InferenceSession:
         )
 
     def stop_ids_for(self, cfg: GenerationConfig) -> list[int]:
-        from .model import stop_token_ids
 
         key = tuple(cfg.stop_tokens)
         if key not in self._stop_ids:
@@ -545,12 +504,8 @@ def load_session(source: str | Path, *, recipe: Recipe | None = None, merged: bo
 
 def load(source: str | Path, **recipe_overrides) -> Coder:
     """Load a run directory, merged model folder or hub id for generation, without the libraries' chatter."""
-    from .families import recipe_for_source
-
-    recipe = None
-    if recipe_overrides:
-        base = Path(source) / "recipe.yaml"
-        items = [f"{k.replace('__', '.')}={v}" for k, v in recipe_overrides.items()]
-        recipe = load_recipe(base, items) if base.is_file() else recipe_for_source(source, items)
+    src = Source.of(source)
+    items = [f"{k.replace('__', '.')}={v}" for k, v in recipe_overrides.items()]
+    recipe = src.recipe(overrides=items) if items else None
     with quiet_libraries():
-        return Coder(load_for_inference(source, recipe=recipe))
+        return Coder(load_for_inference(src, recipe=recipe))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .rundir import RunDir, atomic_write
 
 
 class _Yaml12BoolLoader(yaml.SafeLoader):
@@ -462,9 +464,14 @@ def _short_repr(value: Any) -> str:
         return "(nested too deeply to show)"
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a shipped recipe by name or a YAML file, apply ``--set`` overrides, validate."""
-    raw, where = _read_recipe_yaml(str(name_or_path))
+def load_recipe(name_or_path: str | Path | Recipe, overrides: list[str] | None = None) -> Recipe:
+    """Load a shipped recipe by name, a YAML file or a ``Recipe``, apply ``--set`` overrides, validate."""
+    if isinstance(name_or_path, Recipe):
+        if not overrides:
+            return name_or_path
+        raw, where = name_or_path.model_dump(mode="json"), f"recipe {name_or_path.name}"
+    else:
+        raw, where = _read_recipe_yaml(str(name_or_path))
     raw = apply_overrides(raw, overrides or [])
     try:
         return Recipe.model_validate(raw)
@@ -473,8 +480,6 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 
 
 def save_recipe(recipe: Recipe, run_dir: Path) -> Path:
-    from .rundir import RunDir, atomic_write
-
     # the commands check that they may write into run_dir (RunDir.ensure) before they get here
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return atomic_write(RunDir(run_dir).recipe_file, recipe.to_yaml())
@@ -490,3 +495,44 @@ def check_integrations(recipe: Recipe) -> None:
                 f"training.report_to: {name} is not installed (pip install {INTEGRATIONS[name][0]}), "
                 f"or remove {name} from training.report_to"
             )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_recipe(named, overrides: Sequence[str], run_dir: Path, *, resume: bool, overwrite: bool):
+    """The recipe a train/run command uses in ``run_dir``: the run's own ``recipe.yaml`` is the source of
+    truth once the run exists, so ``--resume`` continues exactly what was started and ``train`` after
+    ``prepare`` trains what was prepared.
+
+    - no ``recipe.yaml`` yet, or ``--overwrite`` (start over): ``named`` (the recipe argument + ``--set``);
+    - a run that has trained, or ``--resume``: the saved recipe; a ``--set`` that changes it is refused;
+    - prepared but not trained with the same recipe name: the saved recipe + ``--set``.
+    Returns the recipe and a note for the user (or None).
+    """
+    rd = RunDir(run_dir)
+    if overwrite or not rd.recipe_file.is_file():
+        return named, None
+    saved = load_recipe(rd.recipe_file)
+    if resume or rd.is_trained():
+        changed = load_recipe(rd.recipe_file, list(overrides))
+        if changed != saved:
+            old, new = _flat(saved.model_dump(mode="json")), _flat(changed.model_dump(mode="json"))
+            diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+            raise RecipeError(
+                f"--set changes the recipe of the trained run {rd.path} ({'; '.join(diffs)}): a run keeps the "
+                "recipe it started with (its recipe.yaml); drop the --set, pass --overwrite to start over, "
+                "or choose another --run-dir"
+            )
+        note = None if saved.name == named.name else f"using {rd.recipe_file} (recipe {saved.name}), not {named.name}"
+        return saved, note
+    if saved.name != named.name:
+        return named, None  # another recipe: its data is prepared afresh
+    return load_recipe(rd.recipe_file, list(overrides)), f"using {rd.recipe_file} (prepared) with the --set given"

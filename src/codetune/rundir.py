@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError, RecipeError
+from .version import __version__
 
 MARKER = ".codetune.json"
 MARKER_VERSION = 1
@@ -34,6 +35,7 @@ RECIPE_FILE = "recipe.yaml"  # a run's resolved recipe (also in a merged folder:
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a folder holding it is an adapter
 EVAL_SUMMARY = "summary.json"  # in eval/ (and any --out of eval)
 MERGE_RECORD = "codetune_merge.json"  # in merged/: the adapter it was merged from
+HELDOUT_RECORD = "codetune_heldout.json"  # in merged/: the task ids its run trained on
 
 
 # ---------------------------------------------------------------------------------------
@@ -61,8 +63,6 @@ def is_kind(folder: Path, kind: str) -> bool:
 
 
 def marker_text(kind: str, **extra) -> str:
-    from . import __version__
-
     return json.dumps({"kind": kind, "version": MARKER_VERSION, "codetune": __version__, **extra}, indent=2) + "\n"
 
 
@@ -308,7 +308,8 @@ class RunDir:
     RECIPE = RECIPE_FILE
     DATA = "data"
     STATS = "stats.json"  # in data/
-    HELDOUT = "heldout.json"  # in data/: the task ids the run trained on
+    REJECTED = "rejected.jsonl"  # in data/
+    DECONTAMINATED = "decontaminated.jsonl"  # in data/
     ADAPTER = "adapter"
     CHECKPOINTS = "checkpoints"
     METRICS = "metrics.jsonl"
@@ -333,6 +334,7 @@ class RunDir:
     recipe_file = property(lambda self: self.path / self.RECIPE)
     data = property(lambda self: self.path / self.DATA)
     stats = property(lambda self: self.data / self.STATS)
+    rejected = property(lambda self: self.data / self.REJECTED)
     adapter = property(lambda self: self.path / self.ADAPTER)
     adapter_config = property(lambda self: self.adapter / ADAPTER_CONFIG)
     checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
@@ -355,6 +357,14 @@ class RunDir:
         return self.recipe_file.is_file() and (
             self.stats.is_file() or self.adapter_config.is_file()
         )
+
+    def split(self, name: str) -> Path:
+        """A prepared split: ``data/train.parquet`` or ``data/test.parquet``."""
+        return self.data / self.split_file(name)
+
+    @staticmethod
+    def split_file(name: str) -> str:
+        return f"{name}.parquet"
 
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoints the Trainer finished writing (trainer_state.json is written last), oldest first."""
@@ -391,8 +401,8 @@ class RunDir:
             )
         return self.adapter
 
-    def ensure(self) -> RunDir:
-        """Create the run directory (with its marker) or check that an existing one may be written:
+    def check_usable(self) -> RunDir:
+        """Refuse, before any work and without creating anything, a run directory codetune may not write:
         codetune writes into a run it made, or into a new or empty folder, never into another folder."""
         p = self.path
         if p.exists():
@@ -403,6 +413,11 @@ class RunDir:
                     f"run directory {p} is a folder codetune did not create (no {MARKER}) and is not empty: "
                     "codetune will not write into it; choose a new or empty --run-dir"
                 )
+        return self
+
+    def ensure(self) -> RunDir:
+        """Create the run directory (with its marker) or check that an existing one may be written."""
+        p = self.check_usable().path
         try:
             p.mkdir(parents=True, exist_ok=True)
             if read_marker(p) is None:
@@ -455,16 +470,6 @@ class RunDir:
         return removed
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def is_report(path: Path) -> bool:
     """A report.html that codetune wrote (its generator meta tag)."""
     if not is_regular_file(path):
@@ -472,36 +477,4 @@ def is_report(path: Path) -> bool:
     with path.open("rb") as fh:
         return b'name="generator" content="codetune' in fh.read(4096)
 
-
-def run_recipe(named, overrides: Sequence[str], run_dir: Path, *, resume: bool, overwrite: bool):
-    """The recipe a train/run command uses in ``run_dir``: the run's own ``recipe.yaml`` is the source of
-    truth once the run exists, so ``--resume`` continues exactly what was started and ``train`` after
-    ``prepare`` trains what was prepared.
-
-    - no ``recipe.yaml`` yet, or ``--overwrite`` (start over): ``named`` (the recipe argument + ``--set``);
-    - a run that has trained, or ``--resume``: the saved recipe; a ``--set`` that changes it is refused;
-    - prepared but not trained with the same recipe name: the saved recipe + ``--set``.
-    Returns the recipe and a note for the user (or None).
-    """
-    from .recipe import load_recipe
-
-    rd = RunDir(run_dir)
-    if overwrite or not rd.recipe_file.is_file():
-        return named, None
-    saved = load_recipe(rd.recipe_file)
-    if resume or rd.is_trained():
-        changed = load_recipe(rd.recipe_file, list(overrides))
-        if changed != saved:
-            old, new = _flat(saved.model_dump(mode="json")), _flat(changed.model_dump(mode="json"))
-            diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
-            raise RecipeError(
-                f"--set changes the recipe of the trained run {rd.path} ({'; '.join(diffs)}): a run keeps the "
-                "recipe it started with (its recipe.yaml); drop the --set, pass --overwrite to start over, "
-                "or choose another --run-dir"
-            )
-        note = None if saved.name == named.name else f"using {rd.recipe_file} (recipe {saved.name}), not {named.name}"
-        return saved, note
-    if saved.name != named.name:
-        return named, None  # another recipe: its data is prepared afresh
-    return load_recipe(rd.recipe_file, list(overrides)), f"using {rd.recipe_file} (prepared) with the --set given"
 

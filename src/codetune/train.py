@@ -28,14 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import DATA_DIR, load_split
+from .data import load_split
 from .errors import CodetuneError
-from .recipe import Recipe, RecipeError, check_integrations, save_recipe
-from .rundir import RunDir, append_line, atomic_path, atomic_write, staged_dir
-
-CHECKPOINTS = RunDir.CHECKPOINTS
-ADAPTER = RunDir.ADAPTER
-METRICS = RunDir.METRICS
+from .loss import add_lean_loss
+from .model import (
+    attach_lora,
+    check_lora_targets_from_config,
+    check_model_source,
+    check_sharded_qlora,
+    load_base_model,
+    load_tokenizer,
+    sharded_mode,
+)
+from .recipe import Recipe, RecipeError, check_integrations, load_recipe
+from .rundir import ADAPTER_CONFIG, RunDir, append_line, atomic_path, atomic_write, staged_dir
+from .tiny import resolve_model_path
 
 
 class NonFiniteLossError(CodetuneError, RuntimeError):
@@ -113,13 +120,12 @@ def resolve_precision(recipe: Recipe, cuda: bool) -> tuple[bool, bool]:
     return p == "bf16", p == "fp16"
 
 
-def _data_matches(recipe: Recipe, run_dir: Path) -> bool:
-    saved = run_dir / "recipe.yaml"
-    if not (run_dir / DATA_DIR / "stats.json").is_file() or not saved.is_file():
+def data_matches(recipe: Recipe, run_dir: Path) -> bool:
+    """The run's prepared data was made from this recipe's data, tokenizer and model settings."""
+    rd = RunDir(run_dir)
+    if not rd.stats.is_file() or not rd.recipe_file.is_file():
         return False
-    from .recipe import load_recipe
-
-    old = load_recipe(saved)
+    old = load_recipe(rd.recipe_file)
     return (old.data, old.tokenizer, old.model) == (recipe.data, recipe.tokenizer, recipe.model)
 
 
@@ -127,8 +133,8 @@ def _finished(rd: RunDir) -> TrainResult | None:
     """The result of a run whose adapter was saved at its last checkpoint's step (resuming it would train
     past its end), else None."""
     ckpts = rd.complete_checkpoints()
-    path = rd.path / "train_summary.json"
-    if not ckpts or not path.is_file() or not (rd.adapter / "adapter_config.json").is_file():
+    path = rd.train_summary
+    if not ckpts or not path.is_file() or not rd.adapter_config.is_file():
         return None
     summary = json.loads(path.read_text())
     if summary.get("global_step") != int(ckpts[-1].name.split("-")[-1]):
@@ -139,18 +145,11 @@ def _finished(rd: RunDir) -> TrainResult | None:
     )
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints the Trainer finished writing (trainer_state.json is written last), oldest first."""
-    return RunDir(run_dir).complete_checkpoints()
-
-
 def check_fresh(run_dir: Path, overwrite: bool) -> bool:
     """True when ``run_dir`` holds an earlier training run that --overwrite allows to replace.
 
     Also refuses, before any work, a run directory codetune may not write (a foreign folder, a file)."""
-    rd = RunDir(run_dir)
-    if rd.path.exists() and not (rd.path.is_dir() and (rd.is_run or not any(rd.path.iterdir()))):
-        rd.ensure()  # raises, naming the problem
+    rd = RunDir(run_dir).check_usable()
     existing = bool(rd.complete_checkpoints()) or rd.adapter.exists()
     if existing and not overwrite:
         raise RecipeError(
@@ -177,7 +176,7 @@ def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
         """Writes metrics.jsonl and shows progress: a live bar on a terminal, plain lines in a log."""
 
         def __init__(self):
-            self.path = run_dir / METRICS
+            self.path = RunDir(run_dir).metrics
             self.progress = None
             self.task = None
             self.last: dict[str, Any] = {}
@@ -443,7 +442,9 @@ def _datasets(recipe: Recipe, run_dir: Path):
     columns = ["input_ids", "labels"]
     train = load_split(run_dir, "train").select_columns(columns)
     if len(train) == 0:
-        raise RecipeError("the training split is empty: check data.source and the filters in data/stats.json")
+        raise RecipeError(
+            f"the training split is empty: check data.source and the filters in {RunDir(run_dir).stats}"
+        )
     if recipe.data.packing:
         # Best-fit-decreasing packing; seq_lengths lets the collator restart position_ids per example,
         # which the model turns into a block-diagonal mask: no example attends to another.
@@ -475,7 +476,7 @@ def _training_arguments(
         if save_strategy == "epoch":
             save_strategy, save_steps = "steps", max(across_epochs_max_steps // across_epochs_epochs, 1)
     return TrainingArguments(
-        output_dir=str(run_dir / CHECKPOINTS),
+        output_dir=str(RunDir(run_dir).checkpoints),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -546,7 +547,7 @@ def _trainer_class():
                 self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
-                ckpts = complete_checkpoints(Path(self.args.output_dir).parent)
+                ckpts = RunDir(Path(self.args.output_dir).parent).complete_checkpoints()
                 raise NonFiniteLossError(self.state.global_step + 1, float(loss), str(ckpts[-1]) if ckpts else None)
             return loss
 
@@ -564,35 +565,67 @@ def _trainer_class():
     return CodetuneTrainer
 
 
+@dataclass
+class Checked:
+    """What ``check`` found: every check of a training run passed, nothing changed on disk yet."""
+
+    tokenizer: Any
+    data_matches: bool  # the run's data/ was prepared from this recipe
+    start_over: bool  # an earlier training is there and --overwrite replaces it
+    finished: TrainResult | None = None  # --resume of a run with nothing left to do
+
+
+def check(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: bool = False, say=None) -> Checked:
+    """Everything about a training run that can fail cheaply, before anything is written or loaded:
+    the hardware, the model source, sharding, integrations, whether the run directory may be written
+    and trained again, the tokenizer, the LoRA targets, and what ``--resume`` would continue."""
+    rd = RunDir(run_dir)
+    for note in check_hardware(recipe, cuda_available()):
+        if say is not None:
+            say(f"note: {note}")
+    check_model_source(recipe.model.name_or_path, "model.name_or_path")
+    check_sharded_qlora(recipe)
+    check_integrations(recipe)
+    start_over = not resume and check_fresh(run_dir, overwrite)
+    tokenizer = load_tokenizer(recipe)
+    check_lora_targets_from_config(recipe, resolve_model_path(recipe.model.name_or_path))
+    matches = data_matches(recipe, run_dir)
+    if resume and not matches and rd.complete_checkpoints():
+        raise RecipeError(f"cannot resume {run_dir}: its data or model settings differ from this recipe")
+    return Checked(tokenizer, matches, start_over, _finished(rd) if resume else None)
+
+
 def train(
     recipe: Recipe,
     run_dir: Path,
     *,
     resume: bool = False,
-    overwrite: bool = False,
     console=None,
-    skip_invalid: bool = False,
     callbacks: list | None = None,
+    checked: Checked | None = None,
 ) -> TrainResult:
-    """Fine-tune ``recipe``'s model with LoRA on the prepared data in ``run_dir``.
+    """Fine-tune ``recipe``'s model with LoRA on the data prepared in ``run_dir`` (``codetune.pipeline``
+    prepares it, clears an earlier training, and passes what it ``check``ed).
 
-    The steps: check everything that can fail cheaply, ready the run directory (data, recipe), load the
-    model and attach LoRA, build the trainer, train, save, clean up. ``callbacks``: extra
-    ``transformers.TrainerCallback`` objects (timing, custom logging).
+    The steps: load the model and attach LoRA, build the trainer, train, save, clean up. ``callbacks``:
+    extra ``transformers.TrainerCallback`` objects (timing, custom logging).
     """
     from accelerate import PartialState
 
     run = _Session(recipe, Path(run_dir), PartialState(), cuda_available(), console)
-    # ---- setup: everything that can fail cheaply fails before the model loads
-    checked = _check(run, resume, overwrite)
-    if isinstance(checked, TrainResult):
-        return checked
-    tokenizer, matches, start_over = checked
-    _ready_run_dir(run, matches, start_over, skip_invalid)  # every check has passed: only now is a run changed
+    checked = checked or check(recipe, run_dir, resume=resume, say=run.say)
+    if checked.finished is not None:
+        run.say(f"{run_dir} finished training at step {checked.finished.global_step}: nothing to resume")
+        return checked.finished
+    if not data_matches(recipe, run_dir):
+        raise RecipeError(
+            f"{run_dir} has no data prepared from this recipe: run `codetune prepare` first "
+            "(`codetune train` and `codetune run` prepare it themselves)"
+        )
     train_ds, eval_ds = _datasets(recipe, run_dir)
     resume_from = _resume_point(run, resume)
     model, trainable, total = _load_model(run)
-    trainer = _build_trainer(run, model, tokenizer, train_ds, eval_ds, callbacks)
+    trainer = _build_trainer(run, model, checked.tokenizer, train_ds, eval_ds, callbacks)
 
     # ---- train
     t0 = time.perf_counter()
@@ -600,10 +633,10 @@ def train(
     wall = time.perf_counter() - t0
 
     # ---- save
-    metrics = _read_metrics(run.run_dir / METRICS)
+    metrics = _read_metrics(run.rd.metrics)
     summary = _train_summary(run, trainer, output, metrics, wall, trainable, total, resume_from)
     if trainer.is_world_process_zero():
-        _save(run, trainer, tokenizer, metrics, summary)
+        _save(run, trainer, checked.tokenizer, metrics, summary)
     run.state.wait_for_everyone()
     if console is not None:
         console.print(
@@ -615,13 +648,9 @@ def train(
     del trainer, model
     gc.collect()
     return TrainResult(
-        run.run_dir,
-        run.run_dir / ADAPTER,
-        summary["global_step"],
-        summary["last_train_loss"],
-        summary["last_eval_loss"],
+        run.run_dir, run.rd.adapter, summary["global_step"], summary["last_train_loss"], summary["last_eval_loss"],
         summary,
-    )
+    )  # fmt: skip
 
 
 @dataclass
@@ -643,58 +672,10 @@ class _Session:
             self.console.print(msg, highlight=False)
 
 
-def _check(run: _Session, resume: bool, overwrite: bool):
-    """(tokenizer, data matches the recipe, start over), or the finished run's TrainResult when resuming
-    one that has nothing left to do. Changes nothing on disk but creating an empty run directory."""
-    from .model import (
-        check_lora_targets_from_config,
-        check_model_source,
-        check_sharded_qlora,
-        load_tokenizer,
-        resolve_model_path,
-    )
-
-    recipe, run_dir = run.recipe, run.run_dir
-    for note in check_hardware(recipe, run.cuda):
-        run.say(f"note: {note}")
-    check_model_source(recipe.model.name_or_path, "model.name_or_path")
-    check_sharded_qlora(recipe)
-    check_integrations(recipe)
-    start_over = not resume and check_fresh(run_dir, overwrite)
-    if run.state.is_main_process:
-        run.rd.ensure()  # a foreign or read-only run directory fails here, before anything is changed
-    tokenizer = load_tokenizer(recipe)
-    check_lora_targets_from_config(recipe, resolve_model_path(recipe.model.name_or_path))
-    matches = _data_matches(recipe, run_dir)
-    if resume and not matches and complete_checkpoints(run_dir):
-        raise RecipeError(f"cannot resume {run_dir}: its data or model settings differ from this recipe")
-    if resume and (done := _finished(run.rd)) is not None:
-        run.say(f"{run_dir} finished training at step {done.global_step}: nothing to resume")
-        return done
-    return tokenizer, matches, start_over
-
-
-def _ready_run_dir(run: _Session, matches: bool, start_over: bool, skip_invalid: bool) -> None:
-    """Clear an earlier training when starting over, prepare the data when missing, save the recipe."""
-    from .data import prepare
-
-    state = run.state
-    if start_over:
-        with state.main_process_first():
-            if state.is_main_process:
-                run.rd.clear_training()
-    with state.main_process_first():  # one process prepares; the others then read its files
-        if not matches and state.is_main_process:
-            run.say("preparing data (run directory has none for this recipe)")
-            prepare(run.recipe, run.run_dir, skip_invalid=skip_invalid, log=run.say)
-        if state.is_main_process:
-            save_recipe(run.recipe, run.run_dir)
-
-
 def _resume_point(run: _Session, resume: bool) -> str | None:
     if not resume:
         return None
-    ckpts = complete_checkpoints(run.run_dir)
+    ckpts = run.rd.complete_checkpoints()
     if not ckpts:
         run.say("no complete checkpoint to resume from: starting from the beginning")
         return None
@@ -704,9 +685,6 @@ def _resume_point(run: _Session, resume: bool) -> str | None:
 
 def _load_model(run: _Session):
     """The base model with the lean loss (where it applies) and LoRA attached; its trainable and total parameters."""
-    from .loss import add_lean_loss
-    from .model import attach_lora, load_base_model, sharded_mode
-
     recipe = run.recipe
     device_map = {"": run.state.local_process_index} if run.cuda else None
     model = load_base_model(recipe, device_map=device_map)
@@ -772,16 +750,16 @@ def _train_summary(
 
 def _earlier_adapter(p: Path) -> bool:
     """This run's adapter (a resumed run that had finished once)."""
-    return p.is_dir() and not p.is_symlink() and (p / "adapter_config.json").is_file()
+    return p.is_dir() and not p.is_symlink() and (p / ADAPTER_CONFIG).is_file()
 
 
 def _save(run: _Session, trainer, tokenizer, metrics: list[dict], summary: dict) -> None:
     """The adapter (with the tokenizer), the loss table and plot, and train_summary.json."""
-    run_dir = run.run_dir
-    with staged_dir(run_dir / ADAPTER, "adapter", overwrite=True, ours=_earlier_adapter, what="adapter") as staging:
+    rd = run.rd
+    with staged_dir(rd.adapter, "adapter", overwrite=True, ours=_earlier_adapter, what="adapter") as staging:
         trainer.save_model(str(staging))
         tokenizer.save_pretrained(str(staging))
-    write_loss_table(metrics, run_dir / "loss_table.md")
+    write_loss_table(metrics, rd.loss_table)
     if metrics:
-        plot_losses(metrics, run_dir / "loss.png", f"{run.recipe.name}: loss")
-    atomic_write(run_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_losses(metrics, rd.loss_plot, f"{run.recipe.name}: loss")
+    atomic_write(rd.train_summary, json.dumps(summary, indent=2) + "\n")

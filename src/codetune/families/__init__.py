@@ -209,18 +209,6 @@ def family_for_source(source: str | Path, *, revision: str | None = None) -> Fam
         return GENERIC
 
 
-def recipe_for_source(source: str | Path, overrides: list[str] | None = None):
-    """The recipe for a model folder or hub id that is not a run: its family's default recipe. A family
-    without one (or an unknown model type) gets phi3-mini-python's settings fitted to it: its template,
-    pad and stop tokens (for an unknown type, the tokenizer's own template, pad and eos)."""
-    from ..recipe import load_recipe
-
-    fam = family_for_source(source)
-    if fam.default_recipe:
-        return load_recipe(fam.default_recipe, overrides or [])
-    return load_recipe(families()["phi3"].default_recipe, [*fam.recipe_overrides(), *(overrides or [])])
-
-
 __all__ = [
     "GENERIC",
     "Family",
@@ -233,5 +221,4 @@ __all__ = [
     "family_named",
     "gguf_families",
     "tiny_shape",
-    "recipe_for_source",
 ]

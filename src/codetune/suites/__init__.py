@@ -24,10 +24,28 @@ from ._base import (
     suite_names,
 )
 from ._benchmarks import MBPP_TEST_IDS, load_humaneval, load_mbpp
+from ._scoring import (
+    ROUGE_TYPES,
+    SCORERS,
+    Reporter,
+    build_program,
+    check_sandbox,
+    extract_code,
+    parses,
+    pass_at_k,
+    program_parses,
+    rouge_means,
+    rouge_per_sample,
+    score_suite,
+    scored_program,
+)
 
 __all__ = [
     "REGISTRY", "SCORINGS", "Suite", "Task", "all_suites", "decontamination_sources", "discover", "executed_suites",
     "get_suite", "register", "suite_names", "MBPP_TEST_IDS", "load_humaneval", "load_mbpp",
+    # scoring (suites/_scoring.py): one path for every stage that needs a verdict
+    "ROUGE_TYPES", "SCORERS", "Reporter", "build_program", "check_sandbox", "extract_code", "parses", "pass_at_k",
+    "program_parses", "rouge_means", "rouge_per_sample", "score_suite", "scored_program",
 ]  # fmt: skip
 
 

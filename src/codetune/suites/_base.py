@@ -12,7 +12,7 @@ from ..errors import RecipeError
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-# How a suite is scored (evaluate.SCORERS holds one scorer for each).
+# How a suite is scored (suites._scoring.SCORERS holds one scorer for each).
 SCORINGS = ("executed", "rouge")
 
 

@@ -37,7 +37,7 @@ def starter_tasks(exclude: set[str] | None = None, formatting: str = "clean") ->
 
 def trained_and_formatting(recipe, folder: Path | None) -> tuple[set[str], str]:
     """The task ids to leave out, and how the recipe formats an instruction and its input."""
-    from ..evaluate import trained_task_ids
+    from ..data import trained_task_ids
 
     exclude = trained_task_ids(folder) if folder else set()
     return exclude, recipe.data.formatting if recipe.data.format == "alpaca" else "clean"
