@@ -36,85 +36,15 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import GGUFExportError
+from .families._gguf import GGUFPlan, Shapes, Tensor, gguf_package
+from .rundir import ADAPTER_CONFIG, MERGE_RECORD, check_target, is_gguf_file, staged_file
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")  # the first is the default
-
-
-class GGUFExportError(RecipeError):
-    """A model folder that cannot be exported to GGUF, with a message meant for the user."""
-
-
-Shapes = dict[str, tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class GGUFPlan:
-    """One llama.cpp architecture, as a model family describes it (``Family.gguf_plan``)."""
-
-    arch: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES): "phi3", "qwen2", "llama"
-    architectures: tuple[str, ...]  # the Hugging Face architectures it covers
-    # hparams -> each tensor of one block: its GGUF name after "blk.N." and its checkpoint shape (out, in)
-    block: Callable[[dict], Shapes]
-    # llama.cpp's "llama" rotates interleaved pairs, transformers rotates halves: q and k rows are reordered
-    permute_qk: bool = False
-    eot_token: str | None = None  # the token that closes a turn (llama.cpp's end-of-turn id)
-    rope_types: tuple[str, ...] = ()  # rope scalings handled besides "default"
-    # (writer, hparams) -> the architecture's own keys, beyond those every architecture gets
-    metadata: Callable[[Any, dict], None] | None = None
-    # (model_dir, hparams) -> generated tensors (rope factors) that precede the checkpoint's
-    extra_tensors: Callable[[Path, dict], list] | None = None
-
-
-def separate_qkv_block(hp: dict, *, qkv_bias: bool = False, out_bias: bool = False, mlp_bias: bool = False) -> Shapes:
-    """A block with separate q/k/v and gate/up projections (Llama, Qwen2), GQA included."""
-    e, ff, hd = hp["n_embd"], hp["n_ff"], hp["head_dim"]
-    q, kv = hp["n_head"] * hd, hp["n_head_kv"] * hd
-    shapes: Shapes = {
-        "attn_norm.weight": (e,),
-        "attn_q.weight": (q, e),
-        "attn_k.weight": (kv, e),
-        "attn_v.weight": (kv, e),
-        "attn_output.weight": (e, q),
-        "ffn_norm.weight": (e,),
-        "ffn_gate.weight": (ff, e),
-        "ffn_up.weight": (ff, e),
-        "ffn_down.weight": (e, ff),
-    }
-    if qkv_bias:
-        shapes.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
-    if out_bias:
-        shapes["attn_output.bias"] = (e,)
-    if mlp_bias:
-        shapes.update({"ffn_gate.bias": (ff,), "ffn_up.bias": (ff,), "ffn_down.bias": (e,)})
-    return shapes
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One tensor of the GGUF file: where its data comes from and how it is written."""
-
-    hf_name: str
-    name: str  # GGUF name
-    file: Path | None  # safetensors file; None for a generated tensor (rope factors)
-    shape: tuple[int, ...]
-    qtype: object  # gguf.GGMLQuantizationType
-    values: tuple[float, ...] | None = None  # the data of a generated tensor
-    permute_heads: int = 0  # >0: rows reordered from rotate-half to interleaved pairs, per head
-
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:  # pragma: no cover - gguf is a dependency
-        raise GGUFExportError("GGUF export needs the `gguf` package: pip install gguf") from None
-    return gguf
 
 
 def _read_json(path: Path) -> dict:
@@ -152,7 +82,7 @@ def read_model(model_dir: Path) -> tuple[dict, GGUFPlan]:
             f"{model_dir} has no config.json: it is not a Hugging Face model folder. "
             "A run directory must be merged first (`codetune merge RUN_DIR`)"
         )
-    if (model_dir / "adapter_config.json").is_file():
+    if (model_dir / ADAPTER_CONFIG).is_file():
         raise GGUFExportError(f"{model_dir} is a LoRA adapter, not a model: merge it first (`codetune merge RUN_DIR`)")
     from .families import GENERIC, gguf_families
 
@@ -284,7 +214,7 @@ def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> lis
     none may be missing; a tied model's lm_head (when saved at all) is left out: llama.cpp reuses
     token_embd.
     """
-    gguf = _gguf()
+    gguf = gguf_package()
     from safetensors import safe_open
 
     arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[plan.arch]
@@ -344,17 +274,11 @@ def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> lis
     return extra + tensors
 
 
-def generated_tensor(hf_name: str, name: str, values) -> Tensor:
-    """A 1-D f32 tensor the export computes (rope factors)."""
-    values = tuple(float(v) for v in values)
-    return Tensor(hf_name, name, None, (len(values),), _gguf().GGMLQuantizationType.F32, values)
-
-
 def _nbytes_and_shape(t: Tensor):
     """(byte count, shape for add_tensor_info, numpy dtype) of a tensor once converted to t.qtype."""
     import numpy as np
 
-    gguf = _gguf()
+    gguf = gguf_package()
     Q = gguf.GGMLQuantizationType
     n = math.prod(t.shape)
     if t.qtype == Q.F32:
@@ -378,7 +302,7 @@ def _load(t: Tensor, handles: dict):
     import numpy as np
     import torch
 
-    gguf = _gguf()
+    gguf = gguf_package()
     if t.file is None:
         data = np.asarray(t.values, dtype=np.float32)
     else:
@@ -488,7 +412,7 @@ def read_vocab(model_dir: Path, hp: dict) -> Vocab:
 
 
 def _build_vocab(model_dir: Path, tj: dict, tokenizer, n_vocab: int) -> Vocab:
-    gguf = _gguf()
+    gguf = gguf_package()
     T = gguf.TokenType
     ggml_model, pre = _tokenizer_kind(tj, model_dir)
     model = tj["model"]
@@ -539,7 +463,7 @@ def _build_vocab(model_dir: Path, tj: dict, tokenizer, n_vocab: int) -> Vocab:
 
 
 def _spm_scores(model_dir: Path, model: dict, tokens: list[str], types: list[int]) -> list[float]:
-    gguf = _gguf()
+    gguf = gguf_package()
     T = gguf.TokenType
     sp_path = model_dir / "tokenizer.model"
     scores = [0.0] * len(tokens)
@@ -598,8 +522,6 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
     renamed into place at the end; an existing ``out_file`` is replaced only with ``overwrite`` and
     only if it is GGUF.
     """
-    from .rundir import check_target, is_gguf_file, staged_file
-
     model_dir, out_file = Path(model_dir), Path(out_file)
     target_rules = dict(overwrite=overwrite, protect=[model_dir], ours=is_gguf_file, what="GGUF output")
     check_target(out_file, "gguf", **target_rules)
@@ -610,7 +532,7 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
     tensors = plan_tensors(model_dir, hp, plan, outtype)
     vocab = read_vocab(model_dir, hp)
 
-    gguf = _gguf()
+    gguf = gguf_package()
     with staged_file(out_file, "gguf", **target_rules) as staging:
         writer = gguf.GGUFWriter(str(staging), plan.arch)
         try:
@@ -626,9 +548,9 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
 
 def write_metadata(writer, model_dir: Path, plan: GGUFPlan, hp: dict, vocab: Vocab, outtype: str) -> None:
     """general.*, the architecture's keys (what llama.cpp's converter writes for it) and tokenizer.ggml.*."""
-    gguf = _gguf()
+    gguf = gguf_package()
     # general.*
-    merge_info = model_dir / "codetune_merge.json"
+    merge_info = model_dir / MERGE_RECORD
     writer.add_type(gguf.GGUFType.MODEL)
     name = _merge_name(merge_info, model_dir) if merge_info.is_file() else model_dir.name
     writer.add_name(_general_name(name, vocab.tokenizer_json))
@@ -740,7 +662,7 @@ def verify(path: Path, plan: GGUFPlan, hp: dict, tensors: list[Tensor], vocab: V
 def _read_layout(path: Path, keys: set[str]) -> tuple[dict, dict, int]:
     """(the scalar values of ``keys`` and the length of every array, {tensor: (ggml type, shape as
     (out, in), data offset)}, the byte where the last tensor's data ends) of a GGUF file."""
-    gguf = _gguf()
+    gguf = gguf_package()
     V = gguf.GGUFValueType
     sizes = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4}
     sizes |= {V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
