@@ -214,14 +214,22 @@ def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> lis
     none may be missing; a tied model's lm_head (when saved at all) is left out: llama.cpp reuses
     token_embd.
     """
+    expect = expected_shapes(hp, plan)
+    tensors = _checkpoint_tensors(model_dir, hp, plan, outtype)
+    _check_tensors(tensors, expect, model_dir, plan)
+    tensors.sort(key=_converter_order)
+    extra = plan.extra_tensors(model_dir, hp) if plan.extra_tensors else []
+    return extra + tensors
+
+
+def _checkpoint_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> list[Tensor]:
+    """The checkpoint's tensors under their GGUF names (in file order), without checking them against the plan."""
     gguf = gguf_package()
     from safetensors import safe_open
 
     arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[plan.arch]
     name_map = gguf.get_tensor_name_map(arch, hp["n_layer"])
     wanted = gguf.GGMLQuantizationType[outtype.upper()]
-    expect = expected_shapes(hp, plan)
-
     tensors: list[Tensor] = []
     for file in _safetensors_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
@@ -243,7 +251,11 @@ def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> lis
                     heads = hp["n_head"] if ".attn_q." in name else hp["n_head_kv"]
                 qtype = _qtype(gguf, name, shape, wanted)
                 tensors.append(Tensor(hf_name, name, file, shape, qtype, permute_heads=heads))
+    return tensors
 
+
+def _check_tensors(tensors: list[Tensor], expect: Shapes, model_dir: Path, plan: GGUFPlan) -> None:
+    """Every checkpoint tensor has a place and the shape config.json implies, once, and none is missing."""
     # A tensor the architecture does not have says more about the folder than a wrong shape does.
     for t in tensors:
         if t.name not in expect:
@@ -263,15 +275,12 @@ def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> lis
             f"(GGUF names), which llama.cpp's {plan.arch} needs"
         )
 
-    # The converter's order: embeddings, block by block, then the output norm and head.
-    def order(t: Tensor):
-        if t.name.startswith("blk."):
-            return (1, int(t.name.split(".")[1]), t.name)
-        return (0 if t.name.startswith("token_embd") else 2, 0, t.name)
 
-    tensors.sort(key=order)
-    extra = plan.extra_tensors(model_dir, hp) if plan.extra_tensors else []
-    return extra + tensors
+def _converter_order(t: Tensor):
+    """The converter's order: embeddings, block by block, then the output norm and head."""
+    if t.name.startswith("blk."):
+        return (1, int(t.name.split(".")[1]), t.name)
+    return (0 if t.name.startswith("token_embd") else 2, 0, t.name)
 
 
 def _nbytes_and_shape(t: Tensor):
@@ -663,68 +672,94 @@ def _read_layout(path: Path, keys: set[str]) -> tuple[dict, dict, int]:
     """(the scalar values of ``keys`` and the length of every array, {tensor: (ggml type, shape as
     (out, in), data offset)}, the byte where the last tensor's data ends) of a GGUF file."""
     gguf = gguf_package()
-    V = gguf.GGUFValueType
-    sizes = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4}
-    sizes |= {V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
-    formats = {V.UINT32: "<I", V.INT32: "<i", V.UINT64: "<Q", V.FLOAT32: "<f", V.BOOL: "<?"}
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
+        cursor = _Cursor(buf, gguf.GGUFValueType)
+        magic, version, n_tensors, n_kv = cursor.unpack("<IIQQ")
         if magic != gguf.GGUF_MAGIC or version != gguf.GGUF_VERSION:
             raise ValueError(f"magic {magic:#x}, version {version}")
-        pos = 24
-
-        def string():
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            text = bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8")
-            pos += 8 + n
-            return text
-
-        def skip(vtype):
-            nonlocal pos
-            if vtype == V.STRING:
-                (n,) = struct.unpack_from("<Q", buf, pos)
-                pos += 8 + n
-            else:
-                pos += sizes[vtype]
-
-        fields: dict = {}
-        for _ in range(n_kv):
-            key = string()
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            if vtype == V.ARRAY:
-                item, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                fields[key] = count
-                if item == V.STRING:
-                    for _ in range(count):
-                        skip(V.STRING)
-                else:
-                    pos += sizes[V(item)] * count
-            elif key in keys and vtype == V.STRING:
-                fields[key] = string()
-            elif key in keys and vtype in formats:
-                (fields[key],) = struct.unpack_from(formats[V(vtype)], buf, pos)
-                skip(V(vtype))
-            else:
-                skip(V(vtype))
-
-        infos: dict = {}
-        for _ in range(n_tensors):
-            name = string()
-            (n_dims,) = struct.unpack_from("<I", buf, pos)
-            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-            qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-            pos += 4 + 8 * n_dims + 12
-            infos[name] = (qtype, tuple(reversed(dims)), offset)
-        align = gguf.GGUF_DEFAULT_ALIGNMENT
-        data_start = pos + (-pos % align)
-        end = data_start
-        for qtype, shape, offset in infos.values():
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-            end = max(end, data_start + offset + math.prod(shape) // block * type_size)
+        fields = _read_fields(cursor, n_kv, keys)
+        infos = _read_tensor_infos(cursor, n_tensors)
+        end = _data_end(gguf, cursor.pos, infos)
     return fields, infos, end
+
+
+class _Cursor:
+    """A read position in a GGUF file's bytes, moved past each value read or skipped."""
+
+    def __init__(self, buf, value_types):
+        V = self.V = value_types
+        self.buf, self.pos = buf, 0
+        self.sizes = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4}
+        self.sizes |= {V.FLOAT32: 4, V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
+
+    def unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str:
+        (n,) = self.unpack("<Q")
+        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8")
+        self.pos += n
+        return text
+
+    def skip(self, vtype) -> None:
+        if vtype == self.V.STRING:
+            (n,) = self.unpack("<Q")
+            self.pos += n
+        else:
+            self.pos += self.sizes[vtype]
+
+    def skip_array(self) -> int:
+        """Move past an array value; its length."""
+        item, count = self.unpack("<IQ")
+        if item == self.V.STRING:
+            for _ in range(count):
+                self.skip(self.V.STRING)
+        else:
+            self.pos += self.sizes[self.V(item)] * count
+        return count
+
+
+def _read_fields(cursor: _Cursor, n_kv: int, keys: set[str]) -> dict:
+    """The key-value section: the values of ``keys`` (strings and scalars) and every array's length."""
+    V = cursor.V
+    formats = {V.UINT32: "<I", V.INT32: "<i", V.UINT64: "<Q", V.FLOAT32: "<f", V.BOOL: "<?"}
+    fields: dict = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        (vtype,) = cursor.unpack("<I")
+        if vtype == V.ARRAY:
+            fields[key] = cursor.skip_array()
+        elif key in keys and vtype == V.STRING:
+            fields[key] = cursor.string()
+        elif key in keys and vtype in formats:
+            (fields[key],) = cursor.unpack(formats[V(vtype)])
+        else:
+            cursor.skip(V(vtype))
+    return fields
+
+
+def _read_tensor_infos(cursor: _Cursor, n_tensors: int) -> dict:
+    """{tensor: (ggml type, shape as (out, in), data offset)}; GGUF lists dimensions innermost first."""
+    infos: dict = {}
+    for _ in range(n_tensors):
+        name = cursor.string()
+        (n_dims,) = cursor.unpack("<I")
+        dims = cursor.unpack(f"<{n_dims}Q")
+        qtype, offset = cursor.unpack("<IQ")
+        infos[name] = (qtype, tuple(reversed(dims)), offset)
+    return infos
+
+
+def _data_end(gguf, infos_end: int, infos: dict) -> int:
+    """The byte where the last tensor's data ends: the data starts at the first aligned byte after the infos."""
+    data_start = infos_end + (-infos_end % gguf.GGUF_DEFAULT_ALIGNMENT)
+    end = data_start
+    for qtype, shape, offset in infos.values():
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        end = max(end, data_start + offset + math.prod(shape) // block * type_size)
+    return end
 
 
 def _token_id(tokenizer, text: str) -> int | None:
