@@ -26,3 +26,7 @@ class InputError(CodetuneError, ValueError):
 
 class OutputError(CodetuneError):
     """A write that codetune refuses (it would lose data) or cannot do (a read-only folder)."""
+
+
+class GGUFExportError(RecipeError):
+    """A model folder that cannot be exported to GGUF, with a message meant for the user."""

@@ -36,85 +36,15 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import GGUFExportError
+from .families._gguf import GGUFPlan, Shapes, Tensor, gguf_package
+from .rundir import ADAPTER_CONFIG, MERGE_RECORD, check_target, is_gguf_file, staged_file
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")  # the first is the default
-
-
-class GGUFExportError(RecipeError):
-    """A model folder that cannot be exported to GGUF, with a message meant for the user."""
-
-
-Shapes = dict[str, tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class GGUFPlan:
-    """One llama.cpp architecture, as a model family describes it (``Family.gguf_plan``)."""
-
-    arch: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES): "phi3", "qwen2", "llama"
-    architectures: tuple[str, ...]  # the Hugging Face architectures it covers
-    # hparams -> each tensor of one block: its GGUF name after "blk.N." and its checkpoint shape (out, in)
-    block: Callable[[dict], Shapes]
-    # llama.cpp's "llama" rotates interleaved pairs, transformers rotates halves: q and k rows are reordered
-    permute_qk: bool = False
-    eot_token: str | None = None  # the token that closes a turn (llama.cpp's end-of-turn id)
-    rope_types: tuple[str, ...] = ()  # rope scalings handled besides "default"
-    # (writer, hparams) -> the architecture's own keys, beyond those every architecture gets
-    metadata: Callable[[Any, dict], None] | None = None
-    # (model_dir, hparams) -> generated tensors (rope factors) that precede the checkpoint's
-    extra_tensors: Callable[[Path, dict], list] | None = None
-
-
-def separate_qkv_block(hp: dict, *, qkv_bias: bool = False, out_bias: bool = False, mlp_bias: bool = False) -> Shapes:
-    """A block with separate q/k/v and gate/up projections (Llama, Qwen2), GQA included."""
-    e, ff, hd = hp["n_embd"], hp["n_ff"], hp["head_dim"]
-    q, kv = hp["n_head"] * hd, hp["n_head_kv"] * hd
-    shapes: Shapes = {
-        "attn_norm.weight": (e,),
-        "attn_q.weight": (q, e),
-        "attn_k.weight": (kv, e),
-        "attn_v.weight": (kv, e),
-        "attn_output.weight": (e, q),
-        "ffn_norm.weight": (e,),
-        "ffn_gate.weight": (ff, e),
-        "ffn_up.weight": (ff, e),
-        "ffn_down.weight": (e, ff),
-    }
-    if qkv_bias:
-        shapes.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
-    if out_bias:
-        shapes["attn_output.bias"] = (e,)
-    if mlp_bias:
-        shapes.update({"ffn_gate.bias": (ff,), "ffn_up.bias": (ff,), "ffn_down.bias": (e,)})
-    return shapes
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One tensor of the GGUF file: where its data comes from and how it is written."""
-
-    hf_name: str
-    name: str  # GGUF name
-    file: Path | None  # safetensors file; None for a generated tensor (rope factors)
-    shape: tuple[int, ...]
-    qtype: object  # gguf.GGMLQuantizationType
-    values: tuple[float, ...] | None = None  # the data of a generated tensor
-    permute_heads: int = 0  # >0: rows reordered from rotate-half to interleaved pairs, per head
-
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:  # pragma: no cover - gguf is a dependency
-        raise GGUFExportError("GGUF export needs the `gguf` package: pip install gguf") from None
-    return gguf
 
 
 def _read_json(path: Path) -> dict:
@@ -152,7 +82,7 @@ def read_model(model_dir: Path) -> tuple[dict, GGUFPlan]:
             f"{model_dir} has no config.json: it is not a Hugging Face model folder. "
             "A run directory must be merged first (`codetune merge RUN_DIR`)"
         )
-    if (model_dir / "adapter_config.json").is_file():
+    if (model_dir / ADAPTER_CONFIG).is_file():
         raise GGUFExportError(f"{model_dir} is a LoRA adapter, not a model: merge it first (`codetune merge RUN_DIR`)")
     from .families import GENERIC, gguf_families
 
@@ -284,14 +214,22 @@ def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> lis
     none may be missing; a tied model's lm_head (when saved at all) is left out: llama.cpp reuses
     token_embd.
     """
-    gguf = _gguf()
+    expect = expected_shapes(hp, plan)
+    tensors = _checkpoint_tensors(model_dir, hp, plan, outtype)
+    _check_tensors(tensors, expect, model_dir, plan)
+    tensors.sort(key=_converter_order)
+    extra = plan.extra_tensors(model_dir, hp) if plan.extra_tensors else []
+    return extra + tensors
+
+
+def _checkpoint_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> list[Tensor]:
+    """The checkpoint's tensors under their GGUF names (in file order), without checking them against the plan."""
+    gguf = gguf_package()
     from safetensors import safe_open
 
     arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[plan.arch]
     name_map = gguf.get_tensor_name_map(arch, hp["n_layer"])
     wanted = gguf.GGMLQuantizationType[outtype.upper()]
-    expect = expected_shapes(hp, plan)
-
     tensors: list[Tensor] = []
     for file in _safetensors_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
@@ -313,7 +251,11 @@ def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> lis
                     heads = hp["n_head"] if ".attn_q." in name else hp["n_head_kv"]
                 qtype = _qtype(gguf, name, shape, wanted)
                 tensors.append(Tensor(hf_name, name, file, shape, qtype, permute_heads=heads))
+    return tensors
 
+
+def _check_tensors(tensors: list[Tensor], expect: Shapes, model_dir: Path, plan: GGUFPlan) -> None:
+    """Every checkpoint tensor has a place and the shape config.json implies, once, and none is missing."""
     # A tensor the architecture does not have says more about the folder than a wrong shape does.
     for t in tensors:
         if t.name not in expect:
@@ -333,28 +275,19 @@ def plan_tensors(model_dir: Path, hp: dict, plan: GGUFPlan, outtype: str) -> lis
             f"(GGUF names), which llama.cpp's {plan.arch} needs"
         )
 
-    # The converter's order: embeddings, block by block, then the output norm and head.
-    def order(t: Tensor):
-        if t.name.startswith("blk."):
-            return (1, int(t.name.split(".")[1]), t.name)
-        return (0 if t.name.startswith("token_embd") else 2, 0, t.name)
 
-    tensors.sort(key=order)
-    extra = plan.extra_tensors(model_dir, hp) if plan.extra_tensors else []
-    return extra + tensors
-
-
-def generated_tensor(hf_name: str, name: str, values) -> Tensor:
-    """A 1-D f32 tensor the export computes (rope factors)."""
-    values = tuple(float(v) for v in values)
-    return Tensor(hf_name, name, None, (len(values),), _gguf().GGMLQuantizationType.F32, values)
+def _converter_order(t: Tensor):
+    """The converter's order: embeddings, block by block, then the output norm and head."""
+    if t.name.startswith("blk."):
+        return (1, int(t.name.split(".")[1]), t.name)
+    return (0 if t.name.startswith("token_embd") else 2, 0, t.name)
 
 
 def _nbytes_and_shape(t: Tensor):
     """(byte count, shape for add_tensor_info, numpy dtype) of a tensor once converted to t.qtype."""
     import numpy as np
 
-    gguf = _gguf()
+    gguf = gguf_package()
     Q = gguf.GGMLQuantizationType
     n = math.prod(t.shape)
     if t.qtype == Q.F32:
@@ -378,7 +311,7 @@ def _load(t: Tensor, handles: dict):
     import numpy as np
     import torch
 
-    gguf = _gguf()
+    gguf = gguf_package()
     if t.file is None:
         data = np.asarray(t.values, dtype=np.float32)
     else:
@@ -488,7 +421,7 @@ def read_vocab(model_dir: Path, hp: dict) -> Vocab:
 
 
 def _build_vocab(model_dir: Path, tj: dict, tokenizer, n_vocab: int) -> Vocab:
-    gguf = _gguf()
+    gguf = gguf_package()
     T = gguf.TokenType
     ggml_model, pre = _tokenizer_kind(tj, model_dir)
     model = tj["model"]
@@ -539,7 +472,7 @@ def _build_vocab(model_dir: Path, tj: dict, tokenizer, n_vocab: int) -> Vocab:
 
 
 def _spm_scores(model_dir: Path, model: dict, tokens: list[str], types: list[int]) -> list[float]:
-    gguf = _gguf()
+    gguf = gguf_package()
     T = gguf.TokenType
     sp_path = model_dir / "tokenizer.model"
     scores = [0.0] * len(tokens)
@@ -598,8 +531,6 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
     renamed into place at the end; an existing ``out_file`` is replaced only with ``overwrite`` and
     only if it is GGUF.
     """
-    from .rundir import check_target, is_gguf_file, staged_file
-
     model_dir, out_file = Path(model_dir), Path(out_file)
     target_rules = dict(overwrite=overwrite, protect=[model_dir], ours=is_gguf_file, what="GGUF output")
     check_target(out_file, "gguf", **target_rules)
@@ -610,7 +541,7 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
     tensors = plan_tensors(model_dir, hp, plan, outtype)
     vocab = read_vocab(model_dir, hp)
 
-    gguf = _gguf()
+    gguf = gguf_package()
     with staged_file(out_file, "gguf", **target_rules) as staging:
         writer = gguf.GGUFWriter(str(staging), plan.arch)
         try:
@@ -626,9 +557,9 @@ def export_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", log=No
 
 def write_metadata(writer, model_dir: Path, plan: GGUFPlan, hp: dict, vocab: Vocab, outtype: str) -> None:
     """general.*, the architecture's keys (what llama.cpp's converter writes for it) and tokenizer.ggml.*."""
-    gguf = _gguf()
+    gguf = gguf_package()
     # general.*
-    merge_info = model_dir / "codetune_merge.json"
+    merge_info = model_dir / MERGE_RECORD
     writer.add_type(gguf.GGUFType.MODEL)
     name = _merge_name(merge_info, model_dir) if merge_info.is_file() else model_dir.name
     writer.add_name(_general_name(name, vocab.tokenizer_json))
@@ -740,69 +671,95 @@ def verify(path: Path, plan: GGUFPlan, hp: dict, tensors: list[Tensor], vocab: V
 def _read_layout(path: Path, keys: set[str]) -> tuple[dict, dict, int]:
     """(the scalar values of ``keys`` and the length of every array, {tensor: (ggml type, shape as
     (out, in), data offset)}, the byte where the last tensor's data ends) of a GGUF file."""
-    gguf = _gguf()
-    V = gguf.GGUFValueType
-    sizes = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4}
-    sizes |= {V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
-    formats = {V.UINT32: "<I", V.INT32: "<i", V.UINT64: "<Q", V.FLOAT32: "<f", V.BOOL: "<?"}
+    gguf = gguf_package()
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
+        cursor = _Cursor(buf, gguf.GGUFValueType)
+        magic, version, n_tensors, n_kv = cursor.unpack("<IIQQ")
         if magic != gguf.GGUF_MAGIC or version != gguf.GGUF_VERSION:
             raise ValueError(f"magic {magic:#x}, version {version}")
-        pos = 24
-
-        def string():
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            text = bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8")
-            pos += 8 + n
-            return text
-
-        def skip(vtype):
-            nonlocal pos
-            if vtype == V.STRING:
-                (n,) = struct.unpack_from("<Q", buf, pos)
-                pos += 8 + n
-            else:
-                pos += sizes[vtype]
-
-        fields: dict = {}
-        for _ in range(n_kv):
-            key = string()
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            if vtype == V.ARRAY:
-                item, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                fields[key] = count
-                if item == V.STRING:
-                    for _ in range(count):
-                        skip(V.STRING)
-                else:
-                    pos += sizes[V(item)] * count
-            elif key in keys and vtype == V.STRING:
-                fields[key] = string()
-            elif key in keys and vtype in formats:
-                (fields[key],) = struct.unpack_from(formats[V(vtype)], buf, pos)
-                skip(V(vtype))
-            else:
-                skip(V(vtype))
-
-        infos: dict = {}
-        for _ in range(n_tensors):
-            name = string()
-            (n_dims,) = struct.unpack_from("<I", buf, pos)
-            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-            qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-            pos += 4 + 8 * n_dims + 12
-            infos[name] = (qtype, tuple(reversed(dims)), offset)
-        align = gguf.GGUF_DEFAULT_ALIGNMENT
-        data_start = pos + (-pos % align)
-        end = data_start
-        for qtype, shape, offset in infos.values():
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-            end = max(end, data_start + offset + math.prod(shape) // block * type_size)
+        fields = _read_fields(cursor, n_kv, keys)
+        infos = _read_tensor_infos(cursor, n_tensors)
+        end = _data_end(gguf, cursor.pos, infos)
     return fields, infos, end
+
+
+class _Cursor:
+    """A read position in a GGUF file's bytes, moved past each value read or skipped."""
+
+    def __init__(self, buf, value_types):
+        V = self.V = value_types
+        self.buf, self.pos = buf, 0
+        self.sizes = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4}
+        self.sizes |= {V.FLOAT32: 4, V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
+
+    def unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str:
+        (n,) = self.unpack("<Q")
+        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8")
+        self.pos += n
+        return text
+
+    def skip(self, vtype) -> None:
+        if vtype == self.V.STRING:
+            (n,) = self.unpack("<Q")
+            self.pos += n
+        else:
+            self.pos += self.sizes[vtype]
+
+    def skip_array(self) -> int:
+        """Move past an array value; its length."""
+        item, count = self.unpack("<IQ")
+        if item == self.V.STRING:
+            for _ in range(count):
+                self.skip(self.V.STRING)
+        else:
+            self.pos += self.sizes[self.V(item)] * count
+        return count
+
+
+def _read_fields(cursor: _Cursor, n_kv: int, keys: set[str]) -> dict:
+    """The key-value section: the values of ``keys`` (strings and scalars) and every array's length."""
+    V = cursor.V
+    formats = {V.UINT32: "<I", V.INT32: "<i", V.UINT64: "<Q", V.FLOAT32: "<f", V.BOOL: "<?"}
+    fields: dict = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        (vtype,) = cursor.unpack("<I")
+        if vtype == V.ARRAY:
+            fields[key] = cursor.skip_array()
+        elif key in keys and vtype == V.STRING:
+            fields[key] = cursor.string()
+        elif key in keys and vtype in formats:
+            (fields[key],) = cursor.unpack(formats[V(vtype)])
+        else:
+            cursor.skip(V(vtype))
+    return fields
+
+
+def _read_tensor_infos(cursor: _Cursor, n_tensors: int) -> dict:
+    """{tensor: (ggml type, shape as (out, in), data offset)}; GGUF lists dimensions innermost first."""
+    infos: dict = {}
+    for _ in range(n_tensors):
+        name = cursor.string()
+        (n_dims,) = cursor.unpack("<I")
+        dims = cursor.unpack(f"<{n_dims}Q")
+        qtype, offset = cursor.unpack("<IQ")
+        infos[name] = (qtype, tuple(reversed(dims)), offset)
+    return infos
+
+
+def _data_end(gguf, infos_end: int, infos: dict) -> int:
+    """The byte where the last tensor's data ends: the data starts at the first aligned byte after the infos."""
+    data_start = infos_end + (-infos_end % gguf.GGUF_DEFAULT_ALIGNMENT)
+    end = data_start
+    for qtype, shape, offset in infos.values():
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        end = max(end, data_start + offset + math.prod(shape) // block * type_size)
+    return end
 
 
 def _token_id(tokenizer, text: str) -> int | None:

@@ -433,40 +433,15 @@ def _rmtree(path: str) -> None:
         except OSError:
             pass
         return
-    stack: list[tuple[int, str, list[str]]] = []
-
-    def enter(fd: int, name: str) -> None:
-        subdirs = []
-        try:
-            with os.scandir(fd) as it:
-                for entry in it:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            subdirs.append(entry.name)
-                        else:
-                            os.unlink(entry.name, dir_fd=fd)
-                    except OSError:
-                        pass
-        except OSError:
-            pass
-        stack.append((fd, name, subdirs))
-
-    enter(top, "")
+    # (descriptor, name in its parent, subdirectories still to remove): the walk is a loop, not recursion
+    stack: list[tuple[int, str, list[str]]] = [(top, "", _unlink_files(top))]
     while stack:
         fd, _name, subdirs = stack[-1]
         if subdirs:
             name = subdirs.pop()
-            try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except PermissionError:
-                try:
-                    os.chmod(name, 0o700, dir_fd=fd, follow_symlinks=False)
-                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except OSError:
-                    continue
-            except OSError:
-                continue
-            enter(child, name)
+            child = _open_subdir(fd, name)
+            if child is not None:
+                stack.append((child, name, _unlink_files(child)))
             continue
         _, name, _ = stack.pop()
         os.close(fd)
@@ -479,6 +454,39 @@ def _rmtree(path: str) -> None:
         os.rmdir(path)
     except OSError:
         pass
+
+
+def _unlink_files(fd: int) -> list[str]:
+    """Unlink every entry of the open directory ``fd`` that is not a directory; the names of those that are."""
+    subdirs = []
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.name)
+                    else:
+                        os.unlink(entry.name, dir_fd=fd)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    return subdirs
+
+
+def _open_subdir(fd: int, name: str) -> int | None:
+    """A descriptor for the subdirectory ``name`` of ``fd``, opening up one a program made unreadable; None if
+    it cannot be opened (it is then left)."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=fd)
+    except PermissionError:
+        try:
+            os.chmod(name, 0o700, dir_fd=fd, follow_symlinks=False)
+            return os.open(name, _DIR_FLAGS, dir_fd=fd)
+        except OSError:
+            return None
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -906,82 +914,36 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
     return bool(ready)
 
 
+@dataclass(frozen=True)
+class _JobFiles:
+    """The descriptors of one run's files: the candidate and the tests in, the verdict and the output out."""
+
+    candidate: int
+    tests: int
+    verdict: int
+    stdout: int
+    stderr: int
+
+
 def _execute(program: Program, plan: _Plan, limits: Limits) -> _Result:
     leases: list[_UidLease] = []
     run_dir = None
     fds: list[int] = []
     try:
-        if plan.drop_uid:
-            busy = _uids_with_processes()
-            leases.append(_UidLease(busy))  # the harness (and, at the process level, the candidate too)
-            if plan.level == "bwrap":
-                leases.append(_UidLease(busy))  # the candidate: it cannot signal or trace the harness
+        _lease_uids(plan, leases)
         uids = [lease.uid for lease in leases]
         run_dir = tempfile.mkdtemp(prefix="codetune-sandbox-", dir=_private_tmp_base())
         nonce = secrets.token_hex(16)
-        candidate = marshal.dumps({"code": program.code, "setup": program.setup})
-        job = {"nonce": nonce, "tests": program.tests, "prelude": program.prelude, "entry_point": program.entry_point}
-        fds.append(in_fd := _write_file(os.path.join(run_dir, "candidate"), candidate))
-        fds.append(tests_fd := _write_file(os.path.join(run_dir, "tests"), marshal.dumps(job)))
-        fds.append(verdict_fd := _write_file(os.path.join(run_dir, "verdict"), b""))
-        fds.append(out_fd := _write_file(os.path.join(run_dir, "stdout"), b""))
-        fds.append(err_fd := _write_file(os.path.join(run_dir, "stderr"), b""))
-        harness = [*_harness_command(plan), str(tests_fd), str(verdict_fd)]
-        warm = ",".join(_imports(program.prelude) | _imports(program.tests))
-        rlimits = _rlimits(limits, bool(uids))
-        if plan.level == "bwrap":
-            # The harness sets the limits itself, before it forks: no preexec_fn, so the host (which may hold a
-            # model in memory) starts bwrap with vfork instead of copying its page tables.
-            limits_arg = ",".join(f"{r}:{soft}:{hard}" for r, soft, hard in rlimits)
-            harness += [str(uids[1]), str(uids[0]), warm, limits_arg] if uids else ["-1", "-1", warm, limits_arg]
-            cmd, cwd = _bwrap_command(plan, limits) + ["--", *harness], run_dir
-            env = dict(_BASE_ENV, HOME="/tmp", TMPDIR="/tmp")
-        else:
-            harness += ["-1", "-1", warm, ""]  # the preexec made the whole process the dedicated uid, with limits
-            os.chmod(run_dir, 0o711)  # the sandbox uid may traverse it (to reach work/) but not list it
-            cwd = os.path.join(run_dir, "work")
-            os.mkdir(cwd, 0o700)
-            if uids:
-                os.chown(cwd, uids[0], uids[0])
-            cmd, env = harness, dict(_BASE_ENV, HOME=cwd, TMPDIR=cwd)
-        preexec = _make_preexec(plan, uids[0] if uids else None, rlimits) if plan.level == "process" else None
-
-        start = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=in_fd,
-                stdout=out_fd,
-                stderr=err_fd,
-                pass_fds=(tests_fd, verdict_fd),
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                umask=0o077,
-                preexec_fn=preexec,
-            )
-        except subprocess.SubprocessError as exc:  # preexec_fn failed; it wrote why to the stderr file
-            raise RuntimeError(_last_line(_tail(err_fd, 1000).decode("utf-8", "replace")) or str(exc)) from exc
-        timed_out = False
-        try:
-            timed_out = not _wait(proc, limits.timeout_s)
-        finally:
-            if proc.poll() is None:
-                _kill_everything(proc.pid, uids)
-                proc.wait()
-            duration = time.monotonic() - start
-            # Daemons, setsid() escapees, fork-bomb leftovers. Under bwrap the kernel kills the whole PID namespace
-            # when its init ends, but processes can still be on their way out when bwrap has exited: wait for them.
-            clean = _kill_everything(proc.pid, uids)
-        if not clean:
-            log.warning("sandbox: processes of program (pid %s, uids %s) survived SIGKILL", proc.pid, uids)
-        out = _tail(out_fd, limits.output_bytes) if limits.output_bytes > 0 else b""
-        err = _tail(err_fd, limits.output_bytes) if limits.output_bytes > 0 else b""
+        files = _write_job_files(program, nonce, run_dir, fds)
+        cmd, cwd, env, preexec = _harness_invocation(program, plan, limits, run_dir, uids, files)
+        proc, timed_out, duration, clean = _run_harness(cmd, cwd, env, preexec, files, limits, uids)
+        out = _tail(files.stdout, limits.output_bytes) if limits.output_bytes > 0 else b""
+        err = _tail(files.stderr, limits.output_bytes) if limits.output_bytes > 0 else b""
         return _Result(
             returncode=proc.returncode,
             timed_out=timed_out,
             duration_s=duration,
-            verdict=None if timed_out else _read_verdict(verdict_fd, nonce),
+            verdict=None if timed_out else _read_verdict(files.verdict, nonce),
             stdout=out.decode("utf-8", "replace"),
             stderr=err.decode("utf-8", "replace"),
             clean=clean,
@@ -995,6 +957,98 @@ def _execute(program: Program, plan: _Plan, limits: Limits) -> _Result:
         finally:
             for lease in leases:
                 lease.release(sweep=plan.level == "process")
+
+
+def _lease_uids(plan: _Plan, leases: list[_UidLease]) -> None:
+    """Lease the plan's dedicated uids into ``leases`` one by one, so the caller releases those it got even when
+    a later one fails."""
+    if plan.drop_uid:
+        busy = _uids_with_processes()
+        leases.append(_UidLease(busy))  # the harness (and, at the process level, the candidate too)
+        if plan.level == "bwrap":
+            leases.append(_UidLease(busy))  # the candidate: it cannot signal or trace the harness
+
+
+def _write_job_files(program: Program, nonce: str, run_dir: str, fds: list[int]) -> _JobFiles:
+    """The run's files in ``run_dir``; each descriptor joins ``fds`` as soon as it is open, so the caller closes
+    it whatever fails next."""
+    candidate = marshal.dumps({"code": program.code, "setup": program.setup})
+    job = {"nonce": nonce, "tests": program.tests, "prelude": program.prelude, "entry_point": program.entry_point}
+    fds.append(in_fd := _write_file(os.path.join(run_dir, "candidate"), candidate))
+    fds.append(tests_fd := _write_file(os.path.join(run_dir, "tests"), marshal.dumps(job)))
+    fds.append(verdict_fd := _write_file(os.path.join(run_dir, "verdict"), b""))
+    fds.append(out_fd := _write_file(os.path.join(run_dir, "stdout"), b""))
+    fds.append(err_fd := _write_file(os.path.join(run_dir, "stderr"), b""))
+    return _JobFiles(in_fd, tests_fd, verdict_fd, out_fd, err_fd)
+
+
+def _harness_invocation(
+    program: Program, plan: _Plan, limits: Limits, run_dir: str, uids: list[int], files: _JobFiles
+) -> tuple[list[str], str, dict, Callable[[], None] | None]:
+    """(command, working directory, environment, preexec_fn) that start the harness on the run's files."""
+    harness = [*_harness_command(plan), str(files.tests), str(files.verdict)]
+    warm = ",".join(_imports(program.prelude) | _imports(program.tests))
+    rlimits = _rlimits(limits, bool(uids))
+    if plan.level == "bwrap":
+        # The harness sets the limits itself, before it forks: no preexec_fn, so the host (which may hold a
+        # model in memory) starts bwrap with vfork instead of copying its page tables.
+        limits_arg = ",".join(f"{r}:{soft}:{hard}" for r, soft, hard in rlimits)
+        harness += [str(uids[1]), str(uids[0]), warm, limits_arg] if uids else ["-1", "-1", warm, limits_arg]
+        cmd, cwd = _bwrap_command(plan, limits) + ["--", *harness], run_dir
+        env = dict(_BASE_ENV, HOME="/tmp", TMPDIR="/tmp")
+    else:
+        harness += ["-1", "-1", warm, ""]  # the preexec made the whole process the dedicated uid, with limits
+        os.chmod(run_dir, 0o711)  # the sandbox uid may traverse it (to reach work/) but not list it
+        cwd = os.path.join(run_dir, "work")
+        os.mkdir(cwd, 0o700)
+        if uids:
+            os.chown(cwd, uids[0], uids[0])
+        cmd, env = harness, dict(_BASE_ENV, HOME=cwd, TMPDIR=cwd)
+    preexec = _make_preexec(plan, uids[0] if uids else None, rlimits) if plan.level == "process" else None
+    return cmd, cwd, env, preexec
+
+
+def _run_harness(
+    cmd: list[str],
+    cwd: str,
+    env: dict,
+    preexec: Callable[[], None] | None,
+    files: _JobFiles,
+    limits: Limits,
+    uids: list[int],
+) -> tuple[subprocess.Popen, bool, float, bool]:
+    """Run the harness within the time limit and kill whatever it leaves: (the process, whether it timed out,
+    its duration, whether every process of the program is gone)."""
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=files.candidate,
+            stdout=files.stdout,
+            stderr=files.stderr,
+            pass_fds=(files.tests, files.verdict),
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            umask=0o077,
+            preexec_fn=preexec,
+        )
+    except subprocess.SubprocessError as exc:  # preexec_fn failed; it wrote why to the stderr file
+        raise RuntimeError(_last_line(_tail(files.stderr, 1000).decode("utf-8", "replace")) or str(exc)) from exc
+    timed_out = False
+    try:
+        timed_out = not _wait(proc, limits.timeout_s)
+    finally:
+        if proc.poll() is None:
+            _kill_everything(proc.pid, uids)
+            proc.wait()
+        duration = time.monotonic() - start
+        # Daemons, setsid() escapees, fork-bomb leftovers. Under bwrap the kernel kills the whole PID namespace
+        # when its init ends, but processes can still be on their way out when bwrap has exited: wait for them.
+        clean = _kill_everything(proc.pid, uids)
+    if not clean:
+        log.warning("sandbox: processes of program (pid %s, uids %s) survived SIGKILL", proc.pid, uids)
+    return proc, timed_out, duration, clean
 
 
 def _signal_name(num: int) -> str:

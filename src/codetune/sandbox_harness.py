@@ -479,19 +479,47 @@ def _last_line(exc: BaseException) -> str:
 
 def main(argv: list[str]) -> int:
     tests_fd, verdict_fd, candidate_uid, harness_uid = (int(a) for a in argv[:4])
-    if argv[5]:
+    _set_limits(argv[5])
+    _import_warm(argv[4])
+    pid, c_read, h_write = _start_candidate(tests_fd, verdict_fd, candidate_uid, harness_uid)
+    if "random" in sys.modules:  # not the candidate's random sequence: the tests' random inputs stay unknown
+        sys.modules["random"].seed()
+    job = marshal.loads(_read_all(tests_fd))  # written by codetune, never seen by the candidate
+    os.close(tests_fd)
+    nonce = job["nonce"]
+    link = Link(pid, c_read, h_write)
+    names = _await_ready(link, verdict_fd, nonce)
+    if names is None:
+        return 0
+    verdict = _run_tests(job, _test_namespace(names), link)
+    _flush()
+    _verdict(verdict_fd, nonce, **verdict)
+    link.kill()
+    return 0
+
+
+def _set_limits(specs: str) -> None:
+    """Resource limits as resource:soft:hard, comma-separated: set before the fork, so both processes have them."""
+    if specs:
         import resource
 
-        for spec in argv[5].split(","):
+        for spec in specs.split(","):
             which, soft, hard = (int(x) for x in spec.split(":"))
             resource.setrlimit(which, (soft, hard))
-    for module in filter(None, argv[4].split(",")):
+
+
+def _import_warm(modules: str) -> None:
+    for module in filter(None, modules.split(",")):
         # Modules the tests or the prelude import, named by codetune: imported once, before the fork, so the
         # two processes do not each pay for them.
         try:
             __import__(module)
         except Exception:  # noqa: S110 - the tests will raise it themselves
             pass
+
+
+def _start_candidate(tests_fd: int, verdict_fd: int, candidate_uid: int, harness_uid: int) -> tuple[int, int, int]:
+    """Fork the candidate process, then become the harness's uid: (its pid, the pipe from it, the pipe to it)."""
     same_uid = candidate_uid < 0 or candidate_uid == harness_uid
     if same_uid:
         # Not dumpable before the fork, so the candidate (same uid) can never trace or read this process; the
@@ -516,39 +544,44 @@ def main(argv: list[str]) -> int:
         # setuid() made this process non-dumpable only if fs.suid_dumpable is 0 (the usual setting); the other
         # uid already keeps the candidate out, this is the second lock.
         _set_dumpable(0)
-    if "random" in sys.modules:  # not the candidate's random sequence: the tests' random inputs stay unknown
-        sys.modules["random"].seed()
-    job = marshal.loads(_read_all(tests_fd))  # written by codetune, never seen by the candidate
-    os.close(tests_fd)
-    nonce = job["nonce"]
-    link = Link(pid, c_read, h_write)
+    return pid, c_read, h_write
 
-    def ended(before: str) -> dict:
-        status = link.status or 0
-        if os.WIFSIGNALED(status):
-            return {"status": "killed", "signal": os.WTERMSIG(status)}
-        code = os.WEXITSTATUS(status)
-        if code == 0:
-            return {"status": "failed", "error": f"exited with code 0 before {before}"}
-        return {"status": "failed", "exit_code": code}
 
+def _ended(link: Link, before: str) -> dict:
+    """The verdict for a candidate process that has ended, from its wait status."""
+    status = link.status or 0
+    if os.WIFSIGNALED(status):
+        return {"status": "killed", "signal": os.WTERMSIG(status)}
+    code = os.WEXITSTATUS(status)
+    if code == 0:
+        return {"status": "failed", "error": f"exited with code 0 before {before}"}
+    return {"status": "failed", "exit_code": code}
+
+
+def _await_ready(link: Link, verdict_fd: int, nonce: str) -> dict | None:
+    """The candidate's top-level names, once its program has run; None when it did not get that far (the
+    verdict is then written)."""
     try:
         ready = link.receive()
     except CandidateGone as exc:
         _verdict(verdict_fd, nonce, status="failed", error=str(exc))
-        return 0
+        return None
     except Unplain:
         ready = ()
     if ready is None:
-        _verdict(verdict_fd, nonce, **ended("the tests finished"))
-        return 0
+        _verdict(verdict_fd, nonce, **_ended(link, "the tests finished"))
+        return None
     if type(ready) is not tuple or len(ready) != 2 or ready[0] != "ready" or type(ready[1]) is not dict:
         link.kill()
         _verdict(verdict_fd, nonce, status="failed", error="the candidate broke the protocol")
-        return 0
+        return None
+    return ready[1]
 
+
+def _test_namespace(names: dict) -> dict:
+    """The tests' globals: a proxy for each of the candidate's names, the real module for each it imported."""
     ns: dict = {"__name__": "__tests__", "__builtins__": builtins}
-    for name, ref in ready[1].items():
+    for name, ref in names.items():
         if type(name) is not str:
             continue
         if type(ref) is Handle:
@@ -567,6 +600,11 @@ def main(argv: list[str]) -> int:
                 ns[name] = sys.modules[ref[1]]
             except Exception:  # noqa: S110 - a module this interpreter lacks stays undefined for the tests
                 pass
+    return ns
+
+
+def _run_tests(job: dict, ns: dict, link: Link) -> dict:
+    """Run the prelude and the tests in ``ns``; the verdict."""
     error = None
     try:
         if job.get("prelude"):
@@ -586,15 +624,10 @@ def main(argv: list[str]) -> int:
         traceback.print_exc()
         error = exc
     if error is None:
-        verdict = {"status": "passed"}
-    elif link.status is not None and (os.WIFSIGNALED(link.status) or os.WEXITSTATUS(link.status) != 0):
-        verdict = ended("the tests finished")  # it died during a call: its own exit (signal, traceback) says why
-    else:
-        verdict = {"status": "failed", "error": _last_line(error)}
-    _flush()
-    _verdict(verdict_fd, nonce, **verdict)
-    link.kill()
-    return 0
+        return {"status": "passed"}
+    if link.status is not None and (os.WIFSIGNALED(link.status) or os.WEXITSTATUS(link.status) != 0):
+        return _ended(link, "the tests finished")  # it died during a call: its own exit (signal, traceback) says why
+    return {"status": "failed", "error": _last_line(error)}
 
 
 def entry() -> None:

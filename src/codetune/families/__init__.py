@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CodetuneError
+from ._gguf import GGUFPlan
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ class Family:
     # The card's chat-format example: one user turn, rendered up to where the answer starts.
     prompt_example: str | None = None
     tiny: TinySpec | None = None
-    # Its llama.cpp architecture (a codetune.gguf_export.GGUFPlan); None: GGUF export refuses this family.
-    gguf_plan: Any = None
+    # Its llama.cpp architecture; None: GGUF export refuses this family.
+    gguf_plan: GGUFPlan | None = None
 
     @property
     def builtin(self) -> str | None:
@@ -213,6 +214,7 @@ __all__ = [
     "GENERIC",
     "Family",
     "FamilyError",
+    "GGUFPlan",
     "TinySpec",
     "builtin_models",
     "families",

@@ -6,9 +6,9 @@ The stop and pad tokens are Llama-3's. Other ``llama`` model types with older vo
 
 from __future__ import annotations
 
-from ..gguf_export import GGUFPlan, generated_tensor, separate_qkv_block
 from ..templates import LLAMA3
 from . import Family, TinySpec, tiny_shape
+from ._gguf import GGUFPlan, generated_tensor, separate_qkv_block
 
 SPECIAL_TOKENS = (
     "<|begin_of_text|>",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ..gguf_export import GGUFPlan
+from ..errors import GGUFExportError
 from ..templates import PHI3
 from . import Family, TinySpec, tiny_shape
+from ._gguf import GGUFPlan, generated_tensor
 
 # The Phi-3 special tokens, in Phi-3's order; the tiny tokenizer gives them the first ids.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
@@ -76,8 +77,6 @@ def _gguf_metadata(writer, hp):
 
 def _gguf_rope_factors(model_dir, hp):
     """Phi-3's long-context rope ("longrope", formerly "su") as llama.cpp's two factor tensors."""
-    from ..gguf_export import GGUFExportError, generated_tensor
-
     scaling = hp["rope_scaling"]
     if not scaling:
         return []

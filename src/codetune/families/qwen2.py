@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..gguf_export import GGUFPlan, separate_qkv_block
 from ..templates import QWEN2
 from . import Family, TinySpec, tiny_shape
+from ._gguf import GGUFPlan, separate_qkv_block
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
