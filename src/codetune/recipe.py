@@ -23,20 +23,67 @@ from .rundir import RunDir, atomic_write
 
 
 class _Yaml12BoolLoader(yaml.SafeLoader):
-    """YAML as YAML 1.2 reads booleans: only true/false. (1.1 reads `save_strategy: no` as False.)"""
+    """YAML as people write it (YAML 1.2's core schema where 1.1 surprises): booleans are only true/false
+    (1.1 reads `save_strategy: no` as False), `2e-4` is a number (1.1 wants `2.0e-4`), and a key given
+    twice in one mapping is refused (1.1 keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            _refuse_duplicate_keys(self, node)
+        return super().construct_mapping(node, deep=deep)
 
 
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    """A key written twice in ``node`` (a merge key ``<<`` may be overridden: that is what it is for)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node)
+        except TypeError:  # an unhashable key: the constructor refuses it with its own message
+            continue
+        if first is not key_node:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key {key!r} given twice (first on line {first.start_mark.line + 1}): "
+                "a second one would silently replace the first; keep one",
+                key_node.start_mark,
+            )
+
+
+# YAML 1.2's floats: 1.0, 1., .5, 2e-4, 1.5E+3, .inf, .nan (1.1 needs a dot and a signed exponent)
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
 _Yaml12BoolLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Yaml12BoolLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+_Yaml12BoolLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
 def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (PyYAML's own message spans several)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{exc.problem}{where}"
+    return " ".join(str(exc).split())
 
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "save_recipe", "check_integrations", "OPTIMIZERS", "SCHEDULERS"]
@@ -374,15 +421,12 @@ def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
     try:
         raw = yaml_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{where} is not valid YAML: {exc}") from None
+        raise RecipeError(f"{where} is not valid YAML: {yaml_problem(exc)}") from None
     except RecursionError:
         raise RecipeError(f"{where} is nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{where} must be a YAML mapping of sections (model, data, training, ...)")
     return raw, where
-
-
-_SCI_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -400,9 +444,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         parsed = yaml_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    # YAML 1.1 reads 2e-4 (no dot) as a string; a number is what anyone typing it means.
-    if isinstance(parsed, str) and _SCI_NUMBER.fullmatch(parsed.strip()):
-        parsed = float(parsed)
     return key.split("."), parsed
 
 

@@ -1,0 +1,48 @@
+"""Issue 21, the hostile sweep's second part: each case as the sweep ran it, now one clear error (or the
+right result) and nothing lost. The CLI helpers are tests/test_cli_sweep.py's: a non-zero exit, no
+traceback, one ``error:`` line naming the input, and no file that existed before changed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .test_cli_sweep import assert_clear_error, cli, snapshot, trained_run, work  # noqa: F401 - fixtures
+
+# ---------------------------------------------------------------------------------------
+# M1, M2: recipe files read the numbers people write, and refuse a key given twice
+
+
+def _recipe_file(work, body: str):
+    path = work / "mine.yaml"
+    path.write_text("name: mine\nmodel: {name_or_path: builtin:tiny-phi3}\ndata: {source: starter}\n" + body)
+    return path
+
+
+@pytest.mark.parametrize("written,value", [("2e-4", 2e-4), ("1E-3", 1e-3), ("3.0e-5", 3e-5), ("5e+1", 50.0)])
+def test_a_recipe_file_reads_scientific_numbers(work, written, value):
+    from codetune.recipe import load_recipe
+
+    path = _recipe_file(work, f"training:\n  learning_rate: {written}\n  epochs: 1\n" if value < 1 else
+                        f"training:\n  epochs: {written}\n")  # fmt: skip
+    recipe = load_recipe(path)
+    got = recipe.training.learning_rate if value < 1 else recipe.training.epochs
+    assert got == value
+    code, output = cli("recipe", "show", path)
+    assert code == 0, output
+
+
+def test_a_recipe_file_with_a_key_given_twice_is_refused(work):
+    path = _recipe_file(work, "training:\n  epochs: 1\ntraining:\n  epochs: 2\n")
+    line = assert_clear_error(*cli("recipe", "show", path), str(path), "training", "line 6")
+    assert "twice" in line or "duplicate" in line
+    nested = _recipe_file(work, "training:\n  epochs: 1\n  epochs: 2\n")
+    assert_clear_error(*cli("recipe", "show", nested), "epochs", "line 6")
+
+
+def test_yaml_merge_keys_still_override(work):
+    from codetune.recipe import yaml_load
+
+    assert yaml_load("base: &b {a: 1, b: 2}\nmine:\n  <<: *b\n  b: 3\n")["mine"] == {"a": 1, "b": 3}
+    assert yaml_load("x: 12\ny: 0.5\nz: 1e3\nw: .inf\n") == {"x": 12, "y": 0.5, "z": 1000.0, "w": float("inf")}
