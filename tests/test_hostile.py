@@ -46,3 +46,34 @@ def test_yaml_merge_keys_still_override(work):
 
     assert yaml_load("base: &b {a: 1, b: 2}\nmine:\n  <<: *b\n  b: 3\n")["mine"] == {"a": 1, "b": 3}
     assert yaml_load("x: 12\ny: 0.5\nz: 1e3\nw: .inf\n") == {"x": 12, "y": 0.5, "z": 1000.0, "w": float("inf")}
+
+
+# ---------------------------------------------------------------------------------------
+# T1, T2: text that is not UTF-8 (a byte like \xff on the command line arrives as a lone surrogate)
+
+BAD_BYTE = b"\xff".decode("utf-8", "surrogateescape")  # what Python makes of argv's \xff
+
+
+def test_generate_prompt_that_is_not_utf8(work, tiny_dir):
+    before = snapshot(work)
+    assert_clear_error(*cli("generate", tiny_dir, "--recipe", "tiny-cpu", "--prompt", f"abc{BAD_BYTE}"), "--prompt")
+    assert snapshot(work) == before
+
+
+def test_a_recipe_setting_that_is_not_utf8_is_refused_before_prepare(work):
+    code, output = cli("prepare", "tiny-cpu", "--run-dir", work / "run", "--set", f"description={BAD_BYTE}")
+    assert_clear_error(code, output, "description", "UTF-8")
+    assert not (work / "run").exists()
+
+
+def test_the_card_of_a_run_whose_recipe_holds_a_lone_surrogate(trained_run, work):
+    """A recipe.yaml written before the check (YAML keeps the surrogate as an escape): one error naming it."""
+    import yaml
+
+    recipe = trained_run / "recipe.yaml"
+    raw = yaml.safe_load(recipe.read_text())
+    raw["description"] = f"caf{BAD_BYTE}"
+    recipe.write_text(yaml.safe_dump(raw))  # ASCII, with the surrogate as an escape
+    before = snapshot(work)
+    assert_clear_error(*cli("card", trained_run), str(recipe), "description")
+    assert snapshot(work) == before

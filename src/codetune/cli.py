@@ -103,6 +103,14 @@ def _fail(message: str) -> None:
     raise InputError(message)
 
 
+def _check_text(option: str, value: str) -> None:
+    """A text option must be text: a byte that is not UTF-8 (``$'\\xff'``) arrives as a lone surrogate."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        _fail(f"{option}: not UTF-8 text (a byte that is not UTF-8 at character {exc.start}); give UTF-8 text")
+
+
 def _load(recipe: str, overrides: list[str] | None) -> Recipe:
     return load_recipe(recipe, overrides or [])
 
@@ -374,6 +382,8 @@ def generate_cmd(
 
     if (prompt is None) == (file is None):
         _fail("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
+    if prompt is not None:
+        _check_text("--prompt", prompt)
     src, r = _source(source, recipe, set_)
     if file is not None:
         convs = read_prompts(file)

@@ -124,6 +124,21 @@ class _Section(BaseModel):
     # strict: `batch_size: true` or `epochs: "3"` is a mistake, not a 1 or a 3; no inf or nan anywhere
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _utf8_text(cls, value: Any) -> Any:
+        # a byte like \xff on the command line arrives as a lone surrogate, which no file can hold as text
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ValueError(
+                        f"not UTF-8 text ({exc.reason} at character {exc.start}, e.g. a non-UTF-8 byte given on "
+                        "the command line); write it as UTF-8"
+                    ) from None
+        return value
+
 
 class ModelConfig(_Section):
     name_or_path: str = Field(description="Hub id, local folder, or builtin:tiny-phi3")
