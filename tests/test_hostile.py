@@ -77,3 +77,53 @@ def test_the_card_of_a_run_whose_recipe_holds_a_lone_surrogate(trained_run, work
     before = snapshot(work)
     assert_clear_error(*cli("card", trained_run), str(recipe), "description")
     assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------------------------------
+# M6: a named pipe, a device or a folder given as a file is "not a regular file", never read
+
+
+@pytest.fixture
+def no_hang():
+    """A read of a named pipe would wait forever: fail the test instead."""
+    import signal
+
+    def hung(signum, frame):
+        raise TimeoutError("the command blocked reading its input")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _not_a_file(work, kind: str, suffix: str):
+    import os
+    from pathlib import Path
+
+    if kind == "device":
+        return Path("/dev/zero")
+    path = work.parent / "inputs" / f"input{suffix}"  # beside work/: snapshot() would block on a pipe
+    path.parent.mkdir(exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+@pytest.mark.parametrize("command", ["generate --file", "eval --completions", "data.source", "recipe show"])
+def test_an_input_that_is_not_a_regular_file(work, tiny_dir, no_hang, kind, command):
+    suffix = ".yaml" if command == "recipe show" else ".jsonl"
+    path = _not_a_file(work, kind, suffix)
+    args = {
+        "generate --file": ["generate", tiny_dir, "--recipe", "tiny-cpu", "--file", path],
+        "eval --completions": ["eval", "--completions", path, "--suite", "humaneval"],
+        "data.source": ["prepare", "tiny-cpu", "--run-dir", work / "run", "--set", f"data.source={path}"],
+        "recipe show": ["recipe", "show", path],
+    }[command]
+    before = snapshot(work)
+    assert_clear_error(*cli(*args), str(path), "not a regular file")
+    assert snapshot(work) == before

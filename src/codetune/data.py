@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, InputError, RecipeError
-from .rundir import HELDOUT_RECORD, RunDir, atomic_write, check_target, is_regular_file, staged_file
+from .rundir import HELDOUT_RECORD, RunDir, atomic_write, check_target, file_problem, is_regular_file, staged_file
 
 IGNORE_INDEX = -100
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -39,10 +39,9 @@ class Example:
 
 
 def _check_input_file(path: Path) -> None:
-    if path.is_dir():
-        raise InputError(f"{path} is a folder: give a JSON-lines file")
-    if not path.is_file():
-        raise InputError(f"{path} does not exist: give a JSON-lines file")
+    problem = file_problem(path)
+    if problem is not None:
+        raise InputError(f"{path} {problem}: give a JSON-lines file")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -88,9 +87,12 @@ def read_source(source: str, *, revision: str | None = None, hub_split: str = "t
 
         return [dict(r, __row__=i) for i, r in enumerate(load_starter(), start=1)], "starter set"
     path = Path(source).expanduser()
-    if path.suffix in _LOCAL_SUFFIXES or path.exists():
-        if not path.is_file():
+    if path.suffix in _LOCAL_SUFFIXES or path.exists() or path.is_symlink():
+        problem = file_problem(path)
+        if problem == "does not exist":
             raise RecipeError(f"data.source: file not found: {source}")
+        if problem is not None:
+            raise RecipeError(f"data.source: {source} {problem}; give a data file")
         if path.suffix == ".jsonl":
             return read_jsonl(path), str(path)
         if path.suffix == ".json":

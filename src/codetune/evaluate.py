@@ -19,7 +19,7 @@ from .errors import InputError, OutputError
 from .generate import InferenceSession, load_for_inference
 from .model import disable_avx512_bf16_path, load_base_model
 from .recipe import Recipe, RecipeError, load_recipe
-from .rundir import EVAL_SUMMARY, check_target, is_regular_file, ours_or_legacy, staged_dir
+from .rundir import EVAL_SUMMARY, check_target, file_problem, is_regular_file, ours_or_legacy, staged_dir
 from .source import Source
 from .suites import (
     REGISTRY,
@@ -382,9 +382,9 @@ def score_completions_file(
     out_dir = Path(out_dir) if out_dir is not None else completions_out_dir(path)
     if suite not in executed_suites():
         raise RecipeError(f"--completions scores an executed suite: {', '.join(executed_suites())} (not {suite!r})")
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise InputError(f"--completions {path} {what}: give a JSON-lines file")
+    problem = file_problem(path)
+    if problem is not None:
+        raise InputError(f"--completions {path} {problem}: give a JSON-lines file")
     with staged_dir(out_dir, "eval", overwrite=overwrite, protect=[path], ours=_earlier_eval, what="--out") as staging:
         return _score_completions(path, suite, recipe, staging, console)
 

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
-from .rundir import RunDir, atomic_write
+from .rundir import RunDir, atomic_write, file_problem
 
 
 class _Yaml12BoolLoader(yaml.SafeLoader):
@@ -417,8 +417,11 @@ def shipped_recipes() -> dict[str, str]:
 def _read_recipe_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+        problem = file_problem(path)
+        if problem == "does not exist":
             raise RecipeError(f"recipe file not found: {path}")
+        if problem is not None:
+            raise RecipeError(f"recipe file {path} {problem}: give a .yaml file")
         try:
             text, where = path.read_bytes().decode("utf-8"), str(path)
         except UnicodeDecodeError as exc:

@@ -251,6 +251,26 @@ def is_regular_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an input file (None when it is a regular file, or a link to one):
+    "does not exist", or what it is instead ("is a folder, not a regular file"). A named pipe or a device
+    is never opened: a read would wait forever, or never end."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}  # fmt: skip
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a file")
+    return f"is {kind}, not a regular file"
+
+
 def is_gguf_file(path: Path) -> bool:
     """A GGUF file (its magic bytes): the only kind of file ``export --overwrite`` replaces."""
     if not is_regular_file(path):
