@@ -127,3 +127,17 @@ def test_an_input_that_is_not_a_regular_file(work, tiny_dir, no_hang, kind, comm
     before = snapshot(work)
     assert_clear_error(*cli(*args), str(path), "not a regular file")
     assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------------------------------
+# M8: --resume with --overwrite contradict each other
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_resume_and_overwrite_together_on_the_command_line(trained_run, work, command):
+    before = snapshot(work)
+    code, output = cli(command, "tiny-cpu", "--run-dir", trained_run, "--resume", "--overwrite")
+    assert_clear_error(code, output, "--resume", "--overwrite")
+    assert snapshot(work) == before
+    assert_clear_error(*cli(command, "tiny-cpu", "--run-dir", work / "new", "--resume", "--overwrite"), "--resume")
+    assert not (work / "new").exists()
