@@ -141,3 +141,18 @@ def test_resume_and_overwrite_together_on_the_command_line(trained_run, work, co
     assert snapshot(work) == before
     assert_clear_error(*cli(command, "tiny-cpu", "--run-dir", work / "new", "--resume", "--overwrite"), "--resume")
     assert not (work / "new").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# M10: generation settings in a --file row are refused, not silently ignored
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "temperature", "max_new_tokens"])
+def test_generate_file_rows_with_generation_settings(work, tiny_dir, field):
+    prompts = work / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n' + json.dumps({"prompt": "short, please", field: 5}) + "\n")
+    before = snapshot(work)
+    code, output = cli("generate", tiny_dir, "--recipe", "tiny-cpu", "--file", prompts)
+    line = assert_clear_error(code, output, str(prompts), "row 2", field)
+    assert "--set generation." in line
+    assert snapshot(work) == before

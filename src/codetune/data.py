@@ -200,9 +200,17 @@ def _clean_messages(msgs) -> list[dict[str, str]]:
     return clean
 
 
+# Per-request settings of the OpenAI API and of codetune's recipe: a row of generate --file may not carry them
+_ROW_SETTINGS = (
+    "max_tokens", "max_new_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+    "n", "do_sample", "num_beams", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop_tokens",
+)  # fmt: skip
+
+
 def read_prompts(path: Path) -> list[list[dict[str, str]]]:
     """``generate --file``: one conversation per JSON line, ``{"prompt": TEXT}`` or ``{"messages": [...]}``
-    ending with a user turn; a malformed row stops it, naming the file, row and field."""
+    ending with a user turn; a malformed row stops it, naming the file, row and field. Generation settings
+    apply to the whole file (``--set generation.*``): a row that carries its own is refused, not ignored."""
     path = Path(path)
     convs = []
     for obj in read_jsonl(path):
@@ -210,6 +218,13 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
         try:
             if "__not_an_object__" in obj:
                 raise _Bad("(row)", f"expected a JSON object, got {type(obj['__not_an_object__']).__name__}")
+            setting = next((k for k in _ROW_SETTINGS if k in obj), None)
+            if setting is not None:
+                raise _Bad(
+                    setting,
+                    "a row's own generation settings are not applied; set them for the whole file with "
+                    "--set generation.max_new_tokens=N (temperature, top_p, ...) and drop the field",
+                )
             if "messages" in obj:
                 clean = _clean_messages(obj["messages"])
                 if clean[-1]["role"] != "user":
@@ -218,9 +233,8 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
             else:
                 convs.append([{"role": "user", "content": _check_text(obj, "prompt")}])
         except _Bad as bad:
-            raise InputError(
-                f"{path}, row {lineno}, field {bad.field!r}: {bad.reason} (give 'prompt' or 'messages')"
-            ) from None
+            hint = "" if bad.field in _ROW_SETTINGS else " (give 'prompt' or 'messages')"
+            raise InputError(f"{path}, row {lineno}, field {bad.field!r}: {bad.reason}{hint}") from None
     if not convs:
         raise InputError(f"{path}: no prompts")
     return convs
