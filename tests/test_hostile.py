@@ -156,3 +156,24 @@ def test_generate_file_rows_with_generation_settings(work, tiny_dir, field):
     line = assert_clear_error(code, output, str(prompts), "row 2", field)
     assert "--set generation." in line
     assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------------------------------
+# M11: --completions with uneven samples per task says so
+
+
+def test_completions_with_uneven_samples_per_task_report_the_real_counts(work):
+    from .test_cli_sweep import _canonical
+
+    rows = [
+        {"task_id": "HumanEval/0", "completion": _canonical("HumanEval/0")},
+        {"task_id": "HumanEval/0", "completion": "    return None\n"},
+        {"task_id": "HumanEval/1", "completion": _canonical("HumanEval/1")},
+    ]
+    path = work / "uneven.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, output = cli("eval", "--completions", path, "--suite", "humaneval", "--out", work / "scores")
+    assert code == 0, output
+    result = json.loads((work / "scores/summary.json").read_text())["results"]["completions"]["humaneval"]
+    assert result["n_per_task"] == {"min": 1, "max": 2}
+    assert result["samples"] == 3 and result["pass@1"] == 75.0  # each task's own n: (1/2 + 1/1) / 2

@@ -274,14 +274,16 @@ def _run_in_sandbox(suite: str, programs: list, codes: list[str], console) -> di
 def _pass_at_k_summary(
     per_task: dict[str, list[bool]], samples: int, level: str, ks: list[int], suite_size: int | None
 ) -> dict[str, Any]:
-    n = min(len(v) for v in per_task.values()) if per_task else 0
+    counts = [len(v) for v in per_task.values()] or [0]
+    n = min(counts)  # pass@k needs k <= n for every task; each task's estimate uses its own n
     size = suite_size if suite_size is not None else len(per_task)
     summary: dict[str, Any] = {
         "tasks": len(per_task),
         "tasks_in_suite": size,
         "partial": len(per_task) < size,
         "samples": samples,
-        "n_per_task": n,
+        # completions made elsewhere may give tasks different numbers of samples: then both ends are shown
+        "n_per_task": n if n == max(counts) else {"min": n, "max": max(counts)},
         "sandbox": level,
     }
     for k in ks:
