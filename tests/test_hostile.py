@@ -177,3 +177,44 @@ def test_completions_with_uneven_samples_per_task_report_the_real_counts(work):
     result = json.loads((work / "scores/summary.json").read_text())["results"]["completions"]["humaneval"]
     assert result["n_per_task"] == {"min": 1, "max": 2}
     assert result["samples"] == 3 and result["pass@1"] == 75.0  # each task's own n: (1/2 + 1/1) / 2
+
+
+# ---------------------------------------------------------------------------------------
+# S3: the card's repo id is the hub's, and everything the card embeds is quoted
+
+INJECTED = 'a/b")\nimport os; os.system("id")  #'
+
+
+@pytest.mark.parametrize("repo_id", [INJECTED, "not a repo", "a/b/c", "no-owner", "a/" + "b" * 100])
+@pytest.mark.parametrize("command", ["card", "push"])
+def test_a_repo_id_the_hub_would_refuse(trained_run, work, repo_id, command):
+    before = snapshot(work)
+    assert_clear_error(*cli(command, trained_run, "--repo-id", repo_id), "--repo-id")
+    assert snapshot(work) == before
+
+
+def test_the_usage_snippet_quotes_the_model_id():
+    import ast
+
+    from codetune.card import usage_snippet
+
+    model_id = '/home/x/we"ird\\path\nimport os  #'
+    code = usage_snippet(model_id, [1, 2], "Write 'is_prime'.").split("\n", 1)[1].rsplit("```", 1)[0]
+    tree = ast.parse(code)
+    assigned = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "model_id")
+    assert assigned.value.value == model_id
+    assert not any(isinstance(n, ast.Import) and n.names[0].name == "os" for n in tree.body)
+
+
+def test_card_markdown_quotes_what_it_embeds():
+    from codetune.card import _code, _fence, _intro_section, _recipe_section
+    from codetune.recipe import load_recipe
+
+    assert _code("a`b") == "`` a`b ``" and _code("plain") == "`plain`"
+    assert _fence("x\n```\ny", "text").startswith("````text\n") and _fence("x\n```\ny", "text").endswith("\n````")
+    recipe = load_recipe("tiny-cpu", ["data.source=we`ird|name.jsonl"])
+    recipe.model.name_or_path = "./my **model**\n# x"
+    rows = [r for r in _recipe_section(recipe) if r.startswith("| `data.source`")]
+    assert rows == ["| `data.source` | `` we`ird\\|name.jsonl `` |"]
+    intro = "\n".join(_intro_section("tiny", recipe))
+    assert "**./my" not in intro and "\n# x" not in intro and "`./my **model**\\n# x`" in intro

@@ -23,6 +23,37 @@ from .suites import all_suites
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 
 
+def check_repo_id(repo_id: str) -> str:
+    """A hub repo id as the hub takes it (huggingface_hub's own validator), with its OWNER/: the card's
+    snippet and metadata embed it, so nothing else may get through."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        reason = str(exc).rsplit(": '", 1)[0].rstrip(".")  # the validator's rule, without the id repeated
+        raise RecipeError(f"--repo-id {repo_id!r} is not a hub repo id: {reason}") from None
+    if "/" not in repo_id:
+        raise RecipeError(f"--repo-id {repo_id!r}: expected OWNER/NAME")
+    return repo_id
+
+
+def _code(text: str) -> str:
+    """``text`` as one inline code span of the card's markdown, whatever backticks or newlines it holds."""
+    text = str(text).replace("\n", "\\n")
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    ticks = "`" * (longest + 1)
+    return f"{ticks} {text} {ticks}" if longest else f"{ticks}{text}{ticks}"
+
+
+def _fence(text: str, lang: str) -> str:
+    """``text`` as a fenced block longer than any backtick run inside it, so it cannot close the fence."""
+    longest = max((len(run) for run in re.findall(r"`{3,}", text)), default=2)
+    ticks = "`" * (longest + 1)
+    return f"{ticks}{lang}\n{text}\n{ticks}"
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     rows = []
     for key, value in data.items():
@@ -160,18 +191,16 @@ def _chat_format_section(run_dir: Path, recipe: Recipe) -> list[str]:
     if not stops:
         stop_line = "It ends its answer with its tokenizer's end-of-sequence token: stop generation there."
     elif len(stops) == 1:
-        stop_line = f"It ends its answer with `{stops[0]}`: stop generation there."
+        stop_line = f"It ends its answer with {_code(stops[0])}: stop generation there."
     else:
-        rest = ", ".join(f"`{t}`" for t in stops[1:])
-        stop_line = f"It ends its answer with `{stops[0]}`: stop generation there as well as at {rest}."
+        rest = ", ".join(_code(t) for t in stops[1:])
+        stop_line = f"It ends its answer with {_code(stops[0])}: stop generation there as well as at {rest}."
     return [
         "## Chat format",
         "",
         "The model answers in its tokenizer's chat template; a prompt is one user turn:",
         "",
-        "```text",
-        example.rstrip("\n"),
-        "```",
+        _fence(example.rstrip("\n"), "text"),
         "",
         stop_line,
         "",
@@ -183,7 +212,7 @@ def usage_snippet(model_id: str, stop_ids: list[int], prompt: str) -> str:
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
-model_id = "{model_id}"
+model_id = {json.dumps(model_id)}
 model = AutoPeftModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")
 tokenizer = AutoTokenizer.from_pretrained(model_id)
 
@@ -203,7 +232,7 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
     run_dir = Path(run_dir)
     recipe = _run_recipe(run_dir)
     summary = _eval_summary(run_dir)
-    name = repo_id.split("/")[-1] if repo_id else f"{recipe.name}-qlora"
+    name = check_repo_id(repo_id).split("/")[-1] if repo_id else f"{recipe.name}-qlora"
     lines = [
         *_intro_section(name, recipe),
         *_training_section(run_dir),
@@ -238,7 +267,7 @@ def _intro_section(name: str, recipe: Recipe) -> list[str]:
         "",
         f"# {name}",
         "",
-        f"A QLoRA fine-tune of **{recipe.model.name_or_path}** into a Python coder, made with "
+        f"A QLoRA fine-tune of {_code(recipe.model.name_or_path)} into a Python coder, made with "
         f"codetune from the recipe `{recipe.name}`. Scores are measured by "
         "running the code the model writes (pass@k in a sandbox) as well as ROUGE against reference "
         "answers.",
@@ -283,8 +312,7 @@ def _recipe_section(recipe: Recipe) -> list[str]:
         if key == "description":
             continue
         shown = json.dumps(value) if not isinstance(value, str) else value
-        shown = shown.replace("|", "\\|").replace("\n", "\\n")
-        lines.append(f"| `{key}` | `{shown}` |")
+        lines.append(f"| {_code(key)} | {_code(shown).replace('|', chr(92) + '|')} |")
     lines.append("")
     return lines
 
@@ -368,6 +396,8 @@ def write_card(run_dir: Path, *, repo_id: str | None = None, overwrite: bool = F
     a card codetune wrote."""
 
     rd = RunDir(run_dir)
+    if repo_id is not None:
+        check_repo_id(repo_id)
     check_target(rd.card, "card", overwrite=overwrite, ours=is_card, what="model card")
     text = render_card(run_dir, repo_id=repo_id)
     with staged_file(rd.card, "card", overwrite=overwrite, ours=is_card, what="model card") as tmp:
@@ -397,11 +427,10 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, token: str | Non
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
+    check_repo_id(repo_id)
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
     rd.require_adapter()
-    if "/" not in repo_id:
-        raise RecipeError(f"--repo-id {repo_id!r}: expected OWNER/NAME")
     if constants.HF_HUB_OFFLINE:
         raise RecipeError("cannot push: HF_HUB_OFFLINE is set (this machine is offline); nothing was uploaded")
     card = render_card(run_dir, repo_id=repo_id)  # in memory: the run directory is left as it is
