@@ -218,3 +218,35 @@ def test_card_markdown_quotes_what_it_embeds():
     assert rows == ["| `data.source` | `` we`ird\\|name.jsonl `` |"]
     intro = "\n".join(_intro_section("tiny", recipe))
     assert "**./my" not in intro and "\n# x" not in intro and "`./my **model**\\n# x`" in intro
+
+
+# ---------------------------------------------------------------------------------------
+# D5: a folder that looks like a run but has no ownership marker is not codetune's to delete
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "run"])
+def test_a_run_lookalike_without_the_marker_is_never_cleared(trained_run, work, command):
+    (trained_run / ".codetune.json").unlink()
+    (trained_run / "checkpoints" / "model.pt").write_bytes(b"someone's weights")
+    before = snapshot(work)
+    quick = ["training.max_steps=1", "training.save_strategy=no", "evaluation.suites=[rouge]",
+             "evaluation.samples=1", "evaluation.compare_base=false", "generation.max_new_tokens=2"]  # fmt: skip
+    sets = [arg for s in quick for arg in ("--set", s)]
+    code, output = cli(command, "tiny-cpu", "--run-dir", trained_run, "--overwrite", *sets)
+    assert_clear_error(code, output, str(trained_run), ".codetune.json")
+    assert snapshot(work) == before
+
+
+def test_outputs_from_before_markers_count_as_ours_only_inside_a_marked_run(tmp_path):
+    from codetune.rundir import RunDir, marker_text, ours_or_legacy
+
+    ours = ours_or_legacy("eval", "summary.json")
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "data").mkdir()
+    (run / "recipe.yaml").write_text("name: x\n")
+    (run / "data" / "stats.json").write_text("{}")
+    (run / "eval" / "summary.json").write_text("{}")
+    assert not RunDir(run).is_run and not ours(run / "eval")
+    (run / ".codetune.json").write_text(marker_text("run"))
+    assert RunDir(run).is_run and ours(run / "eval")

@@ -161,6 +161,7 @@ def test_outputs_from_before_markers_count_as_ours_only_inside_a_run(tmp_path):
     (run / "data").mkdir(parents=True)
     (run / "recipe.yaml").write_text("name: x\n")
     (run / "data" / "stats.json").write_text("{}")
+    (run / MARKER).write_text('{"kind": "run", "version": 1}\n')  # a run (only its marker says so)
     for folder in (run / "eval", tmp_path / "eval"):
         folder.mkdir()
         (folder / "summary.json").write_text("{}")

@@ -370,13 +370,9 @@ class RunDir:
 
     @property
     def is_run(self) -> bool:
-        """A folder codetune made as a run: its marker, or (runs made before markers) a recipe with
-        prepared data or an adapter."""
-        if is_kind(self.path, "run"):
-            return True
-        return self.recipe_file.is_file() and (
-            self.stats.is_file() or self.adapter_config.is_file()
-        )
+        """A folder codetune made as a run: its marker, and nothing else. A folder that merely looks like a
+        run (a recipe, data/, an adapter) may be anyone's: codetune never writes into it or clears it."""
+        return is_kind(self.path, "run")
 
     def split(self, name: str) -> Path:
         """A prepared split: ``data/train.parquet`` or ``data/test.parquet``."""
@@ -431,7 +427,7 @@ class RunDir:
             if not self.is_run and any(p.iterdir()):
                 raise OutputError(
                     f"run directory {p} is a folder codetune did not create (no {MARKER}) and is not empty: "
-                    "codetune will not write into it; choose a new or empty --run-dir"
+                    "codetune will not write into it, nor delete anything in it; choose a new or empty --run-dir"
                 )
         return self
 
