@@ -38,13 +38,24 @@ def test_checks_run_before_anything_is_written(tmp_path, tiny_dir):
 
 def test_a_bad_source_on_overwrite_keeps_the_earlier_training(tmp_path, tiny_dir):
     """--overwrite deletes the earlier training only once the new data is in place: a source that cannot
-    be read leaves the adapter, checkpoints and recipe as they were."""
+    be read, or one with an invalid row (issue 21 D3), leaves the adapter, checkpoints, metrics and recipe
+    as they were."""
+    import json
+
     run = tmp_path / "run"
     pipeline.train("tiny-cpu", run, overrides=["training.max_steps=2", "training.eval_steps=null"])
     rd = RunDir(run)
-    before = {p: p.read_bytes() for p in (rd.adapter / "adapter_model.safetensors", rd.recipe_file)}
+    kept = [rd.adapter / "adapter_model.safetensors", rd.recipe_file, rd.metrics, rd.train_summary, rd.stats]
+    kept += [p for p in rd.checkpoints.rglob("*") if p.is_file()]
+    before = {p: p.read_bytes() for p in kept}
     with pytest.raises(CodetuneError, match="missing.jsonl"):
         pipeline.train("tiny-cpu", run, overrides=["data.source=missing.jsonl"], overwrite=True)
+    assert {p: p.read_bytes() for p in before} == before
+    invalid = tmp_path / "invalid.jsonl"
+    rows = [{"instruction": f"Task {i}", "output": f"x = {i}"} for i in range(20)] + [{"instruction": "no output"}]
+    invalid.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(CodetuneError, match="invalid.jsonl, row 21, field 'output'"):
+        pipeline.train("tiny-cpu", run, overrides=[f"data.source={invalid}"], overwrite=True)
     assert {p: p.read_bytes() for p in before} == before
 
 
