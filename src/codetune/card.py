@@ -368,9 +368,10 @@ def write_card(run_dir: Path, *, repo_id: str | None = None, overwrite: bool = F
     a card codetune wrote."""
 
     rd = RunDir(run_dir)
-    check_target(rd.card, "card", overwrite=overwrite, ours=is_card, what="model card")
+    rules = dict(overwrite=overwrite, ours=is_card, what="model card", elsewhere=None)  # card has no --out
+    check_target(rd.card, "card", **rules)
     text = render_card(run_dir, repo_id=repo_id)
-    with staged_file(rd.card, "card", overwrite=overwrite, ours=is_card, what="model card") as tmp:
+    with staged_file(rd.card, "card", **rules) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return rd.card
 
