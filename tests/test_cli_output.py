@@ -111,3 +111,12 @@ def test_chat_line_editing_and_pasted_code_at_a_terminal():
         assert next(turns) == "first\nsecond"
         inp.send_text("```\rx = 1\r```\r")
         assert next(turns) == "```\nx = 1\n```"
+
+
+def test_help_shows_no_type_for_flags():
+    # a flag takes no value: `--version <bool>` read as if it took one
+    for args in (["--help"], ["prepare", "--help"], ["eval", "--help"], ["recipe", "show", "--help"]):
+        res = _cli(*args)
+        assert res.returncode == 0, res.stderr
+        assert "<bool>" not in res.stdout, (args, res.stdout)
+    assert "--version" in _cli("--help").stdout and "<path>" in _cli("prepare", "--help").stdout

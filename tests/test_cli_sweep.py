@@ -167,7 +167,52 @@ def test_export_and_card_refuse_files_codetune_did_not_write(trained_run, work):
 def test_prepare_leaves_a_trained_run_alone(trained_run, work):
     before = snapshot(work)
     line = assert_clear_error(*cli("prepare", "tiny-cpu", "--run-dir", trained_run), str(trained_run))
-    assert "--overwrite" in line
+    assert "--overwrite" in line and "--resume" not in line  # prepare has no --resume
+    assert snapshot(work) == before
+
+
+def test_errors_suggest_only_options_the_command_has(trained_run, work):
+    (trained_run / "README.md").write_text("---\ntags:\n- codetune\n---\n# an earlier card\n")
+    before = snapshot(work)
+    line = assert_clear_error(*cli("card", trained_run), "README.md", "--overwrite")
+    assert "--out" not in line and "new path" not in line  # card writes RUN_DIR/README.md, nowhere else
+    line = assert_clear_error(*cli("train", "tiny-cpu", "--run-dir", trained_run), str(trained_run))
+    assert "--resume" in line and "--overwrite" in line  # train has both
+    assert snapshot(work) == before
+
+
+def _offline_cli(*args: str, cwd: Path) -> tuple[int, str]:
+    """The CLI in a fresh process with the hub off and an empty hub cache (a developer's own cache may
+    hold the real tokenizers)."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd.parent / "hf"), "COLUMNS": "80"}
+    res = subprocess.run(
+        [sys.executable, "-m", "codetune.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    return res.returncode, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("recipe", ["phi3-mini-python-seed", "phi3-mini-python"])
+def test_a_shipped_recipe_offline_says_the_hub_is_needed_and_leaves_nothing(work, recipe):
+    before = snapshot(work)
+    for cmd in (["prepare", recipe, "--run-dir", "runs/x"], ["train", recipe, "--run-dir", "runs/mine"]):
+        code, output = _offline_cli(*cmd, cwd=work)
+        line = assert_clear_error(code, output, "microsoft/Phi-3-mini-4k-instruct", "needs the Hugging Face hub")
+        assert code == 2 and "--set tokenizer.name_or_path=DIR" in line
+        assert "sentencepiece" not in output and len(output.strip().splitlines()) <= 2  # a note, then the error
+    assert snapshot(work) == before  # no runs/x, no runs/mine: nothing was done
+
+
+def test_an_empty_run_folder_is_named_as_one(work):
+    empty = work / "runs" / "mine"
+    empty.mkdir(parents=True)
+    (empty / ".codetune.json").write_text('{"kind": "run", "version": 1}\n')  # left by an older codetune
+    before = snapshot(work)
+    for cmd in (
+        ["eval", "runs/mine", "--suite", "rouge"],
+        ["serve", "runs/mine", "--engine", "vllm", "--dry-run"],
+        ["generate", "runs/mine", "--prompt", "hi"],
+    ):
+        assert_clear_error(*cli(*cmd), "runs/mine: a run directory with nothing trained yet")
     assert snapshot(work) == before
 
 

@@ -161,8 +161,13 @@ def test_scoring_a_suite_again_needs_overwrite_and_replaces_only_that_suite(run_
     evaluate(run_copy, ["rouge", "starter"], recipe=load_recipe(run_copy / "recipe.yaml", FAST))
     starter_lines = (run_copy / "eval" / "starter.jsonl").read_bytes()
     more = load_recipe(run_copy / "recipe.yaml", [*FAST, "evaluation.samples=3"])
-    with pytest.raises(OutputError, match=r"already has results for rouge: pass --overwrite"):
+    with pytest.raises(OutputError, match=r"already has results for rouge: pass --overwrite") as info:
         evaluate(run_copy, ["rouge"], recipe=more)
+    # the user gave no --out: the message names the run's results folder, and --out only as a way elsewhere
+    assert str(info.value).startswith(f"results folder {run_copy / 'eval'} already has")
+    assert str(info.value).endswith("or write the results elsewhere with --out DIR")
+    with pytest.raises(OutputError, match=r"^--out .* already has results for rouge: .*choose another --out$"):
+        evaluate(run_copy, ["rouge"], recipe=more, out_dir=run_copy / "eval")
     summary = evaluate(run_copy, ["rouge"], recipe=more, overwrite=True)
     assert summary["suites"] == ["rouge", "starter"]
     assert summary["results"]["fine-tuned"]["rouge"]["samples"] == 3

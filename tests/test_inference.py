@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -88,6 +89,20 @@ def test_python_api(run_dir):
         coder.generate("x", temperature=-1)
     with pytest.raises(Exception, match="top_p"):
         coder.generate("x", top_p=2.0)
+
+
+def test_the_lower_level_api_loads_without_the_libraries_chatter(run_dir):
+    # README's InferenceSession snippet: no loading bar, no FutureWarning, only what it prints
+    script = (
+        "from codetune.generate import InferenceSession, load_for_inference\n"
+        f"session = InferenceSession.from_loaded(load_for_inference({str(run_dir)!r}))\n"
+        "answers = session.generate([[{'role': 'user', 'content': 'Hi'}]], session.config(max_new_tokens=4))\n"
+        "print(len(answers) == 1)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == "True\n" and res.stderr == "", res.stderr[-2000:]
 
 
 def test_clear_errors(run_dir, tmp_path):

@@ -131,3 +131,17 @@ def test_the_chat_loop_keeps_the_history_and_drops_a_turn_that_fails():
     assert out.getvalue() == "model> an answer \nmodel> \nmodel> an answer \nmodel> an answer \n"
     assert notes == ["(conversation cleared)"]
     assert errors == ["messages has 9999 tokens", "input line 5 is not UTF-8 (invalid start byte at byte 0): skipped"]
+
+
+def test_the_chat_loop_says_when_an_answer_is_empty():
+    import io
+
+    from codetune.chat_input import converse, piped_turns
+
+    class Session:
+        def stream(self, history):
+            yield from (["def f(): pass"] if len(history) == 1 else [""])  # the second turn: nothing
+
+    out = io.StringIO()
+    converse(Session(), piped_turns(io.BytesIO(b"one\ntwo\n")), note=print, error=print, out=out)
+    assert out.getvalue() == "model> def f(): pass\nmodel> (empty answer)\n"

@@ -73,6 +73,24 @@ def test_merged_logits_match_base_plus_adapter(run_dir, tmp_path):
     assert (c - b).abs().max().item() > 0.05 * scale
 
 
+def test_a_merged_folder_carries_its_runs_settings(run_dir, tmp_path):
+    from codetune.source import Source
+
+    res = runner.invoke(app, ["merge", str(run_dir), "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    run = load_recipe(run_dir / "recipe.yaml")
+    # evaluating, generating or serving the folder alone uses its run's settings, not its family's default
+    # recipe (phi3-mini-python: max_new_tokens 512 instead of the run's 128)
+    recipe = Source.of(tmp_path / "merged").recipe()
+    assert recipe.generation == run.generation and recipe.generation.max_new_tokens == 128
+    assert recipe.evaluation == run.evaluation
+    model = Source.of(tmp_path / "merged").model_recipe(recipe)
+    assert model.model.name_or_path == str(tmp_path / "merged") and not model.quantization.load_in_4bit
+    # a recipe named with --recipe still wins, and --set applies on top of the carried one
+    assert Source.of(tmp_path / "merged").recipe("phi3-mini-python").generation.max_new_tokens == 512
+    assert Source.of(tmp_path / "merged").recipe(None, ["generation.max_new_tokens=7"]).generation.max_new_tokens == 7
+
+
 def test_merge_needs_an_adapter(tmp_path, run_dir):
     (tmp_path / "recipe.yaml").write_text((run_dir / "recipe.yaml").read_text())
     res = runner.invoke(app, ["merge", str(tmp_path)])

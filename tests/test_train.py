@@ -384,6 +384,8 @@ def test_two_process_ddp_with_accelerate_launch(tmp_path, tiny_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
     assert "rank 0/2 finished at step 6" in log and "rank 1/2 finished at step 6" in log
+    # one process prepares the data and reports progress; the other waits for it (not both at once)
+    assert log.count("preparing data") == 1 and log.count("read 624 rows") == 1, log[-3000:]
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 6
     assert sorted(p.name for p in (run / "adapter").iterdir() if p.name.startswith("adapter_")) == [

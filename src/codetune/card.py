@@ -394,13 +394,13 @@ def _version(pkg: str) -> str:
 def write_card(run_dir: Path, *, repo_id: str | None = None, overwrite: bool = False) -> Path:
     """Write ``RUN_DIR/README.md``; an existing one is replaced only with ``overwrite`` and only if it is
     a card codetune wrote."""
-
     rd = RunDir(run_dir)
     if repo_id is not None:
         check_repo_id(repo_id)
-    check_target(rd.card, "card", overwrite=overwrite, ours=is_card, what="model card")
+    rules = dict(overwrite=overwrite, ours=is_card, what="model card", elsewhere=None)  # card has no --out
+    check_target(rd.card, "card", **rules)
     text = render_card(run_dir, repo_id=repo_id)
-    with staged_file(rd.card, "card", overwrite=overwrite, ours=is_card, what="model card") as tmp:
+    with staged_file(rd.card, "card", **rules) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return rd.card
 

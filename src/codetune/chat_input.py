@@ -104,6 +104,9 @@ def turns() -> Iterator[str | BadInput]:
     return terminal_turns() if sys.stdin.isatty() and sys.stdout.isatty() else piped_turns()
 
 
+EMPTY_ANSWER = "(empty answer)"
+
+
 def converse(
     session,
     turns: Iterable[str | BadInput],
@@ -147,5 +150,8 @@ def converse(
             error(str(exc))
             history.pop()
             continue
+        answer = "".join(parts).strip()
+        if not answer:  # the model stopped at once (or wrote only spaces): say so, not a bare prompt
+            print(EMPTY_ANSWER, end="", file=out)
         print(file=out)
-        history.append({"role": "assistant", "content": "".join(parts).strip()})
+        history.append({"role": "assistant", "content": answer})

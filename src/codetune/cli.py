@@ -61,6 +61,19 @@ class _Commands(TyperGroup):
             sys.exit(code)
         return code
 
+    def get_params(self, ctx):
+        _untyped_flags(self, ctx)
+        return super().get_params(ctx)
+
+
+def _untyped_flags(command, ctx) -> None:
+    """A flag takes no value, so its help shows no type (typer would print ``--version <bool>``)."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _untyped_flags(sub, ctx)
+
 
 def _escape(text: str) -> str:
     from rich.markup import escape
@@ -88,7 +101,9 @@ def _emit(text: str) -> None:
 RecipeArg = Annotated[str, typer.Argument(help="A shipped recipe name (see `codetune recipes`) or a .yaml file")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a field: --set training.learning_rate=2e-4 (repeatable)"),
+    typer.Option(
+        "--set", "-s", metavar="FIELD=VALUE", help="Override a field: --set training.learning_rate=2e-4 (repeatable)"
+    ),
 ]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", "-o", help="Default: runs/<recipe name>")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from the run directory's last complete checkpoint")]
@@ -112,7 +127,22 @@ def _check_text(option: str, value: str) -> None:
 
 
 def _load(recipe: str, overrides: list[str] | None) -> Recipe:
-    return load_recipe(recipe, overrides or [])
+    return load_recipe(recipe, _overrides(overrides))
+
+
+def _overrides(set_: list[str] | None) -> list[str]:
+    """The ``--set`` items of a command that starts from a RECIPE: those in the environment variable
+    CODETUNE_SET first (separated by spaces, quoted as in a shell), then the command's own. For a quick
+    run of every command as written, ``CODETUNE_SET='training.max_steps=8'`` (tests/test_readme.py)."""
+    import shlex
+
+    try:
+        extra = shlex.split(os.environ.get("CODETUNE_SET", ""))
+    except ValueError as exc:
+        raise InputError(f"CODETUNE_SET: {exc}: give FIELD=VALUE items separated by spaces") from None
+    if extra and os.environ.get("LOCAL_RANK", "0") == "0":  # once under `accelerate launch`
+        console.print(f"note: CODETUNE_SET adds --set {' '.join(extra)}", highlight=False, markup=False)
+    return [*extra, *(set_ or [])]
 
 
 def _version(value: bool) -> None:
@@ -235,7 +265,7 @@ def prepare_cmd(
 def _pipeline(recipe: str, run_dir: Path | None, set_: list[str] | None, stages, **kwargs):
     from .pipeline import run
 
-    return run(recipe, run_dir, overrides=set_ or [], stages=stages, console=console, **kwargs)
+    return run(recipe, run_dir, overrides=_overrides(set_), stages=stages, console=console, **kwargs)
 
 
 def _print_trained(result) -> None:
@@ -260,9 +290,9 @@ def _f(x) -> str:
 
 
 def _is_main() -> bool:
-    from accelerate import PartialState
+    from .train import process_state
 
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 @app.command("train")
@@ -344,10 +374,10 @@ def eval_cmd(
         if not suite or len(suite) != 1:
             _fail(f"--completions needs exactly one --suite ({', '.join(executed_suites())})")
         r = load_recipe(recipe, set_ or []) if recipe is not None else None
-        out_dir = out_dir or completions_out_dir(completions)
         summary = score_completions_file(
             completions, suite[0], recipe=r, out_dir=out_dir, overwrite=overwrite, console=console
         )
+        out_dir = out_dir or completions_out_dir(completions)
     else:
         if source is None:
             _fail("give a SOURCE to evaluate, or --completions FILE")

@@ -165,7 +165,7 @@ def evaluate(
         "adapter_sha256": _fingerprint(src),
     }
     earlier = _earlier_summary(out_dir, overwrite)
-    kept = _kept_suites(earlier, made_from, suites, out_dir, overwrite, console)
+    kept = _kept_suites(earlier, made_from, suites, out_dir, overwrite, console, rules)
     with staged_dir(out_dir, "eval", **rules) as staging:
         # the staging folder exists from the start: an unwritable --out fails before any generation
         summary = _evaluate(src, suites, recipe, staging, compare_base, console, batch_size, merged)
@@ -189,16 +189,25 @@ def compare_base_for(recipe: Recipe, src: Source, asked: bool | None) -> bool:
 def _out_dir(src: Source, out_dir: Path | None) -> tuple[Path, dict]:
     """Where the results go (a run's eval/ by default) and the rules for writing there, checked now,
     before the model loads."""
-    if out_dir is None:
+    given = out_dir is not None
+    if not given:
         if src.run is None:
             raise RecipeError("evaluating a model folder or hub id needs --out DIR for the results")
         out_dir = src.run.eval
     out_dir = Path(out_dir)
     protect = [src.path] if src.path is not None else []
     # an existing codetune eval folder is added to (what it may lose is checked per suite)
-    rules = dict(overwrite=True, protect=protect, ours=_earlier_eval, what="--out")
+    rules = dict(overwrite=True, protect=protect, ours=_earlier_eval, **_out_words(given))
     check_target(out_dir, "eval", **rules)
     return out_dir, rules
+
+
+def _out_words(given: bool) -> dict[str, str]:
+    """How errors name the results folder: ``--out DIR`` when the user gave one, else the run's own folder,
+    with ``--out`` offered as the way to write elsewhere."""
+    if given:
+        return {"what": "--out", "elsewhere": "choose another --out"}
+    return {"what": "results folder", "elsewhere": "write the results elsewhere with --out DIR"}
 
 
 def _evaluated(recipe: Recipe, src: Source, merged: bool) -> str:
@@ -236,7 +245,7 @@ def _earlier_summary(out_dir: Path, overwrite: bool) -> dict | None:
 
 
 def _kept_suites(
-    earlier: dict | None, made_from: dict, suites: list[str], out_dir: Path, overwrite: bool, console
+    earlier: dict | None, made_from: dict, suites: list[str], out_dir: Path, overwrite: bool, console, words: dict
 ) -> list[str]:
     """The earlier suites to keep: those made from this same model and not run again now. Scoring a suite
     again needs ``overwrite``; the suites made from another model are dropped, and a line says so."""
@@ -244,8 +253,8 @@ def _kept_suites(
     again = [s for s in suites if s in same]
     if again and not overwrite:
         raise OutputError(
-            f"--out {out_dir} already has results for {', '.join(again)}: pass --overwrite to score "
-            f"{'it' if len(again) == 1 else 'them'} again (the other suites are kept), or choose another --out"
+            f"{words['what']} {out_dir} already has results for {', '.join(again)}: pass --overwrite to score "
+            f"{'it' if len(again) == 1 else 'them'} again (the other suites are kept), or {words['elsewhere']}"
         )
     if stale and console is not None:
         console.print(
@@ -379,13 +388,14 @@ def score_completions_file(
     existing folder is refused unless ``overwrite`` and it holds earlier codetune results."""
     path = Path(path)
     recipe = recipe or load_recipe(SCORING_RECIPE)
+    words = _out_words(out_dir is not None)
     out_dir = Path(out_dir) if out_dir is not None else completions_out_dir(path)
     if suite not in executed_suites():
         raise RecipeError(f"--completions scores an executed suite: {', '.join(executed_suites())} (not {suite!r})")
     problem = file_problem(path)
     if problem is not None:
         raise InputError(f"--completions {path} {problem}: give a JSON-lines file")
-    with staged_dir(out_dir, "eval", overwrite=overwrite, protect=[path], ours=_earlier_eval, what="--out") as staging:
+    with staged_dir(out_dir, "eval", overwrite=overwrite, protect=[path], ours=_earlier_eval, **words) as staging:
         return _score_completions(path, suite, recipe, staging, console)
 
 

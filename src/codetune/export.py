@@ -24,6 +24,7 @@ from .recipe import load_recipe
 from .rundir import (
     HELDOUT_RECORD,
     MERGE_RECORD,
+    MERGED_RECIPE,
     RunDir,
     check_target,
     is_gguf_file,
@@ -38,8 +39,9 @@ MERGED = RunDir.MERGED
 def merge(
     run_dir: Path, out_dir: Path | None = None, *, dtype: str = "bfloat16", overwrite: bool = False, log=print
 ) -> Path:
-    """Base (unquantized, ``dtype``) + adapter -> one model folder with safetensors, tokenizer and a
-    generation config that stops on every stop token of the recipe (``<|end|>`` included)."""
+    """Base (unquantized, ``dtype``) + adapter -> one model folder with safetensors, tokenizer, a
+    generation config that stops on every stop token of the recipe (``<|end|>`` included) and the run's
+    recipe (``MERGED_RECIPE``), whose generation and evaluation settings then apply to the folder."""
     from .model import load_tokenizer, merged_model, stop_token_ids
 
     rd = RunDir(run_dir)
@@ -70,6 +72,8 @@ def merge(
             + "\n"
         )
         _write_heldout_record(rd, staging)
+        # its run's settings (generation, evaluation): eval, generate and serve on the folder use them
+        (staging / MERGED_RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
     log(f"merged {recipe.model.name_or_path} + {adapter} ({dtype}) -> {out_dir}")
     return out_dir
 

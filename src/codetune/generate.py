@@ -48,10 +48,16 @@ def load_for_inference(
     """A run directory (its recipe's base model plus ``adapter/``), or anything ``from_pretrained`` takes.
 
     ``merged``: for a run directory, the adapter merged into the unquantized base in the compute dtype
-    (as the reference notebook evaluated) instead of the 4-bit base with the adapter on top.
+    (as the reference notebook evaluated) instead of the 4-bit base with the adapter on top. The libraries'
+    loading bars and notices are silenced while it loads (``quiet_libraries``).
     """
     src = Source.of(source)
     recipe = src.model_recipe(recipe or src.recipe())
+    with quiet_libraries():
+        return _load_model(src, recipe, merged)
+
+
+def _load_model(src: Source, recipe: Recipe, merged: bool) -> Loaded:
     if src.run is not None:
         adapter = src.adapter
         if merged:

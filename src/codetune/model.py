@@ -50,8 +50,8 @@ def load_tokenizer(recipe: Recipe):
             tokenizer = AutoTokenizer.from_pretrained(
                 path, revision=recipe.tokenizer_revision, trust_remote_code=recipe.model.trust_remote_code
             )
-    except OSError as exc:
-        raise RecipeError(f"{field}: cannot load a tokenizer from {path!r}: {exc}") from None
+    except (OSError, ValueError) as exc:  # transformers says "install sentencepiece" for files it never found
+        raise RecipeError(_tokenizer_error(field, path, recipe.tokenizer_revision, exc)) from None
     template = resolve_template(cfg.chat_template)
     if template is not None:
         tokenizer.chat_template = template
@@ -67,6 +67,45 @@ def load_tokenizer(recipe: Recipe):
     if cfg.model_max_length:
         tokenizer.model_max_length = cfg.model_max_length
     return tokenizer
+
+
+def _tokenizer_error(field: str, path: str, revision: str | None, exc: Exception) -> str:
+    """One line: a hub tokenizer that is not cached while the hub is unreachable says so, and how to point the
+    recipe at local files; any other failure keeps the library's reason, on one line."""
+    if not _looks_local(path) and not _cached(path, revision) and _hub_unreachable(exc):
+        at = f" at revision {revision}" if revision else ""
+        return (
+            f"{field}: the tokenizer of {path!r}{at} is not on this machine and needs the Hugging Face hub, which "
+            "is off or unreachable here (HF_HUB_OFFLINE=1: the Makefile sets it): run once with the hub reachable "
+            "(HF_HUB_OFFLINE unset) to cache it, or point the recipe at local tokenizer files with "
+            "--set tokenizer.name_or_path=DIR (a folder holding tokenizer.json and tokenizer_config.json)"
+        )
+    return f"{field}: cannot load a tokenizer from {path!r}: {' '.join(str(exc).split())}"
+
+
+def _cached(repo_id: str, revision: str | None) -> bool:
+    """The hub client's cache holds the tokenizer of ``repo_id`` (at ``revision``)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "tokenizer_config.json", revision=revision), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_unreachable(exc: BaseException) -> bool:
+    """Offline mode is on, or the failure came from not reaching the hub."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    seen: BaseException | None = exc
+    while seen is not None:
+        name = type(seen).__name__
+        if "Connect" in name or "Offline" in name or "Timeout" in name or "couldn't connect" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _tokenizer_json_as_written(path: str, revision: str | None, field: str):

@@ -20,7 +20,7 @@ from .evaluate import evaluate
 from .prepare import PrepareResult, prepare
 from .recipe import Recipe, load_recipe, run_recipe, save_recipe
 from .rundir import RunDir
-from .train import TrainResult, check, data_matches
+from .train import TrainResult, check, data_matches, process_state
 from .train import train as train_stage
 
 STAGES = ("prepare", "train", "evaluate", "card")
@@ -125,9 +125,7 @@ def _ready(recipe: Recipe, rd: Path, stages, checked, resume: bool, overwrite: b
     """Prepare the data (when the stages ask for it, or training needs it) and save the recipe, on the main
     process while the others wait; an earlier training that ``overwrite`` replaces goes only after the new
     data is in place, so a bad source or row leaves the run as it was."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     prepared = None
     explicit = "prepare" in stages and not resume
     needed = checked is not None and not checked.data_matches and checked.finished is None
@@ -155,9 +153,7 @@ def _say(console) -> Callable[[str], None]:
 
 
 def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 __all__ = ["STAGES", "RunResult", "data_matches", "default_run_dir", "resolve", "run", "train"]

@@ -31,7 +31,8 @@ from .version import __version__
 MARKER = ".codetune.json"
 MARKER_VERSION = 1
 # File names of a run directory and of the folders codetune writes: spelled here and nowhere else.
-RECIPE_FILE = "recipe.yaml"  # a run's resolved recipe (also in a merged folder: its run's)
+RECIPE_FILE = "recipe.yaml"  # a run's resolved recipe
+MERGED_RECIPE = "codetune_recipe.yaml"  # in merged/: its run's recipe (generation and evaluation settings)
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a folder holding it is an adapter
 EVAL_SUMMARY = "summary.json"  # in eval/ (and any --out of eval)
 MERGE_RECORD = "codetune_merge.json"  # in merged/: the adapter it was merged from
@@ -136,9 +137,12 @@ def check_target(
     protect: Sequence[Path] = (),
     ours: Callable[[Path], bool] | None = None,
     what: str = "output",
+    elsewhere: str | None = "choose a new path",
 ) -> None:
-    """Refuse a write to ``target`` that could lose data; see the module's rules."""
+    """Refuse a write to ``target`` that could lose data; see the module's rules. ``elsewhere``: how this
+    command writes to another place (``choose another --out``), None when it has no such option."""
     target = Path(target)
+    other = f"; {elsewhere}" if elsewhere else ""
     resolved = target.resolve()
     guarded = [(Path.cwd().resolve(), "the current directory")]
     guarded += [(Path(p).resolve(), str(p)) for p in protect if p is not None]
@@ -146,20 +150,22 @@ def check_target(
         if _contains(resolved, path):
             raise OutputError(
                 f"{what} {target} contains {name}: codetune never writes over a folder that holds its "
-                "source or the current directory; choose a new path"
+                f"source or the current directory{other}"
             )
     if target.is_symlink():
-        raise OutputError(f"{what} {target} is a symbolic link: codetune never writes through one; choose a new path")
+        raise OutputError(
+            f"{what} {target} is a symbolic link: codetune never writes through one{other or '; remove the link'}"
+        )
     if target.exists():
         if not overwrite:
             raise OutputError(
                 f"{what} {target} already exists: pass --overwrite to replace it (only a codetune {kind} output "
-                "is replaced), or choose a new path"
+                f"is replaced){other.replace(';', ', or', 1)}"
             )
         if not (ours(target) if ours is not None else is_kind(target, kind)):
             raise OutputError(
                 f"{what} {target} exists and is not a codetune {kind} output (no {MARKER} of that kind): "
-                "codetune will not replace it, even with --overwrite; choose a new path"
+                f"codetune will not replace it, even with --overwrite{other or '; move it away first'}"
             )
 
 
@@ -199,6 +205,7 @@ def staged_dir(
     ours: Callable[[Path], bool] | None = None,
     what: str = "output folder",
     meta: dict | None = None,
+    elsewhere: str | None = "choose a new path",
 ) -> Iterator[Path]:
     """Build the folder ``target`` in a fresh staging folder beside it; on success it gets the
     marker and is renamed into place (replacing an earlier codetune output of the same kind only
@@ -206,7 +213,7 @@ def staged_dir(
     target = Path(target)
 
     def recheck() -> None:
-        check_target(target, kind, overwrite=overwrite, protect=protect, ours=ours, what=what)
+        check_target(target, kind, overwrite=overwrite, protect=protect, ours=ours, what=what, elsewhere=elsewhere)
 
     recheck()
     staging = _staging_folder(target, what)
@@ -229,12 +236,16 @@ def staged_file(
     protect: Sequence[Path] = (),
     ours: Callable[[Path], bool] | None = None,
     what: str = "output file",
+    elsewhere: str | None = "choose a new path",
 ) -> Iterator[Path]:
     """A path inside a fresh staging folder to write ``target`` to; renamed over ``target`` at the end."""
     target = Path(target)
 
     def recheck() -> None:
-        check_target(target, kind, overwrite=overwrite, protect=protect, ours=ours or (lambda p: False), what=what)
+        check_target(
+            target, kind, overwrite=overwrite, protect=protect, ours=ours or (lambda p: False), what=what,
+            elsewhere=elsewhere,
+        )  # fmt: skip
 
     recheck()
     staging = _staging_folder(target, what)
@@ -450,8 +461,8 @@ class RunDir:
         if trained and not overwrite:
             raise OutputError(
                 f"{self.path} holds a trained run (adapter/ or checkpoints/): {action} would leave the recipe and "
-                "data disagreeing with it. Pass --overwrite to start the run over, --resume to continue "
-                "training, or choose another --run-dir"
+                "data disagreeing with it. Pass --overwrite to start the run over (its training is deleted), or "
+                "choose another --run-dir"
             )
         return trained
 

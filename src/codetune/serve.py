@@ -861,22 +861,19 @@ def vllm_command(
 ) -> list[str]:
     """The ``vllm serve`` command for a run directory (base model + LoRA adapter), a merged model folder or
     a hub id. It writes nothing: ``--dry-run`` only prints it."""
-    from .generate import check_source
     from .recipe import load_recipe
-    from .train import ADAPTER
+    from .source import Source
 
-    check_source(source)
+    src = Source.of(source)  # a missing path, an empty run folder or a foreign folder is refused, named
     path = Path(source)
     cmd = ["vllm", "serve"]
-    if (path / "recipe.yaml").is_file():
-        recipe = load_recipe(path / "recipe.yaml")
+    if src.run is not None:
+        recipe = load_recipe(src.run.recipe_file)
         if recipe.model.name_or_path.startswith("builtin:"):
             raise RecipeError("vLLM needs a hub id or a model folder: merge the tiny model first (codetune merge)")
-        adapter = path / ADAPTER
-        if not (adapter / "adapter_config.json").is_file():
-            raise RecipeError(f"{path} has no trained adapter ({adapter} is missing): run `codetune train` first")
+        adapter = src.adapter
         lora_name = name or path.resolve().name
-        config = json.loads((adapter / "adapter_config.json").read_text())
+        config = json.loads(src.run.adapter_config.read_text())
         # the adapter's own ranks, per-module ones included, are what vLLM must hold
         rank = max([int(config.get("r") or recipe.lora.r), *map(int, (config.get("rank_pattern") or {}).values())])
         cmd += [recipe.model.name_or_path]

@@ -13,7 +13,7 @@ from typing import Literal
 from .errors import RecipeError
 from .families import Family, builtin_models, families, family_for_source
 from .recipe import Recipe, load_recipe
-from .rundir import RECIPE_FILE, RunDir, is_kind
+from .rundir import MERGED_RECIPE, RECIPE_FILE, RunDir, is_kind
 
 Kind = Literal["run", "model", "hub", "builtin"]
 MODEL_CONFIG = "config.json"  # transformers': a folder holding it is a model folder
@@ -67,12 +67,15 @@ class Source:
         return family_for_source(self.name, revision=revision)
 
     def recipe(self, named: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-        """The recipe whose settings apply: a run's own ``recipe.yaml``; else ``named``; else the default
-        recipe of this model's family (``for_source``)."""
+        """The recipe whose settings apply: a run's own ``recipe.yaml``; else ``named``; else the recipe a
+        merged folder carries from its run (``MERGED_RECIPE``); else the default recipe of this model's
+        family (``recipe_for_source``)."""
         if self.run is not None:
             return load_recipe(self.run.recipe_file, overrides or [])
         if named is not None:
             return load_recipe(named, overrides or [])
+        if self.kind == "model" and (self.path / MERGED_RECIPE).is_file():
+            return load_recipe(self.path / MERGED_RECIPE, overrides or [])
         return recipe_for_source(self.name, overrides)
 
     def model_recipe(self, recipe: Recipe) -> Recipe:

@@ -75,6 +75,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def process_state():
+    """accelerate's ``PartialState`` of this process, set up as the Trainer sets it up (``use_cpu`` without
+    CUDA). Under ``accelerate launch`` on a machine without CUDA, a plain ``PartialState()`` finds no
+    accelerator and calls every process the main one until the Trainer starts, so each would prepare the
+    data and print its progress; with ``cpu=True`` the launch is DDP over CPU processes from the start."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not cuda_available())
+
+
 def check_hardware(recipe: Recipe, cuda: bool) -> list[str]:
     """Refuse CUDA-only settings on a machine without CUDA; return notes for settings that degrade."""
     notes: list[str] = []
@@ -610,9 +620,7 @@ def train(
     The steps: load the model and attach LoRA, build the trainer, train, save, clean up. ``callbacks``:
     extra ``transformers.TrainerCallback`` objects (timing, custom logging).
     """
-    from accelerate import PartialState
-
-    run = _Session(recipe, Path(run_dir), PartialState(), cuda_available(), console)
+    run = _Session(recipe, Path(run_dir), process_state(), cuda_available(), console)
     checked = checked or check(recipe, run_dir, resume=resume, say=run.say)
     if checked.finished is not None:
         run.say(f"{run_dir} finished training at step {checked.finished.global_step}: nothing to resume")
