@@ -201,21 +201,7 @@ def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
                 # A resumed run rewinds the log to its checkpoint: steps past it are done again.
                 atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))
                 if console is not None and console.is_terminal:
-                    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-                    self.progress = Progress(
-                        TextColumn("[bold]train"),
-                        BarColumn(),
-                        MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn(),
-                        console=console,
-                        transient=False,
-                    )
-                    self.progress.start()
-                    self.task = self.progress.add_task(
-                        "train", total=state.max_steps, completed=state.global_step, info=""
-                    )
+                    self.progress, self.task = _progress_bar(console, state)
 
         def _rate(self, state) -> tuple[float, float]:
             dt = time.perf_counter() - self.t0
@@ -225,10 +211,7 @@ def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
         def on_step_end(self, args, state, control, **kw):
             if self.progress is not None:
                 _, rate = self._rate(state)
-                loss = self.last.get("train_loss")
-                info = f"loss {loss:.4f}  " if loss is not None else ""
-                info += f"lr {self.last.get('learning_rate', 0):.2e}  {rate:,.0f} tok/s"
-                self.progress.update(self.task, completed=state.global_step, info=info)
+                self.progress.update(self.task, completed=state.global_step, info=_bar_info(self.last, rate))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -236,40 +219,76 @@ def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
             if "train_loss" in logs:  # the Trainer's end-of-run summary, not a step log
                 return
             dt, rate = self._rate(state)
-            row = {
-                "step": state.global_step,
-                # across-epoch windows give the Trainer all epochs as one pass: count real epochs
-                "epoch": round((state.epoch or 0.0) * epochs_per_pass, 4),
-                "train_loss": logs.get("loss"),
-                "eval_loss": logs.get("eval_loss"),
-                "learning_rate": logs.get("learning_rate"),
-                "grad_norm": logs.get("grad_norm"),
-                "tokens": state.num_input_tokens_seen,
-                "tokens_per_s": round(rate, 1),
-                "elapsed_s": round(self.elapsed0 + dt, 2),
-            }
+            row = _metrics_row(state, logs, epochs_per_pass, rate, self.elapsed0 + dt)
             for key in ("train_loss", "learning_rate"):
                 if row[key] is not None:
                     self.last[key] = row[key]
             append_line(self.path, json.dumps(row) + "\n")
             if self.progress is None and console is not None:
-                done = state.global_step - self.step0
-                eta = (state.max_steps - state.global_step) * dt / done if done else float("nan")
-                parts = [f"step {state.global_step}/{state.max_steps}"]
-                if row["train_loss"] is not None:
-                    parts.append(f"loss {row['train_loss']:.4f}")
-                if row["eval_loss"] is not None:
-                    parts.append(f"eval_loss {row['eval_loss']:.4f}")
-                if row["learning_rate"] is not None:
-                    parts.append(f"lr {row['learning_rate']:.2e}")
-                parts += [f"{rate:,.0f} tok/s", f"eta {eta:.0f}s" if math.isfinite(eta) else "eta ?"]
-                console.print(" | ".join(parts), highlight=False)
+                console.print(_progress_line(state, row, self.step0, dt, rate), highlight=False)
 
         def on_train_end(self, args, state, control, **kw):
             if self.progress is not None:
                 self.progress.stop()
 
     return MetricsAndProgress()
+
+
+def _progress_bar(console, state):
+    """A started live progress bar on the terminal, and its task."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    progress.start()
+    task = progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+    return progress, task
+
+
+def _bar_info(last: dict[str, Any], rate: float) -> str:
+    """The bar's text: the last logged loss and learning rate (a step's end has no logs of its own), the rate."""
+    loss = last.get("train_loss")
+    info = f"loss {loss:.4f}  " if loss is not None else ""
+    return info + f"lr {last.get('learning_rate', 0):.2e}  {rate:,.0f} tok/s"
+
+
+def _metrics_row(state, logs: dict, epochs_per_pass: float, rate: float, elapsed: float) -> dict:
+    """One line of metrics.jsonl."""
+    return {
+        "step": state.global_step,
+        # across-epoch windows give the Trainer all epochs as one pass: count real epochs
+        "epoch": round((state.epoch or 0.0) * epochs_per_pass, 4),
+        "train_loss": logs.get("loss"),
+        "eval_loss": logs.get("eval_loss"),
+        "learning_rate": logs.get("learning_rate"),
+        "grad_norm": logs.get("grad_norm"),
+        "tokens": state.num_input_tokens_seen,
+        "tokens_per_s": round(rate, 1),
+        "elapsed_s": round(elapsed, 2),
+    }
+
+
+def _progress_line(state, row: dict, step0: int, dt: float, rate: float) -> str:
+    """A plain progress line for a log (no terminal); the eta from this session's steps only (a resumed run's
+    earlier steps ran at another time)."""
+    done = state.global_step - step0
+    eta = (state.max_steps - state.global_step) * dt / done if done else float("nan")
+    parts = [f"step {state.global_step}/{state.max_steps}"]
+    if row["train_loss"] is not None:
+        parts.append(f"loss {row['train_loss']:.4f}")
+    if row["eval_loss"] is not None:
+        parts.append(f"eval_loss {row['eval_loss']:.4f}")
+    if row["learning_rate"] is not None:
+        parts.append(f"lr {row['learning_rate']:.2e}")
+    parts += [f"{rate:,.0f} tok/s", f"eta {eta:.0f}s" if math.isfinite(eta) else "eta ?"]
+    return " | ".join(parts)
 
 
 def write_loss_table(metrics: list[dict], path: Path) -> list[tuple[int, float | None, float | None]]:
