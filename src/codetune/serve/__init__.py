@@ -17,6 +17,8 @@ The modules, by concern:
 - ``schema``: the OpenAI request and response bodies, and ``APIError`` (an error in OpenAI's shape);
 - ``engine``: the loaded model, its one generation slot, and the generation of one request;
 - ``app``: the FastAPI app (``create_app``): the request guard, the error handlers, the API routes;
+- ``pages``: the pages for people, the run report at ``/`` and the chat page at ``/chat``
+  (``chat.html``, ``chat.css``, ``chat.js``: package data);
 - ``vllm``: the ``vllm serve`` command of ``--engine vllm``.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from .app import DEFAULT_MAX_REQUEST_BYTES, create_app
 from .engine import Engine, load_engine
+from .pages import add_pages, chat_page, no_report_page
 from .schema import APIError, ChatRequest, CompletionRequest
 from .vllm import VLLM_LORA_RANKS, vllm_command, vllm_lora_rank
 
@@ -34,8 +37,11 @@ __all__ = [
     "ChatRequest",
     "CompletionRequest",
     "Engine",
+    "add_pages",
+    "chat_page",
     "create_app",
     "load_engine",
+    "no_report_page",
     "vllm_command",
     "vllm_lora_rank",
 ]

@@ -19,6 +19,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from .engine import Engine, Job, Result, StopFilter, StreamedRun, make_job, run_job
+from .pages import add_pages
 from .schema import (
     APIError,
     AssistantMessage,
@@ -112,8 +113,6 @@ async def _send_error(send, err: APIError) -> None:
 def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
     """The FastAPI app: the guard in front, OpenAI-style errors, the API routes, and the pages for people."""
     from fastapi import FastAPI
-
-    from ..report import add_pages
 
     app = FastAPI(title="codetune", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, max_bytes=max_request_bytes, api_key=api_key)
