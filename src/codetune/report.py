@@ -33,10 +33,9 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from .recipe import RecipeError
+from .errors import RecipeError
+from .rundir import EVAL_SUMMARY, RunDir
 
-REPORT = "report.html"
-EVAL_DIR = "eval"
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
@@ -75,15 +74,15 @@ def _read_rows(path: Path) -> list[dict]:
 
 def eval_dir_of(run_dir: Path) -> Path | None:
     """``RUN_DIR/eval``, or RUN_DIR itself when it is an ``eval --out`` folder."""
-    if (run_dir / EVAL_DIR).is_dir():
-        return run_dir / EVAL_DIR
-    if (run_dir / "summary.json").is_file():
+    if RunDir(run_dir).eval.is_dir():
+        return RunDir(run_dir).eval
+    if (run_dir / EVAL_SUMMARY).is_file():
         return run_dir
     return None
 
 
 def _loss_points(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return [], []
     train: dict[int, float] = {}
@@ -355,18 +354,26 @@ def page(title: str, body: str, script: str, *, connect: bool = False) -> str:
     )
 
 
-def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
-    """The report of ``run_dir`` as one HTML document."""
-    run_dir = Path(run_dir)
+# ---------------------------------------------------------------------------------------
+# The report, section by section
+
+
+def _check_reportable(run_dir: Path) -> Path | None:
+    """The run's evaluation folder (or None); refuses a folder with nothing to report."""
     if not run_dir.is_dir():
         raise RecipeError(f"no such run directory: {run_dir}")
     eval_dir = eval_dir_of(run_dir)
-    has_metrics = (run_dir / "metrics.jsonl").is_file()
-    if eval_dir is None and not has_metrics:
+    if eval_dir is None and not RunDir(run_dir).metrics.is_file():
         raise RecipeError(
-            f"{run_dir} has neither metrics.jsonl nor eval/: nothing to report (train or evaluate it first)"
+            f"{run_dir} has neither {RunDir.METRICS} nor {RunDir.EVAL}/: nothing to report "
+            "(train or evaluate it first)"
         )
-    recipe_yaml = run_dir / "recipe.yaml"
+    return eval_dir
+
+
+def _recipe_names(run_dir: Path) -> tuple[str, str | None]:
+    """The recipe's name (else the folder's) and the base model, from the run's recipe file if it has one."""
+    recipe_yaml = RunDir(run_dir).recipe_file
     recipe_name, base_model = run_dir.name, None
     if recipe_yaml.is_file():
         import yaml
@@ -378,9 +385,11 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
         if isinstance(raw, dict):
             recipe_name = raw.get("name") or recipe_name
             base_model = (raw.get("model") or {}).get("name_or_path") if isinstance(raw.get("model"), dict) else None
-    train_summary = _read_json(run_dir / "train_summary.json") or {}
-    summary = _read_json(eval_dir / "summary.json") if eval_dir else None
+    return recipe_name, base_model
 
+
+def _header(run_dir: Path, recipe_name: str, base_model: str | None, train_summary: dict, chat_link: bool) -> str:
+    """The page's header: which run, its base model and its training in numbers; it opens <main>."""
     facts = [f"run <code>{_e(run_dir.resolve())}</code>"]
     if base_model:
         facts.append(f"base model <b>{_e(base_model)}</b>")
@@ -394,14 +403,16 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
             facts.append(f"{train_summary['trainable_parameters']:,} trainable parameters")
     nav = ' · <a href="/chat">chat with the model</a>' if chat_link else ""
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
+    return (
         f"<header><h1>codetune report: {_e(recipe_name)}</h1>"
         f'<div class="facts">{" · ".join(facts)}{nav}</div>'
         f'<div class="facts">written {generated}</div></header><main>'
-    ]
+    )
 
+
+def _loss_section(run_dir: Path, recipe_name: str) -> list[str]:
     train, evals = _loss_points(run_dir)
-    parts.append("<section id=loss><h2>Loss</h2>")
+    parts = ["<section id=loss><h2>Loss</h2>"]
     if train or evals:
         last = []
         if train:
@@ -410,66 +421,91 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
             last.append(f"last validation loss {evals[-1][1]:.4f} (step {evals[-1][0]})")
         parts.append(loss_svg(train, evals, f"{recipe_name}: loss") + f'<p class="muted">{_e(", ".join(last))}</p>')
     else:
-        parts.append('<p class="muted">No training metrics here (metrics.jsonl).</p>')
+        parts.append(f'<p class="muted">No training metrics here ({RunDir.METRICS}).</p>')
     parts.append("</section>")
+    return parts
 
-    parts.append("<section id=eval><h2>Evaluation</h2>")
+
+def _eval_section(summary: dict | None) -> list[str]:
+    parts = ["<section id=eval><h2>Evaluation</h2>"]
     if summary is not None:
         parts.append(eval_tables(summary))
     else:
         parts.append('<p class="muted">Not evaluated yet: run <code>codetune eval RUN_DIR</code>.</p>')
     parts.append("</section>")
+    return parts
 
-    samples = load_samples(eval_dir) if eval_dir else []
-    parts.append("<section id=samples><h2>Samples</h2>")
+
+def _sample_controls(samples: list[Sample], has_base: bool) -> str:
+    """The filters over the samples: a button per verdict (with its count), the suite and a search box."""
+    counts = {
+        "all": len(samples),
+        "passed": sum(s.passed is True for s in samples),
+        "failed": sum(s.passed is False for s in samples),
+        "changed": sum(bool(s.change) for s in samples),
+    }
+    buttons = "".join(
+        f'<button type=button data-filter="{k}" class="{"on" if k == "all" else ""}">'
+        f"{k} <span class=muted>{v}</span></button>"
+        for k, v in counts.items()
+        if k != "changed" or has_base
+    )
+    suites = sorted({s.suite for s in samples})
+    options = '<option value="all">all suites</option>' + "".join(
+        f'<option value="{_e(s)}">{_e(s)}</option>' for s in suites
+    )
+    return (
+        f'<div class="controls">{buttons}<select id="suite" aria-label="suite">{options}</select>'
+        '<input id="search" type=search placeholder="search task or text" aria-label="search">'
+        '<span id="shown"></span></div>'
+    )
+
+
+def _samples_section(samples: list[Sample]) -> list[str]:
+    parts = ["<section id=samples><h2>Samples</h2>"]
     if samples:
         has_base = any(s.base is not None for s in samples)
-        counts = {
-            "all": len(samples),
-            "passed": sum(s.passed is True for s in samples),
-            "failed": sum(s.passed is False for s in samples),
-            "changed": sum(bool(s.change) for s in samples),
-        }
-        fixed = sum(s.change == "fixed" for s in samples)
-        broke = sum(s.change == "broke" for s in samples)
         if has_base:
+            fixed = sum(s.change == "fixed" for s in samples)
+            broke = sum(s.change == "broke" for s in samples)
             parts.append(
                 f'<p class="muted">Against the base model the fine-tune fixed {fixed} and broke {broke} '
                 "sample(s), listed first. passed / failed: the fine-tuned model's verdict; changed: "
                 "the verdict differs from the base model's.</p>"
             )
-        buttons = "".join(
-            f'<button type=button data-filter="{k}" class="{"on" if k == "all" else ""}">'
-            f"{k} <span class=muted>{v}</span></button>"
-            for k, v in counts.items()
-            if k != "changed" or has_base
-        )
-        suites = sorted({s.suite for s in samples})
-        options = '<option value="all">all suites</option>' + "".join(
-            f'<option value="{_e(s)}">{_e(s)}</option>' for s in suites
-        )
-        parts.append(
-            f'<div class="controls">{buttons}<select id="suite" aria-label="suite">{options}</select>'
-            '<input id="search" type=search placeholder="search task or text" aria-label="search">'
-            '<span id="shown"></span></div><div id="list">'
-        )
+        parts.append(_sample_controls(samples, has_base) + '<div id="list">')
         parts.extend(sample_html(s, has_base) for s in samples)
         parts.append("</div>")
     else:
-        parts.append('<p class="muted">No scored samples (eval/SUITE.jsonl).</p>')
+        parts.append(f'<p class="muted">No scored samples ({RunDir.EVAL}/SUITE.jsonl).</p>')
         # the filter script expects its controls; give it inert ones rather than a second script
         parts.append(
             '<div class="controls" hidden><select id="suite"><option value="all"></option></select>'
             '<input id="search"><span id="shown"></span></div>'
         )
-    parts.append("</section></main>")
+    parts.append("</section>")
+    return parts
+
+
+def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
+    """The report of ``run_dir`` as one HTML document."""
+    run_dir = Path(run_dir)
+    eval_dir = _check_reportable(run_dir)
+    recipe_name, base_model = _recipe_names(run_dir)
+    train_summary = _read_json(RunDir(run_dir).train_summary) or {}
+    summary = _read_json(eval_dir / EVAL_SUMMARY) if eval_dir else None
+    parts = [_header(run_dir, recipe_name, base_model, train_summary, chat_link)]
+    parts += _loss_section(run_dir, recipe_name)
+    parts += _eval_section(summary)
+    parts += _samples_section(load_samples(eval_dir) if eval_dir else [])
+    parts.append("</main>")
     return page(f"codetune report: {recipe_name}", "\n".join(parts), _asset("report.js"))
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` (or ``out``) atomically: an earlier report stays whole until the new one is."""
     text = render_report(run_dir)
-    path = Path(out) if out is not None else Path(run_dir) / REPORT
+    path = Path(out) if out is not None else RunDir(run_dir).report
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=path.parent)
     try:
