@@ -1,4 +1,4 @@
-"""``codetune report``: one self-contained HTML page for a run, and the pages ``codetune serve`` adds.
+"""``codetune report``: one self-contained HTML page for a run (``codetune serve`` shows it at ``/``).
 
 The report holds the loss curves (``metrics.jsonl``, drawn as inline SVG by matplotlib), the
 evaluation tables base against fine-tuned (``eval/summary.json``) and a sample browser over every
@@ -9,11 +9,16 @@ the tasks the fine-tune fixed or broke first.
 Completions are untrusted text: every value goes through ``html.escape`` and the page carries no
 data inside a script. The Content-Security-Policy only admits the page's own script (by hash), so
 even a slip in escaping could not run anything. No network is needed to open the file.
+
+The page's template, stylesheet and script are package data (``codetune/report_assets``: ``page.html``,
+``report.css``, ``report.js``), read with importlib.resources; the CSP hash is computed over the script
+as the page carries it.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import io
@@ -23,13 +28,14 @@ import re
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
+from string import Template
 from typing import Any
 
-from .recipe import RecipeError
+from .errors import RecipeError
+from .rundir import EVAL_SUMMARY, RunDir
 
-REPORT = "report.html"
-EVAL_DIR = "eval"
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
@@ -68,15 +74,15 @@ def _read_rows(path: Path) -> list[dict]:
 
 def eval_dir_of(run_dir: Path) -> Path | None:
     """``RUN_DIR/eval``, or RUN_DIR itself when it is an ``eval --out`` folder."""
-    if (run_dir / EVAL_DIR).is_dir():
-        return run_dir / EVAL_DIR
-    if (run_dir / "summary.json").is_file():
+    if RunDir(run_dir).eval.is_dir():
+        return RunDir(run_dir).eval
+    if (run_dir / EVAL_SUMMARY).is_file():
         return run_dir
     return None
 
 
 def _loss_points(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return [], []
     train: dict[int, float] = {}
@@ -323,86 +329,14 @@ def sample_html(s: Sample, has_base: bool) -> str:
     )
 
 
-_CSS = """
-:root{--fg:#1f2937;--muted:#6b7280;--line:#e5e7eb;--bg:#f9fafb;--pass:#15803d;--fail:#b91c1c;--fix:#1d4ed8;
-  --broke:#c2410c}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
-header{background:#111827;color:#f9fafb;padding:18px 28px}
-header h1{margin:0;font-size:20px}
-header .facts{color:#d1d5db;margin-top:4px}
-header a{color:#93c5fd}
-main{max-width:1180px;margin:0 auto;padding:8px 28px 40px}
-section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:16px 20px;margin:18px 0}
-h2{font-size:17px;margin:0 0 10px}
-h3{font-size:14px;margin:16px 0 6px}
-h4{margin:0 0 6px;font-size:13px}
-table{border-collapse:collapse;min-width:420px}
-th,td{padding:4px 12px;border-bottom:1px solid var(--line);text-align:left}
-th{font-weight:600;background:var(--bg)}
-.num{text-align:right;font-variant-numeric:tabular-nums}
-.up{color:var(--pass);font-weight:600}.down{color:var(--fail);font-weight:600}
-.chart{width:100%;max-width:820px;height:auto}
-.muted{color:var(--muted)}
-.controls{display:flex;flex-wrap:wrap;gap:8px;align-items:center;margin-bottom:10px}
-.controls button{border:1px solid var(--line);background:#fff;border-radius:16px;padding:4px 12px;
-  cursor:pointer;font:inherit}
-.controls button.on{background:#111827;color:#fff;border-color:#111827}
-.controls select,.controls input{font:inherit;padding:3px 8px;border:1px solid var(--line);border-radius:6px}
-#shown{color:var(--muted);margin-left:auto}
-.sample{border:1px solid var(--line);border-radius:6px;margin:6px 0;background:#fff}
-.sample>summary{cursor:pointer;padding:6px 10px;display:flex;gap:10px;align-items:center;white-space:nowrap;
-  overflow:hidden}
-.sample[open]>summary{border-bottom:1px solid var(--line);background:var(--bg)}
-.tid{font-weight:600;font-family:ui-monospace,monospace}
-.suite{color:var(--muted)}
-.first{color:var(--muted);overflow:hidden;text-overflow:ellipsis}
-.body{padding:8px 12px}
-.answers.two{display:grid;grid-template-columns:1fr 1fr;gap:12px}
-.answer{min-width:0}
-.label{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);margin-top:6px}
-pre{background:#f3f4f6;border-radius:4px;padding:8px;margin:2px 0 6px;max-height:320px;overflow:auto;
-  white-space:pre-wrap;word-break:break-word;font:12px/1.45 ui-monospace,SFMono-Regular,Menlo,monospace}
-pre.error{background:#fef2f2;color:#7f1d1d}
-.badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;color:#fff;
-  background:var(--muted)}
-.badge.pass{background:var(--pass)}.badge.fail{background:var(--fail)}
-.badge.fixed{background:var(--fix)}.badge.broke{background:var(--broke)}
-.badge.none{background:#9ca3af}
-.ref>summary{cursor:pointer;color:var(--muted);font-size:12px}
-"""
+# ---------------------------------------------------------------------------------------
+# The page
 
-# The filters: vanilla JS over data- attributes; the rows themselves are server-rendered, escaped HTML.
-_JS = """
-(() => {
-  const rows = Array.from(document.querySelectorAll(".sample"));
-  const texts = rows.map((r) => r.textContent.toLowerCase());
-  const buttons = Array.from(document.querySelectorAll(".controls button[data-filter]"));
-  const suite = document.getElementById("suite");
-  const search = document.getElementById("search");
-  const shown = document.getElementById("shown");
-  let filter = "all";
-  function apply() {
-    const q = search.value.trim().toLowerCase();
-    let n = 0;
-    rows.forEach((r, i) => {
-      const ok = (filter === "all" || r.dataset[filter] === "1") &&
-        (suite.value === "all" || r.dataset.suite === suite.value) && (!q || texts[i].includes(q));
-      r.hidden = !ok;
-      if (ok) n += 1;
-    });
-    shown.textContent = n + " of " + rows.length + " shown";
-  }
-  buttons.forEach((b) => b.addEventListener("click", () => {
-    filter = b.dataset.filter;
-    buttons.forEach((x) => x.classList.toggle("on", x === b));
-    apply();
-  }));
-  suite.addEventListener("change", apply);
-  search.addEventListener("input", apply);
-  apply();
-})();
-"""
+
+@functools.cache
+def _asset(name: str) -> str:
+    """A file of ``codetune/report_assets`` (package data): the page's template, stylesheet or script."""
+    return (resources.files("codetune.report_assets") / name).read_text(encoding="utf-8")
 
 
 def _csp(script: str, connect: bool = False) -> str:
@@ -411,30 +345,35 @@ def _csp(script: str, connect: bool = False) -> str:
     return policy + ("; connect-src 'self'" if connect else "")
 
 
-def _page(title: str, body: str, script: str, *, connect: bool = False) -> str:
-    return (
-        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
-        f'<meta http-equiv="Content-Security-Policy" content="{_csp(script, connect)}">'
-        '<meta name=viewport content="width=device-width,initial-scale=1">'
-        '<meta name="generator" content="codetune">'
-        '<link rel=icon href="data:,">'  # no favicon request, so no 404 in the console when served
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
-        f"<script>{script}</script>\n</body></html>\n"
+def page(title: str, body: str, script: str, *, connect: bool = False) -> str:
+    """One HTML document in the report's style (``page.html`` with ``report.css``) whose Content-Security-Policy
+    admits ``script``, by its hash, and nothing else (``connect``: it may also call its own origin). The page
+    links a ``data:`` icon, so a browser asks the server for no favicon (no 404 in the console when served)."""
+    return Template(_asset("page.html")).substitute(
+        csp=_csp(script, connect), title=_e(title), css=_asset("report.css"), body=body, script=script
     )
 
 
-def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
-    """The report of ``run_dir`` as one HTML document."""
-    run_dir = Path(run_dir)
+# ---------------------------------------------------------------------------------------
+# The report, section by section
+
+
+def _check_reportable(run_dir: Path) -> Path | None:
+    """The run's evaluation folder (or None); refuses a folder with nothing to report."""
     if not run_dir.is_dir():
         raise RecipeError(f"no such run directory: {run_dir}")
     eval_dir = eval_dir_of(run_dir)
-    has_metrics = (run_dir / "metrics.jsonl").is_file()
-    if eval_dir is None and not has_metrics:
+    if eval_dir is None and not RunDir(run_dir).metrics.is_file():
         raise RecipeError(
-            f"{run_dir} has neither metrics.jsonl nor eval/: nothing to report (train or evaluate it first)"
+            f"{run_dir} has neither {RunDir.METRICS} nor {RunDir.EVAL}/: nothing to report "
+            "(train or evaluate it first)"
         )
-    recipe_yaml = run_dir / "recipe.yaml"
+    return eval_dir
+
+
+def _recipe_names(run_dir: Path) -> tuple[str, str | None]:
+    """The recipe's name (else the folder's) and the base model, from the run's recipe file if it has one."""
+    recipe_yaml = RunDir(run_dir).recipe_file
     recipe_name, base_model = run_dir.name, None
     if recipe_yaml.is_file():
         import yaml
@@ -446,9 +385,11 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
         if isinstance(raw, dict):
             recipe_name = raw.get("name") or recipe_name
             base_model = (raw.get("model") or {}).get("name_or_path") if isinstance(raw.get("model"), dict) else None
-    train_summary = _read_json(run_dir / "train_summary.json") or {}
-    summary = _read_json(eval_dir / "summary.json") if eval_dir else None
+    return recipe_name, base_model
 
+
+def _header(run_dir: Path, recipe_name: str, base_model: str | None, train_summary: dict, chat_link: bool) -> str:
+    """The page's header: which run, its base model and its training in numbers; it opens <main>."""
     facts = [f"run <code>{_e(run_dir.resolve())}</code>"]
     if base_model:
         facts.append(f"base model <b>{_e(base_model)}</b>")
@@ -462,14 +403,16 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
             facts.append(f"{train_summary['trainable_parameters']:,} trainable parameters")
     nav = ' · <a href="/chat">chat with the model</a>' if chat_link else ""
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
+    return (
         f"<header><h1>codetune report: {_e(recipe_name)}</h1>"
         f'<div class="facts">{" · ".join(facts)}{nav}</div>'
         f'<div class="facts">written {generated}</div></header><main>'
-    ]
+    )
 
+
+def _loss_section(run_dir: Path, recipe_name: str) -> list[str]:
     train, evals = _loss_points(run_dir)
-    parts.append("<section id=loss><h2>Loss</h2>")
+    parts = ["<section id=loss><h2>Loss</h2>"]
     if train or evals:
         last = []
         if train:
@@ -478,66 +421,91 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
             last.append(f"last validation loss {evals[-1][1]:.4f} (step {evals[-1][0]})")
         parts.append(loss_svg(train, evals, f"{recipe_name}: loss") + f'<p class="muted">{_e(", ".join(last))}</p>')
     else:
-        parts.append('<p class="muted">No training metrics here (metrics.jsonl).</p>')
+        parts.append(f'<p class="muted">No training metrics here ({RunDir.METRICS}).</p>')
     parts.append("</section>")
+    return parts
 
-    parts.append("<section id=eval><h2>Evaluation</h2>")
+
+def _eval_section(summary: dict | None) -> list[str]:
+    parts = ["<section id=eval><h2>Evaluation</h2>"]
     if summary is not None:
         parts.append(eval_tables(summary))
     else:
         parts.append('<p class="muted">Not evaluated yet: run <code>codetune eval RUN_DIR</code>.</p>')
     parts.append("</section>")
+    return parts
 
-    samples = load_samples(eval_dir) if eval_dir else []
-    parts.append("<section id=samples><h2>Samples</h2>")
+
+def _sample_controls(samples: list[Sample], has_base: bool) -> str:
+    """The filters over the samples: a button per verdict (with its count), the suite and a search box."""
+    counts = {
+        "all": len(samples),
+        "passed": sum(s.passed is True for s in samples),
+        "failed": sum(s.passed is False for s in samples),
+        "changed": sum(bool(s.change) for s in samples),
+    }
+    buttons = "".join(
+        f'<button type=button data-filter="{k}" class="{"on" if k == "all" else ""}">'
+        f"{k} <span class=muted>{v}</span></button>"
+        for k, v in counts.items()
+        if k != "changed" or has_base
+    )
+    suites = sorted({s.suite for s in samples})
+    options = '<option value="all">all suites</option>' + "".join(
+        f'<option value="{_e(s)}">{_e(s)}</option>' for s in suites
+    )
+    return (
+        f'<div class="controls">{buttons}<select id="suite" aria-label="suite">{options}</select>'
+        '<input id="search" type=search placeholder="search task or text" aria-label="search">'
+        '<span id="shown"></span></div>'
+    )
+
+
+def _samples_section(samples: list[Sample]) -> list[str]:
+    parts = ["<section id=samples><h2>Samples</h2>"]
     if samples:
         has_base = any(s.base is not None for s in samples)
-        counts = {
-            "all": len(samples),
-            "passed": sum(s.passed is True for s in samples),
-            "failed": sum(s.passed is False for s in samples),
-            "changed": sum(bool(s.change) for s in samples),
-        }
-        fixed = sum(s.change == "fixed" for s in samples)
-        broke = sum(s.change == "broke" for s in samples)
         if has_base:
+            fixed = sum(s.change == "fixed" for s in samples)
+            broke = sum(s.change == "broke" for s in samples)
             parts.append(
                 f'<p class="muted">Against the base model the fine-tune fixed {fixed} and broke {broke} '
                 "sample(s), listed first. passed / failed: the fine-tuned model's verdict; changed: "
                 "the verdict differs from the base model's.</p>"
             )
-        buttons = "".join(
-            f'<button type=button data-filter="{k}" class="{"on" if k == "all" else ""}">'
-            f"{k} <span class=muted>{v}</span></button>"
-            for k, v in counts.items()
-            if k != "changed" or has_base
-        )
-        suites = sorted({s.suite for s in samples})
-        options = '<option value="all">all suites</option>' + "".join(
-            f'<option value="{_e(s)}">{_e(s)}</option>' for s in suites
-        )
-        parts.append(
-            f'<div class="controls">{buttons}<select id="suite" aria-label="suite">{options}</select>'
-            '<input id="search" type=search placeholder="search task or text" aria-label="search">'
-            '<span id="shown"></span></div><div id="list">'
-        )
+        parts.append(_sample_controls(samples, has_base) + '<div id="list">')
         parts.extend(sample_html(s, has_base) for s in samples)
         parts.append("</div>")
     else:
-        parts.append('<p class="muted">No scored samples (eval/SUITE.jsonl).</p>')
+        parts.append(f'<p class="muted">No scored samples ({RunDir.EVAL}/SUITE.jsonl).</p>')
         # the filter script expects its controls; give it inert ones rather than a second script
         parts.append(
             '<div class="controls" hidden><select id="suite"><option value="all"></option></select>'
             '<input id="search"><span id="shown"></span></div>'
         )
-    parts.append("</section></main>")
-    return _page(f"codetune report: {recipe_name}", "\n".join(parts), _JS)
+    parts.append("</section>")
+    return parts
+
+
+def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
+    """The report of ``run_dir`` as one HTML document."""
+    run_dir = Path(run_dir)
+    eval_dir = _check_reportable(run_dir)
+    recipe_name, base_model = _recipe_names(run_dir)
+    train_summary = _read_json(RunDir(run_dir).train_summary) or {}
+    summary = _read_json(eval_dir / EVAL_SUMMARY) if eval_dir else None
+    parts = [_header(run_dir, recipe_name, base_model, train_summary, chat_link)]
+    parts += _loss_section(run_dir, recipe_name)
+    parts += _eval_section(summary)
+    parts += _samples_section(load_samples(eval_dir) if eval_dir else [])
+    parts.append("</main>")
+    return page(f"codetune report: {recipe_name}", "\n".join(parts), _asset("report.js"))
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` (or ``out``) atomically: an earlier report stays whole until the new one is."""
     text = render_report(run_dir)
-    path = Path(out) if out is not None else Path(run_dir) / REPORT
+    path = Path(out) if out is not None else RunDir(run_dir).report
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=path.parent)
     try:
@@ -549,145 +517,3 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-# ---------------------------------------------------------------------------------------
-# The pages of `codetune serve`
-
-_CHAT_CSS = """
-main{max-width:860px}
-#log{display:flex;flex-direction:column;gap:10px;margin:12px 0}
-.msg{border-radius:8px;padding:8px 12px;white-space:pre-wrap;word-break:break-word;max-width:92%}
-.msg.user{align-self:flex-end;background:#dbeafe}
-.msg.assistant{align-self:flex-start;background:#fff;border:1px solid var(--line);
-  font-family:ui-monospace,monospace;font-size:13px}
-.msg.error{align-self:stretch;background:#fef2f2;color:#7f1d1d}
-form{display:flex;gap:8px;align-items:flex-end}
-textarea{flex:1;font:13px/1.4 ui-monospace,monospace;padding:8px;border:1px solid var(--line);
-  border-radius:6px;min-height:70px}
-button{font:inherit;padding:6px 16px;border-radius:6px;border:1px solid #111827;background:#111827;color:#fff;
-  cursor:pointer}
-button:disabled{opacity:.5}
-.row{display:flex;gap:12px;align-items:center;flex-wrap:wrap}
-.row input{font:inherit;padding:3px 8px;border:1px solid var(--line);border-radius:6px}
-"""
-
-# Streams /v1/chat/completions (server-sent events) with fetch; answers go in with textContent, never as HTML.
-_CHAT_JS = """
-(() => {
-  const cfg = JSON.parse(document.getElementById("cfg").dataset.cfg);
-  const log = document.getElementById("log");
-  const form = document.getElementById("form");
-  const input = document.getElementById("prompt");
-  const send = document.getElementById("send");
-  const key = document.getElementById("key");
-  let history = [];
-  function add(role, text) {
-    const div = document.createElement("div");
-    div.className = "msg " + role;
-    div.textContent = text;
-    log.appendChild(div);
-    div.scrollIntoView({block: "end"});
-    return div;
-  }
-  document.getElementById("reset").addEventListener("click", () => { history = []; log.replaceChildren(); });
-  input.addEventListener("keydown", (ev) => {
-    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); form.requestSubmit(); }
-  });
-  form.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    const text = input.value;
-    if (!text.trim()) return;
-    input.value = "";
-    add("user", text);
-    history.push({role: "user", content: text});
-    const out = add("assistant", "");
-    send.disabled = true;
-    const headers = {"Content-Type": "application/json"};
-    if (key && key.value) headers["Authorization"] = "Bearer " + key.value;
-    try {
-      const res = await fetch("/v1/chat/completions", {method: "POST", headers,
-        body: JSON.stringify({model: cfg.model, messages: history, stream: true,
-                              max_tokens: Number(document.getElementById("max").value) || 256})});
-      if (!res.ok) {
-        const body = await res.json().catch(() => ({}));
-        throw new Error((body.error && body.error.message) || res.statusText);
-      }
-      const reader = res.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const {value, done} = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, {stream: true});
-        const events = buffer.split("\\n\\n");
-        buffer = events.pop();
-        for (const event of events) {
-          const data = event.replace(/^data: /, "");
-          if (data === "[DONE]") continue;
-          const delta = JSON.parse(data).choices[0].delta || {};
-          if (delta.content) out.textContent += delta.content;
-        }
-      }
-      history.push({role: "assistant", content: out.textContent});
-      out.dataset.done = "1";
-    } catch (err) {
-      history.pop();
-      out.remove();
-      add("error", "error: " + err.message);
-    } finally {
-      send.disabled = false;
-      input.focus();
-    }
-  });
-})();
-"""
-
-
-def chat_page(model: str, *, auth: bool = False) -> str:
-    cfg = _e(json.dumps({"model": model}))
-    key = (
-        '<label>API key <input id="key" type=password autocomplete=off></label>'
-        if auth
-        else '<input id="key" type=hidden value="">'
-    )
-    body = (
-        f"<header><h1>chat: {_e(model)}</h1>"
-        '<div class="facts"><a href="/">run report</a> · answers stream from this server\'s '
-        "/v1/chat/completions</div></header>"
-        f'<main><div id="cfg" data-cfg="{cfg}" hidden></div><div id="log"></div>'
-        '<form id="form"><textarea id="prompt" placeholder="Ask for some Python (Ctrl+Enter sends)" '
-        'aria-label="prompt"></textarea><button id="send" type=submit>send</button></form>'
-        f'<p class="row">{key}<label>max tokens <input id="max" type=number value=256 min=1 size=5></label>'
-        '<button id="reset" type=button>new chat</button></p></main>'
-    )
-    return _page(f"chat: {model}", f"<style>{_CHAT_CSS}</style>{body}", _CHAT_JS, connect=True)
-
-
-def no_report_page(reason: str) -> str:
-    body = (
-        "<header><h1>codetune serve</h1>"
-        '<div class="facts"><a href="/chat">chat with the model</a></div></header>'
-        f"<main><section><p>No run report: {_e(reason)}</p></section></main>"
-    )
-    return _page("codetune serve", body, "")
-
-
-def add_pages(app, engine, source: str | Path | None, *, auth: bool = False) -> None:
-    """``GET /``: the run's report, rendered fresh on each request (an eval may have landed since);
-    ``GET /chat``: a chat page that calls this server's own /v1/chat/completions."""
-    from fastapi.responses import HTMLResponse
-
-    # plain functions: FastAPI runs them in its thread pool, so reading a large run never stalls generation
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def report_page():
-        if source is None or not (Path(source) / "recipe.yaml").is_file():
-            return HTMLResponse(no_report_page(f"{source or engine.name} is a model, not a run directory."))
-        try:
-            return HTMLResponse(render_report(source, chat_link=True))
-        except RecipeError as exc:  # a run with a damaged file: say which, keep serving
-            return HTMLResponse(no_report_page(str(exc)))
-
-    @app.get("/chat", response_class=HTMLResponse, include_in_schema=False)
-    def chat():
-        return HTMLResponse(chat_page(engine.name, auth=auth))
