@@ -18,6 +18,7 @@ from codetune.train import (
     PaddedRowsCollator,
     _trainer_class,
     _training_arguments,
+    across_epochs_saves,
     across_epochs_steps,
 )
 
@@ -86,8 +87,11 @@ def test_seed_evaluation_prompt_ids_are_the_pipelines():
 @needs_phi3_tokenizer
 def test_transformers_5_own_class_gives_other_ids():
     """Why the seed recipe needs tokenizer.encode_with: 4 tokens fewer per training row, 3 per prompt."""
-    recipe = seed_recipe("tokenizer.encode_with=transformers")
-    tok = load_tokenizer(recipe)
+    from codetune.model import ReferenceTokenizerWarning
+
+    recipe = seed_recipe("tokenizer.encode_with=transformers", "tokenizer.reference_mismatch=warn")
+    with pytest.warns(ReferenceTokenizerWarning):  # the seed's tokenizer check sees the difference too
+        tok = load_tokenizer(recipe)
     row = fixture_rows()[0]
     got = tokenize_example(tok, recipe, row["messages"], row["text"])
     assert got.input_ids[:4] == [1, 1, 32010, 13]
@@ -228,9 +232,11 @@ def test_seed_makes_the_cards_1656_steps():
 def test_seed_schedule_evaluation_and_saving_follow_the_reference(tmp_path):
     recipe = load_recipe("phi3-mini-python-seed")
     steps, epochs = across_epochs_steps(recipe, REFERENCE_TRAIN_ROWS)
-    args = _training_arguments(recipe, tmp_path, False, steps, epochs)
+    args = _training_arguments(recipe, tmp_path, False, steps)
     assert (args.max_steps, args.get_warmup_steps(args.max_steps)) == (1656, 166)  # 4.40: ceil(0.1 x 1656)
-    assert (args.eval_steps, args.save_strategy, args.save_steps) == (100, "steps", 552)  # saved each epoch
+    assert args.eval_steps == 100
+    # saved where each of 4.40's epochs ended (a callback's; the Trainer's own saving is off)
+    assert (args.save_strategy, across_epochs_saves(recipe, REFERENCE_TRAIN_ROWS)) == ("no", [552, 1105, 1656])
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed) == (4, 8, 42)
 
 
@@ -243,7 +249,7 @@ def test_seed_pins_revisions_lengths_stop_tokens_and_sampling_seed():
     assert recipe.data.revision == "7cae181e29701a8663a07a3ea43c8e105b663ba1"
     tok = load_tokenizer(recipe)
     assert tok.model_max_length == 4096 and tok.padding_side == "left" and tok.pad_token_id == 0
-    assert stop_token_ids(tok, recipe.generation.stop_tokens) == [32007, 32000]
+    assert stop_token_ids(tok, recipe.generation.stop_tokens) == [32000, 32001, 32007]  # the merged model's eos ids
     assert recipe.generation.seed == 1234 and recipe.evaluation.batch_size == 1
 
 
@@ -268,7 +274,9 @@ def test_across_epochs_needs_whole_epochs_or_max_steps():
 
 def test_across_epochs_training_runs_the_4_40_step_count(tmp_path, tiny_dir):
     # 21 training rows, batch 2: 11 micro-batches per epoch; accumulation 3: 4.40 made 3 steps per epoch,
-    # 9 in all, where per-epoch windows make 4 per epoch (12).
+    # 9 in all, where per-epoch windows make 4 per epoch (12). Its epochs ended at micro-batches 11, 22 and 33:
+    # after steps 3, 7 and 9 (training stops there), where it saved "each epoch". Logging every 3 steps without
+    # a first-step log, the logged losses are the means of steps 1-3, 4-6 and 7-9.
     source = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(24))
     recipe = load_recipe(
         "tiny-cpu",
@@ -282,17 +290,22 @@ def test_across_epochs_training_runs_the_4_40_step_count(tmp_path, tiny_dir):
             "training.gradient_accumulation_steps=3",
             "training.epochs=3",
             "training.eval_steps=null",
-            "training.save_strategy=no",
+            "training.save_strategy=epoch",
+            "training.save_total_limit=null",
             "training.accumulation_windows=across_epochs",
             "training.loss_normalization=micro_batch",
-            "training.logging_steps=1",
+            "training.logging_steps=3",
+            "training.logging_first_step=false",
         ],
     )
     result = train(recipe, tmp_path / "run")
     assert load_split(tmp_path / "run", "train").num_rows == 21
     assert result.global_step == across_epochs_steps(recipe, 21)[0] == 9
-    last = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 9 and last["epoch"] == pytest.approx(27 / 11, abs=1e-3)  # 27 of 33 micro-batches
+    metrics = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["train_loss"] is not None] == [3, 6, 9]  # no step-1 window
+    assert metrics[-1]["step"] == 9 and metrics[-1]["epoch"] == pytest.approx(27 / 11, abs=1e-3)  # 27 of 33
+    saved = sorted(int(p.name.split("-")[-1]) for p in (tmp_path / "run/checkpoints").glob("checkpoint-*"))
+    assert saved == across_epochs_saves(recipe, 21) == [3, 7, 9]  # not every 3 steps (3, 6, 9)
 
 
 # ---------------------------------------------------------------------------------------

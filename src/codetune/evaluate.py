@@ -73,16 +73,21 @@ def load_tasks(suite: str, recipe: Recipe, run_dir: Path | None) -> list[Task]:
 def generate_completions(
     session, tasks: list[Task], recipe: Recipe, console=None, batch_size: int | None = None
 ) -> list[list[str]]:
-    """``evaluation.n_samples`` answers per task from an :class:`~codetune.generate.InferenceSession`."""
+    """``evaluation.n_samples`` answers per task from an :class:`~codetune.generate.InferenceSession`, in
+    ``evaluation.order``: fast (sorted, batched, in waves) or the reference notebook's (one at a time, in task
+    order, after ``set_seed`` and a warm-up generation)."""
     n = recipe.evaluation.n_samples
     convs = [t.prompt for t in tasks for _ in range(n)]
     reporter = Reporter(console, "generate", len(convs))
-    answers = session.generate(
-        convs,
-        recipe.generation,
-        batch_size=batch_size or recipe.evaluation.batch_size,
-        on_batch=lambda k: reporter.advance(k),
-    )
+    if recipe.evaluation.order == "reference":
+        answers = session.generate_in_order(convs, recipe.generation, on_batch=lambda k: reporter.advance(k))
+    else:
+        answers = session.generate(
+            convs,
+            recipe.generation,
+            batch_size=batch_size or recipe.evaluation.batch_size,
+            on_batch=lambda k: reporter.advance(k),
+        )
     reporter.close()
     return [answers[i * n : (i + 1) * n] for i in range(len(tasks))]
 

@@ -192,6 +192,16 @@ def _left_padded(rows: list[list[int]], pad_id: int, device):
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
+def clean_up_tokenization(text: str) -> str:
+    """transformers 4.40's ``clean_up_tokenization``: the spaces before punctuation and English contractions
+    that its text-generation pipeline removed (``clean_up_tokenization_spaces=True``). transformers 5.24 no
+    longer applies it to BPE tokenizers such as Phi-3's, so codetune does, when the recipe asks."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):  # fmt: skip
+        text = text.replace(spaced, joined)
+    return text
+
+
 def first_stop(text: str, stops: list[str]) -> int:
     """Where the earliest stop string starts in text, or -1."""
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -304,10 +314,64 @@ class InferenceSession:
             chosen = order[start : start + batch_size]
             new = self._batch([all_prompts[i] for i in chosen], [limits[i] for i in chosen], cfg, first_wave)
             for i, ids in zip(chosen, new, strict=True):
-                answers[i] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                answers[i] = self.answer_text(all_prompts[i], ids, cfg)
             if on_batch is not None:
                 on_batch(len(chosen))
         return answers
+
+    def answer_text(self, prompt_ids: list[int], new_ids: list[int], cfg: GenerationConfig) -> str:
+        """An answer as text, stripped: its ids decoded without special tokens. With
+        ``generation.clean_up_tokenization_spaces``, as transformers 4.40's text-generation pipeline made it:
+        prompt and answer decoded together and cleaned up, then cut after the cleaned-up prompt's length."""
+        if not cfg.clean_up_tokenization_spaces:
+            return self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        whole = clean_up_tokenization(self.tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True))
+        prompt = clean_up_tokenization(self.tokenizer.decode(prompt_ids, skip_special_tokens=True))
+        return whole[len(prompt) :].strip()
+
+    def generate_in_order(
+        self,
+        conversations: list[list[dict]],
+        cfg: GenerationConfig | None = None,
+        *,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """The reference notebook's evaluation, draw for draw: ``transformers.set_seed(cfg.seed)``, one warm-up
+        generation of the first prompt (sampled like the rest, its answer dropped: the notebook's cell 72), then
+        every prompt in the order given, one at a time, each in a single ``generate`` call without padding.
+        Slow: no batching, no waves, and one generation more than there are prompts."""
+        from transformers import set_seed
+
+        cfg = cfg or self.defaults
+        what = "messages" if len(conversations) == 1 else "conversation {}"
+        prompts = [self.prompt_ids(c, what=what.format(i)) for i, c in enumerate(conversations)]
+        limits = self.fit([len(p) for p in prompts], cfg)
+        set_seed(cfg.seed)
+        answers: list[str] = []
+        if prompts:
+            self._one(prompts[0], limits[0], cfg)
+        for ids, limit in zip(prompts, limits, strict=True):
+            answers.append(self.answer_text(ids, self._one(ids, limit, cfg), cfg))
+            if on_batch is not None:
+                on_batch(1)
+        return answers
+
+    def _one(self, prompt: list[int], limit: int, cfg: GenerationConfig) -> list[int]:
+        """One prompt's new token ids from a single ``generate`` call, cut at its first stop token."""
+        import torch
+
+        stops = self.stop_ids_for(cfg)
+        input_ids = torch.tensor([prompt], device=self.model.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                **{**_sampling(cfg), "max_new_tokens": limit},
+                eos_token_id=stops,
+                pad_token_id=self.pad_id,
+            )
+        new = out[0, len(prompt) :].tolist()
+        return next((new[:j] for j, t in enumerate(new) if t in stops), new)
 
     def _batch(
         self, prompts: list[list[int]], limit: list[int], cfg: GenerationConfig, first_wave: int | None
@@ -392,6 +456,8 @@ class InferenceSession:
         if new and new[-1] in stop_ids:
             new, reason = new[:-1], "stop"
         text = self.tokenizer.decode(new, skip_special_tokens=True)
+        if cfg.clean_up_tokenization_spaces:
+            text = clean_up_tokenization(text)
         cut = first_stop(text, stops)
         if cut >= 0:
             text, reason = text[:cut], "stop"

@@ -7,12 +7,13 @@ everything else is a hub id or a local folder.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from .families import phi3 as _phi3
 from .recipe import LoraConfig as LoraSection
 from .recipe import Recipe, RecipeError
-from .templates import resolve_template
+from .templates import REFERENCE_TOKENIZERS, ReferenceTokenizer, resolve_template
 from .tiny import resolve_model_path
 
 # The Phi-3-mini-4k-instruct architecture, kept under its old name.
@@ -52,6 +53,7 @@ def load_tokenizer(recipe: Recipe):
             )
     except (OSError, ValueError) as exc:  # transformers says "install sentencepiece" for files it never found
         raise RecipeError(_tokenizer_error(field, path, recipe.tokenizer_revision, exc)) from None
+    own_template = tokenizer.chat_template
     template = resolve_template(cfg.chat_template)
     if template is not None:
         tokenizer.chat_template = template
@@ -66,6 +68,8 @@ def load_tokenizer(recipe: Recipe):
     tokenizer.padding_side = cfg.padding_side
     if cfg.model_max_length:
         tokenizer.model_max_length = cfg.model_max_length
+    if cfg.reference is not None:
+        check_reference_tokenizer(tokenizer, own_template, recipe, path)
     return tokenizer
 
 
@@ -106,6 +110,80 @@ def _hub_unreachable(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+class ReferenceTokenizerWarning(UserWarning):
+    """The tokenizer is not the one ``tokenizer.reference`` names, and ``tokenizer.reference_mismatch`` is warn."""
+
+
+def _first_difference(ours: list, theirs: list) -> int:
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+
+
+def _ids_difference(tokenizer, what: str, ours: list[int], theirs: list[int]) -> str | None:
+    """How ``ours`` differs from the reference's ``theirs`` at the first differing position, or None."""
+    if ours == theirs:
+        return None
+    i = _first_difference(ours, theirs)
+
+    def at(ids: list[int]) -> str:
+        return f"{ids[i]} ({tokenizer.convert_ids_to_tokens(ids[i])!r})" if i < len(ids) else "nothing"
+
+    return (
+        f"{what}: the ids differ from position {i} on: {at(ours)} where the reference has {at(theirs)} "
+        f"({len(ours)} ids, the reference {len(theirs)})"
+    )
+
+
+def reference_differences(tokenizer, own_template: str | None, recipe: Recipe, ref: ReferenceTokenizer) -> list[str]:
+    """What differs between ``tokenizer`` (loaded and set up for ``recipe``) and the reference tokenizer ``ref``:
+    the chat template of its files, the known conversation as the recipe renders it, and its ids as a
+    training row and as an evaluation prompt. Empty when the tokenizer is the reference's."""
+    found = []
+    if own_template != ref.chat_template:
+        i = _first_difference(list(own_template or ""), list(ref.chat_template))
+        found.append(
+            f"its own chat template is not the reference's: from character {i} it reads "
+            f"{(own_template or '')[i : i + 40]!r} where the reference's reads {ref.chat_template[i : i + 40]!r}"
+        )
+    text = tokenizer.apply_chat_template(ref.messages, tokenize=False)
+    if text != ref.text:
+        i = _first_difference(list(text), list(ref.text))
+        found.append(
+            f"the recipe renders the known conversation differently from character {i}: {text[i : i + 40]!r} "
+            f"where the reference has {ref.text[i : i + 40]!r}"
+        )
+    cfg = recipe.tokenizer
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = [tokenizer.bos_token_id] * cfg.add_bos_token + body + [tokenizer.eos_token_id] * cfg.add_eos_token
+    prompt = tokenizer.apply_chat_template(ref.messages[:1], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # as the text-generation pipeline
+    found.append(_ids_difference(tokenizer, "a known training row", ids, ref.ids))
+    found.append(_ids_difference(tokenizer, "its evaluation prompt", prompt_ids, ref.prompt_ids))
+    return [f for f in found if f]
+
+
+def check_reference_tokenizer(tokenizer, own_template: str | None, recipe: Recipe, path: str) -> None:
+    """Refuse (or, with ``tokenizer.reference_mismatch: warn``, warn about) a tokenizer that is not the one
+    ``tokenizer.reference`` names, saying what differs."""
+    ref = REFERENCE_TOKENIZERS[recipe.tokenizer.reference]
+    found = reference_differences(tokenizer, own_template, recipe, ref)
+    if not found:
+        return
+    message = (
+        f"tokenizer.reference {ref.name}: the tokenizer at {path!r} is not the reference's ({ref.source}):\n  "
+        + "\n  ".join(found)
+    )
+    if recipe.tokenizer.reference_mismatch == "warn":
+        warnings.warn(
+            message + "\n(tokenizer.reference_mismatch is warn: going on with it)",
+            ReferenceTokenizerWarning,
+            stacklevel=3,
+        )
+        return
+    raise RecipeError(
+        message + "\nGive the reference's tokenizer files (tokenizer.name_or_path), or set "
+        "tokenizer.reference_mismatch: warn to go on with this one."
+    )
 
 
 def _tokenizer_json_as_written(path: str, revision: str | None, field: str):
@@ -268,9 +346,16 @@ def check_lora_targets_from_config(recipe: Recipe, model_path: str) -> None:
     check_lora_targets(skeleton, recipe.lora)
 
 
-def load_base_model(recipe: Recipe, *, device_map=None, quantize: bool | None = None, dtype: str | None = None):
+def load_base_model(
+    recipe: Recipe,
+    *,
+    device_map=None,
+    quantize: bool | None = None,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+):
     """The base model as the recipe asks: 4-bit NF4 through bitsandbytes, or unquantized in the compute dtype
-    (or ``dtype``)."""
+    (or ``dtype``), with ``model.attn_implementation`` (or ``attn_implementation``)."""
     from transformers import AutoModelForCausalLM
 
     check_model_source(recipe.model.name_or_path, "model.name_or_path")
@@ -286,7 +371,7 @@ def load_base_model(recipe: Recipe, *, device_map=None, quantize: bool | None = 
             path,
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,
-            attn_implementation=recipe.model.attn_implementation,
+            attn_implementation=attn_implementation or recipe.model.attn_implementation,
             dtype=torch_dtype(dtype),
             quantization_config=quantization_config(recipe) if quantize else None,
             device_map=device_map,
@@ -297,8 +382,44 @@ def load_base_model(recipe: Recipe, *, device_map=None, quantize: bool | None = 
     return model
 
 
-def attach_lora(model, recipe: Recipe, *, gradient_checkpointing: bool):
-    """Freeze the base, make it trainable in k-bit where quantized, attach fresh LoRA weights."""
+def flash_attention_2_unavailable(cuda: bool) -> str | None:
+    """Why flash-attention 2 cannot run here (no CUDA GPU, a GPU without bf16, no flash_attn package), or None."""
+    if not cuda:
+        return "no CUDA GPU"
+    import torch
+    from transformers.utils import is_flash_attn_2_available
+
+    if not torch.cuda.is_bf16_supported():
+        return "the GPU has no bf16 (flash-attention 2 needs an Ampere or newer GPU)"
+    if not is_flash_attn_2_available():
+        return "the flash_attn package is not installed"
+    return None
+
+
+def cast_lora_like_trl_0_8_6(model) -> None:
+    """The dtypes TRL 0.8.6's SFTTrainer gave a PEFT model trained in bf16 on a 4-bit base
+    (``peft_module_casting_to_bf16``, run after ``get_peft_model``): every LoRA layer in bf16, every module
+    whose name holds "norm" (or a LayerNorm) in fp32, and the embeddings and lm_head in bf16 where they are
+    fp32. The 4-bit weights are integers and keep their storage."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in model.named_modules():  # a parent comes before its children, as in TRL
+        if isinstance(module, BaseTunerLayer):
+            module.to(torch.bfloat16)
+        elif isinstance(module, torch.nn.LayerNorm) or "norm" in name:
+            module.to(torch.float32)
+        elif any(part in name for part in ("lm_head", "embed_tokens", "wte", "wpe")):
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.dtype == torch.float32:
+                module.to(torch.bfloat16)
+
+
+def attach_lora(model, recipe: Recipe, *, gradient_checkpointing: bool, bf16: bool = False):
+    """Freeze the base, make it trainable in k-bit where quantized, attach fresh LoRA weights.
+
+    ``bf16``: training runs in bf16; with ``lora.dtype: bfloat16`` and a 4-bit base the weights then get
+    TRL 0.8.6's dtypes (:func:`cast_lora_like_trl_0_8_6`); otherwise they stay as PEFT makes them (fp32)."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -316,7 +437,16 @@ def attach_lora(model, recipe: Recipe, *, gradient_checkpointing: bool):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     torch.manual_seed(recipe.training.seed)  # LoRA's A matrices are random: same seed, same start
-    return get_peft_model(model, peft_lora_config(recipe.lora))
+    model = get_peft_model(model, peft_lora_config(recipe.lora))
+    if lora_in_bf16(model, recipe, bf16):
+        cast_lora_like_trl_0_8_6(model)
+    return model
+
+
+def lora_in_bf16(model, recipe: Recipe, bf16: bool) -> bool:
+    """Whether ``lora.dtype: bfloat16`` applies: TRL 0.8.6's condition (bf16 training, a 4-bit base, not sharded)."""
+    quantized = getattr(model, "is_loaded_in_4bit", False)
+    return recipe.lora.dtype == "bfloat16" and bf16 and quantized and not sharded_mode()
 
 
 def merged_model(recipe, adapter_dir: Path, *, dtype: str | None = None, device_map=None):

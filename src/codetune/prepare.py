@@ -102,6 +102,9 @@ def tokenize_example(tokenizer, recipe: Recipe, messages, text: str, turn_end: s
         ids, trained = [tokenizer.bos_token_id, *ids], [recipe.data.loss_on == "all", *trained]
     if add_eos:
         ids, trained = [*ids, tokenizer.eos_token_id], [*trained, True]
+    if recipe.data.ignore_pad_token_labels:
+        # transformers 4.40's collator: labels[labels == pad_token_id] = -100, inside a text as in the padding
+        trained = [keep and t != tokenizer.pad_token_id for t, keep in zip(ids, trained, strict=True)]
     labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
     return Tokenized(ids, labels, truncated, full)
 

@@ -165,6 +165,11 @@ class TokenizerConfig(_Section):
     # exactly as written, through the `tokenizers` library: the ids transformers 4.40 gave, which
     # keep a "▁" (29871) before each "\n" that follows a special token in Phi-3's 2024-05 files.
     encode_with: Literal["transformers", "tokenizer_json"] = "transformers"
+    # A reference tokenizer (codetune.templates.REFERENCE_TOKENIZERS) the given one must match: its own chat
+    # template, the text the recipe renders and the ids of a known row and prompt. A mismatch is refused,
+    # naming what differs (error), or only warned about (warn: an explicit choice to go on with it).
+    reference: Literal["phi3-2024-05"] | None = None
+    reference_mismatch: Literal["error", "warn"] = "error"
 
 
 class QuantizationConfig(_Section):
@@ -187,6 +192,10 @@ class LoraConfig(_Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
+    # float32: LoRA weights in fp32, the embeddings and lm_head as prepare_model_for_kbit_training leaves
+    # them (fp32). bfloat16: what TRL 0.8.6's SFTTrainer did when training in bf16 on a 4-bit base
+    # (peft_module_casting_to_bf16): LoRA weights, embeddings and lm_head in bf16, norms in fp32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     @model_validator(mode="after")
     def _targets_not_empty(self) -> LoraConfig:
@@ -229,6 +238,10 @@ class DataConfig(_Section):
     # drop_after_split: split every row as read (row for row the reference's split), then set invalid rows
     # aside from whichever split holds them, counted in stats.json; never stops.
     invalid_rows: Literal["error", "drop_after_split"] = "error"
+    # true: every token whose id is the pad token's carries no loss, wherever it stands in a row, as
+    # transformers 4.40's DataCollatorForLanguageModeling masked them (with pad = <unk>, a literal
+    # "<unk>" in a text is not trained). false: only padding is left out.
+    ignore_pad_token_labels: bool = False
 
     @field_validator("decontaminate")
     @classmethod
@@ -267,6 +280,13 @@ class TrainingConfig(_Section):
     # accumulation) steps per epoch). across_epochs: windows run on across epoch boundaries and the run
     # makes floor(batches / accumulation) x epochs steps (transformers 4.40: 1,656 for the reference).
     accumulation_windows: Literal["per_epoch", "across_epochs"] = "per_epoch"
+    # The attention the model trains with; None: model.attn_implementation (which evaluation uses).
+    # flash_attention_2_or_sdpa: flash-attention 2 where it is installed and the GPU supports it (bf16,
+    # Ampere or newer), else sdpa with a line that says why (the reference notebook's choice).
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_2_or_sdpa"] | None = None
+    # true: the first step's loss is logged on its own, and the first window's logged loss then averages
+    # steps 2..logging_steps. false (transformers' default, the reference): it averages steps 1..logging_steps.
+    logging_first_step: bool = True
 
     @model_validator(mode="after")
     def _length_and_cadence(self) -> TrainingConfig:
@@ -287,6 +307,9 @@ class GenerationConfig(_Section):
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     stop_tokens: list[str] = ["<|end|>", "<|endoftext|>"]
     seed: int = Field(0, ge=0, le=SEED_MAX)
+    # true: answers are decoded as transformers 4.40's text-generation pipeline did
+    # (clean_up_tokenization_spaces=True: "from . import" -> "from. import", "do n't" -> "don't").
+    clean_up_tokenization_spaces: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -316,6 +339,12 @@ class EvaluationConfig(_Section):
     sandbox: Literal["strict", "auto"] = Field(
         "auto", description="strict: refuse to execute tests without bubblewrap; auto: fall back, with a warning"
     )
+    order: Literal["fast", "reference"] = Field(
+        "fast",
+        description="fast: prompts sorted by length, generated in batches and waves after one reseed; reference: "
+        "the reference notebook's draws: set_seed(generation.seed), one warm-up sampled generation of the first "
+        "prompt, then every prompt in task order, one at a time (slow)",
+    )
 
     @field_validator("suites")
     @classmethod
@@ -323,6 +352,15 @@ class EvaluationConfig(_Section):
         from .suites import suite_names
 
         return _only(names, suite_names(), "suite")
+
+    @model_validator(mode="after")
+    def _reference_order_one_at_a_time(self) -> EvaluationConfig:
+        if self.order == "reference" and self.batch_size != 1:
+            raise ValueError(
+                f'evaluation.order "reference" generates one prompt at a time: set evaluation.batch_size 1 '
+                f"(got {self.batch_size}), or evaluation.order fast"
+            )
+        return self
 
     @model_validator(mode="after")
     def _k_fits_n(self) -> EvaluationConfig:
@@ -377,6 +415,12 @@ class Recipe(_Section):
             raise ValueError(
                 f'training.accumulation_windows "across_epochs" needs a whole number of training.epochs '
                 f"(got {t.epochs}) or training.max_steps"
+            )
+        if self.lora.dtype == "bfloat16" and (t.precision not in ("auto", "bf16") or not q.load_in_4bit):
+            raise ValueError(
+                "lora.dtype bfloat16 is what TRL 0.8.6 did when training in bf16 on a 4-bit base: it needs "
+                f"training.precision bf16 or auto (got {t.precision}) and quantization.load_in_4bit true "
+                f"(got {str(q.load_in_4bit).lower()})"
             )
         if self.tokenizer.model_max_length and d.max_length > self.tokenizer.model_max_length:
             raise ValueError(

@@ -6,6 +6,8 @@ exactly as intended whatever revision of the tokenizer files it finds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # Phi-3-mini tokenizer_config.json as of 2024-05 (the revision the reference notebook used):
 # a bos in front, no system role, no eos at the end.
 PHI3_2024_05 = (
@@ -56,3 +58,56 @@ def resolve_template(value: str | None) -> str | None:
     if value is None:
         return None
     return BUILTIN_TEMPLATES.get(value, value)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference tokenizers: what a run that reproduces another must find in the tokenizer it is given
+
+
+@dataclass(frozen=True)
+class ReferenceTokenizer:
+    """A tokenizer a recipe must reproduce (``tokenizer.reference``): the chat template its files carry and the
+    ids the reference's own stack gave for one known conversation, as a training row (the template rendered and
+    tokenized with the special tokens the tokenizer adds) and as an evaluation prompt (no special tokens added)."""
+
+    name: str
+    source: str  # what made the ids
+    chat_template: str
+    messages: list[dict]
+    text: str  # the conversation rendered, add_generation_prompt=False
+    ids: list[int]  # the training row's ids
+    prompt_ids: list[int]  # the first turn rendered with add_generation_prompt=True
+
+
+# The "empty input" row of tests/fixtures/seed_token_ids.json: transformers 4.40.2 (the notebook's version) on
+# the 2024-05 Phi-3-mini tokenizer files, with add_eos_token=True. A "▁" (29871) precedes every "\n" that follows
+# a special token; the current revision of the files drops it (its special tokens strip what follows them).
+PHI3_2024_05_REFERENCE = ReferenceTokenizer(
+    name="phi3-2024-05",
+    source="transformers 4.40.2 on the 2024-05 Phi-3-mini-4k-instruct tokenizer (add_eos_token=True)",
+    chat_template=PHI3_2024_05,
+    messages=[
+        {"role": "user", "content": "Write a function to find the shared elements from the given two lists.\n Input: "},
+        {
+            "role": "assistant",
+            "content": "def similar_elements(test_tup1, test_tup2):\n  res = tuple(set(test_tup1) & set(test_tup2))\n"
+            "  return (res) ",
+        },
+    ],
+    text="<s><|user|>\nWrite a function to find the shared elements from the given two lists.\n Input: <|end|>\n"
+    "<|assistant|>\ndef similar_elements(test_tup1, test_tup2):\n  res = tuple(set(test_tup1) & set(test_tup2))\n"
+    "  return (res) <|end|>\n",
+    ids=[
+        1, 1, 32010, 29871, 13, 6113, 263, 740, 304, 1284, 278, 7258, 3161, 515, 278, 2183, 1023, 8857, 29889, 13,
+        10567, 29901, 29871, 32007, 29871, 13, 32001, 29871, 13, 1753, 2788, 29918, 17664, 29898, 1688, 29918,
+        29873, 786, 29896, 29892, 1243, 29918, 29873, 786, 29906, 1125, 13, 29871, 620, 353, 18761, 29898, 842,
+        29898, 1688, 29918, 29873, 786, 29896, 29897, 669, 731, 29898, 1688, 29918, 29873, 786, 29906, 876, 13,
+        29871, 736, 313, 690, 29897, 29871, 32007, 29871, 13, 32000,
+    ],
+    prompt_ids=[
+        1, 32010, 29871, 13, 6113, 263, 740, 304, 1284, 278, 7258, 3161, 515, 278, 2183, 1023, 8857, 29889, 13,
+        10567, 29901, 29871, 32007, 29871, 13, 32001, 29871, 13,
+    ],
+)  # fmt: skip
+
+REFERENCE_TOKENIZERS = {PHI3_2024_05_REFERENCE.name: PHI3_2024_05_REFERENCE}

@@ -36,8 +36,10 @@ from .model import (
     check_lora_targets_from_config,
     check_model_source,
     check_sharded_qlora,
+    flash_attention_2_unavailable,
     load_base_model,
     load_tokenizer,
+    lora_in_bf16,
     sharded_mode,
 )
 from .recipe import Recipe, RecipeError, check_integrations, load_recipe
@@ -93,10 +95,12 @@ def check_hardware(recipe: Recipe, cuda: bool) -> list[str]:
     problems = []
     if recipe.training.precision == "fp16":
         problems.append("training.precision fp16 needs a CUDA GPU: use --set training.precision=bf16 (or fp32)")
-    if recipe.model.attn_implementation == "flash_attention_2":
-        problems.append(
-            "model.attn_implementation flash_attention_2 needs a CUDA GPU: use --set model.attn_implementation=sdpa"
-        )
+    for name in ("model", "training"):
+        if getattr(recipe, name).attn_implementation == "flash_attention_2":
+            problems.append(
+                f"{name}.attn_implementation flash_attention_2 needs a CUDA GPU: use "
+                f"--set {name}.attn_implementation=sdpa"
+            )
     if problems:
         raise RecipeError("this machine has no CUDA GPU:\n  " + "\n  ".join(problems))
     if recipe.training.optimizer.startswith("paged_"):
@@ -128,6 +132,19 @@ def resolve_precision(recipe: Recipe, cuda: bool) -> tuple[bool, bool]:
         bf16 = torch.cuda.is_bf16_supported()
         return bf16, not bf16
     return p == "bf16", p == "fp16"
+
+
+def training_attention(recipe: Recipe, cuda: bool) -> tuple[str, str | None]:
+    """The attention implementation the model trains with, and a note when flash-attention 2 was asked for
+    "where it runs" (``flash_attention_2_or_sdpa``) and cannot run here: then sdpa, as the reference notebook
+    chose on a GPU without bf16."""
+    asked = recipe.training.attn_implementation or recipe.model.attn_implementation
+    if asked != "flash_attention_2_or_sdpa":
+        return asked, None
+    why = flash_attention_2_unavailable(cuda)
+    if why is None:
+        return "flash_attention_2", None
+    return "sdpa", f"training.attn_implementation flash_attention_2_or_sdpa: {why}, so training uses sdpa"
 
 
 def data_matches(recipe: Recipe, run_dir: Path) -> bool:
@@ -417,12 +434,13 @@ class PaddedRowsCollator:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _collator(recipe: Recipe, tokenizer):
+def _collator(recipe: Recipe, tokenizer, attn_implementation: str | None = None):
+    """The batches for ``recipe``'s rows; ``attn_implementation``: the one the model trains with (the recipe's)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     if not recipe.data.packing:
         return PaddedRowsCollator(tokenizer.pad_token_id, recipe.tokenizer.padding_side)
-    if recipe.model.attn_implementation != "flash_attention_2":
+    if (attn_implementation or recipe.model.attn_implementation) != "flash_attention_2":
         return PackedRowsCollator(tokenizer.pad_token_id)
     # flash-attention's variable-length kernels attend within each example of one flattened row
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
@@ -465,6 +483,31 @@ def across_epochs_steps(recipe: Recipe, n_rows: int, processes: int = 1) -> tupl
     return max(per_process // t.gradient_accumulation_steps, 1) * int(t.epochs), int(t.epochs)
 
 
+def across_epochs_saves(recipe: Recipe, n_rows: int, processes: int = 1) -> list[int]:
+    """The steps at which transformers 4.40 saved "each epoch" with windows running across epochs: where each
+    epoch's last micro-batch falls, floor(k x micro-batches per epoch / accumulation) (552, 1,105 and 1,656 for
+    the reference: an epoch's tail micro-batches belong to the next step), and the last step, where training
+    stops inside its last epoch."""
+    t = recipe.training
+    steps, epochs = across_epochs_steps(recipe, n_rows, processes)
+    per_process = math.ceil(math.ceil(n_rows / t.batch_size) / processes)
+    ends = {k * per_process // t.gradient_accumulation_steps for k in range(1, epochs + 1)}
+    return sorted({e for e in ends if 0 < e < steps} | {steps})
+
+
+def _save_at_steps_callback(steps: list[int]):
+    from transformers import TrainerCallback
+
+    class SaveAtSteps(TrainerCallback):
+        """A checkpoint at each of ``steps`` and nowhere else (the Trainer's own saving is off)."""
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in steps:
+                control.should_save = True
+
+    return SaveAtSteps()
+
+
 def _datasets(recipe: Recipe, run_dir: Path):
     from trl import pack_dataset
 
@@ -486,13 +529,7 @@ def _datasets(recipe: Recipe, run_dir: Path):
     return train, evaluation
 
 
-def _training_arguments(
-    recipe: Recipe,
-    run_dir: Path,
-    cuda: bool,
-    across_epochs_max_steps: int | None = None,
-    across_epochs_epochs: int = 1,
-):
+def _training_arguments(recipe: Recipe, run_dir: Path, cuda: bool, across_epochs_max_steps: int | None = None):
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -500,10 +537,10 @@ def _training_arguments(
     epochs, max_steps, save_strategy, save_steps = t.epochs, t.max_steps, t.save_strategy, t.save_steps or 500
     if across_epochs_max_steps:
         # The Trainer sees every epoch's batches as one pass (EpochsBatchSampler), so it is told the
-        # steps outright; saving "each epoch" becomes every steps-per-epoch steps.
+        # steps outright; saving "each epoch" is a callback's, at the steps where 4.40's epochs ended.
         epochs, max_steps = 1.0, across_epochs_max_steps
         if save_strategy == "epoch":
-            save_strategy, save_steps = "steps", max(across_epochs_max_steps // across_epochs_epochs, 1)
+            save_strategy = "no"
     return TrainingArguments(
         output_dir=str(RunDir(run_dir).checkpoints),
         per_device_train_batch_size=t.batch_size,
@@ -523,7 +560,7 @@ def _training_arguments(
         save_steps=save_steps,
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
-        logging_first_step=True,
+        logging_first_step=t.logging_first_step,
         seed=t.seed,
         data_seed=t.seed,
         bf16=bf16,
@@ -690,9 +727,12 @@ class _Session:
     cuda: bool
     console: Any
     rd: RunDir = field(init=False)
+    attn: str = field(init=False)  # the attention implementation the model trains with
+    attn_note: str | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.rd = RunDir(self.run_dir)
+        self.attn, self.attn_note = training_attention(self.recipe, self.cuda)
 
     def say(self, msg: str) -> None:
         if self.console is not None and self.state.is_main_process:
@@ -714,10 +754,15 @@ def _load_model(run: _Session):
     """The base model with the lean loss (where it applies) and LoRA attached; its trainable and total parameters."""
     recipe = run.recipe
     device_map = {"": run.state.local_process_index} if run.cuda else None
-    model = load_base_model(recipe, device_map=device_map)
+    if run.attn_note:
+        run.say(f"note: {run.attn_note}")
+    model = load_base_model(recipe, device_map=device_map, attn_implementation=run.attn)
     # FSDP and ZeRO-3 hold the head's weight sharded outside its own forward: keep the model's loss there
     lean = not sharded_mode() and add_lean_loss(model)
-    model = attach_lora(model, recipe, gradient_checkpointing=recipe.training.gradient_checkpointing)
+    bf16 = resolve_precision(recipe, run.cuda)[0]
+    if recipe.lora.dtype == "bfloat16" and not lora_in_bf16(model, recipe, bf16):
+        run.say("note: lora.dtype bfloat16 applies to bf16 training on a 4-bit base only: LoRA weights stay float32")
+    model = attach_lora(model, recipe, gradient_checkpointing=recipe.training.gradient_checkpointing, bf16=bf16)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     run.say(f"model {recipe.model.name_or_path}: {trainable:,} trainable LoRA parameters of {total:,}")
@@ -731,21 +776,29 @@ def _build_trainer(run: _Session, model, tokenizer, train_ds, eval_ds, callbacks
     from transformers.trainer_callback import PrinterCallback
 
     recipe, state = run.recipe, run.state
-    sampler, steps, epochs = None, None, 1
+    sampler, steps, extra = None, None, []
     if recipe.training.accumulation_windows == "across_epochs":
         t = recipe.training
         steps, epochs = across_epochs_steps(recipe, len(train_ds), state.num_processes)
         sampler = EpochsBatchSampler(len(train_ds), t.batch_size, epochs, t.seed)
         run.say(f"accumulation windows run across epochs: {steps} optimizer steps ({epochs} epochs of batches)")
+        if t.save_strategy == "epoch":
+            saves = across_epochs_saves(recipe, len(train_ds), state.num_processes)
+            extra.append(_save_at_steps_callback(saves))
+            run.say(f"a checkpoint where each epoch ends: steps {', '.join(map(str, saves))}")
     console = run.console if state.is_main_process else None
     trainer = _trainer_class()(
         model=model,
-        args=_training_arguments(recipe, run.run_dir, run.cuda, steps, epochs),
+        args=_training_arguments(recipe, run.run_dir, run.cuda, steps),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=_collator(recipe, tokenizer),
+        data_collator=_collator(recipe, tokenizer, run.attn),
         processing_class=tokenizer,
-        callbacks=[_metrics_callback(run.run_dir, console, sampler.epochs if sampler else 1.0), *(callbacks or [])],
+        callbacks=[
+            _metrics_callback(run.run_dir, console, sampler.epochs if sampler else 1.0),
+            *extra,
+            *(callbacks or []),
+        ],
     )
     trainer.loss_normalization = recipe.training.loss_normalization
     trainer.epochs_batch_sampler = sampler
