@@ -250,3 +250,42 @@ def test_outputs_from_before_markers_count_as_ours_only_inside_a_marked_run(tmp_
     assert not RunDir(run).is_run and not ours(run / "eval")
     (run / ".codetune.json").write_text(marker_text("run"))
     assert RunDir(run).is_run and ours(run / "eval")
+
+
+# ---------------------------------------------------------------------------------------
+# D8: data/ and the recipe that made it change together
+
+
+def _prepare(run, source, *settings):
+    from codetune.prepare import prepare
+    from codetune.recipe import load_recipe
+
+    recipe = load_recipe("tiny-cpu", [f"data.source={source}", "data.decontaminate=[]", *settings])
+    prepare(recipe, run, log=lambda *a: None)
+    return recipe
+
+
+def test_data_swapped_in_without_its_recipe_is_not_used(tmp_path, tiny_dir):
+    """As if prepare --overwrite --set data.split.seed=7 were killed right after data/ moved into place:
+    the new data/ sits beside the old recipe.yaml (seed 1234), and train must not take them as a pair."""
+    import shutil
+
+    from codetune.recipe import load_recipe
+    from codetune.rundir import RunDir
+    from codetune.train import data_matches
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"Task {i}", "output": f"x = {i}"}) + "\n" for i in range(30)))
+    run, other = RunDir(tmp_path / "run"), RunDir(tmp_path / "other")
+    _prepare(run.path, source)
+    _prepare(other.path, source, "data.split.seed=7")
+    saved = load_recipe(run.recipe_file)
+    assert data_matches(saved, run.path)
+    shutil.rmtree(run.data)
+    shutil.move(other.data, run.data)
+    assert load_recipe(run.recipe_file).data.split.seed == 1234
+    assert not data_matches(saved, run.path)
+    from codetune.recipe import data_fingerprint
+    from codetune.rundir import read_marker
+
+    assert read_marker(run.data)["recipe_sha256"] == data_fingerprint(load_recipe(other.recipe_file))
