@@ -289,3 +289,77 @@ def test_data_swapped_in_without_its_recipe_is_not_used(tmp_path, tiny_dir):
     from codetune.rundir import read_marker
 
     assert read_marker(run.data)["recipe_sha256"] == data_fingerprint(load_recipe(other.recipe_file))
+
+
+# ---------------------------------------------------------------------------------------
+# D7: SIGTERM cleans up as SIGINT does, and staging folders of dead processes are swept
+
+SLOW_EVAL = (
+    "import sys, time, codetune.evaluate as e\n"
+    "def slow(path, suite, recipe, staging, console):\n"
+    "    (staging / 'partial.jsonl').write_text('half a result')\n"
+    "    time.sleep(300)\n"
+    "e._score_completions = slow\n"
+    "from codetune.cli import main\n"
+    "main()\n"
+)
+
+
+def test_sigterm_during_eval_leaves_no_staging_folder(work):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .test_cli_sweep import SRC
+
+    completions = work / "c.jsonl"
+    completions.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return 1\n"}) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    args = ["eval", "--completions", completions, "--suite", "humaneval", "--out", work / "scores"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EVAL, *map(str, args)], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(work.glob(".scores.*.staging/partial.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0].decode()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 143, output
+    assert_clear_error(proc.returncode, output, "terminated")
+    assert sorted(p.name for p in work.iterdir()) == ["c.jsonl"]
+
+
+def _die_while_staging(target) -> None:
+    """A process that dies (as SIGKILL would leave it) while its staging folder for ``target`` exists."""
+    import os
+
+    from codetune.rundir import staged_dir
+
+    pid = os.fork()
+    if pid == 0:
+        with staged_dir(target, "eval") as staging:
+            (staging / "half").write_text("x")
+            os._exit(0)  # no cleanup runs
+    os.waitpid(pid, 0)
+
+
+def test_staged_writes_sweep_staging_folders_of_dead_processes(tmp_path):
+    import os
+
+    from codetune.rundir import staged_dir
+
+    _die_while_staging(tmp_path / "merged")
+    (stale,) = [p.name for p in tmp_path.iterdir()]
+    assert stale.startswith(".merged.pid") and stale.endswith(".staging") and f".pid{os.getpid()}-" not in stale
+    _die_while_staging(tmp_path / "eval")  # its staging swept the dead one's first
+    (stale,) = [p.name for p in tmp_path.iterdir()]
+    assert stale.startswith(".eval.pid")
+    mine = tmp_path / ".other.staging"  # not codetune's naming: never touched
+    mine.mkdir()
+    with staged_dir(tmp_path / "eval", "eval") as staging:
+        alive = [p.name for p in tmp_path.iterdir() if p.name.endswith(".staging") and p != staging]
+        assert alive == [".other.staging"]  # the dead ones went, the one of this (live) process stays
+        (staging / "summary.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.staging", "eval"]

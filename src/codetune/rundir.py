@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -163,10 +164,57 @@ def check_target(
             )
 
 
+# A staging folder's name says which process made it: .<target>.pid<PID>-<HOST>.<random>.staging
+_STAGING_NAME = re.compile(r"^\..+\.pid(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})\.[^.]+\.staging$")
+
+
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a number no process has: not ours to judge
+    return True
+
+
+def sweep_stale_staging(folder: Path) -> list[Path]:
+    """Remove the staging folders in ``folder`` left by codetune processes that died mid-write (SIGKILL, a
+    power cut): named by a process of this machine that no longer runs, owned by this user, a real folder.
+    Anything else (a live process's, another machine's, a name codetune does not write) stays."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host, uid = _host_tag(), os.geteuid()
+    for entry in entries:
+        match = _STAGING_NAME.match(entry.name)
+        if match is None or match["host"] != host or _process_alive(int(match["pid"])):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        if remove_tree(Path(entry.path)):
+            removed.append(Path(entry.path))
+    return removed
+
+
 def _staging_folder(target: Path, what: str) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+        sweep_stale_staging(target.parent)
+        prefix = f".{target.name}.pid{os.getpid()}-{_host_tag()}."
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".staging", dir=target.parent))
     except OSError as exc:
         raise OutputError(f"cannot write {what} {target}: {exc.strerror}; choose a writable place") from None
 
