@@ -363,3 +363,76 @@ def test_staged_writes_sweep_staging_folders_of_dead_processes(tmp_path):
         assert alive == [".other.staging"]  # the dead ones went, the one of this (live) process stays
         (staging / "summary.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.staging", "eval"]
+
+
+# ---------------------------------------------------------------------------------------
+# A real run, trained a few steps, for the cases that load its adapter (copied before any change)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tiny_dir):
+    from codetune.pipeline import train
+
+    run = tmp_path_factory.mktemp("short-run") / "run"
+    train("tiny-cpu", run, overrides=["training.max_steps=2", "training.eval_steps=null", "training.save_strategy=no"])
+    return run
+
+
+@pytest.fixture
+def run_copy(short_run, work):
+    import shutil
+
+    run = work / "run"
+    shutil.copytree(short_run, run)
+    return run
+
+
+# ---------------------------------------------------------------------------------------
+# T3, M9: a write that fails (a full disk; here a file size limit) is one error naming what was written
+
+
+def cli_limited(*args, cwd, limit: int):
+    """The CLI in a subprocess that may write no file larger than ``limit`` bytes (EFBIG, as ENOSPC would)."""
+    import os
+    import subprocess
+    import sys
+
+    from .test_cli_sweep import SRC
+
+    code = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"  # the sandbox sets its own
+        "from codetune.cli import main\n"
+        "main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    res = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                         timeout=600)  # fmt: skip
+    return res.returncode, (res.stdout + res.stderr).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_a_full_disk_during_merge_or_export(run_copy, work, command):
+    before = snapshot(work)
+    args = ["merge", run_copy] if command == "merge" else ["export", run_copy, "--format", "gguf"]
+    code, output = cli_limited(*args, cwd=work, limit=64 * 1024)
+    line = assert_clear_error(code, output, str(run_copy / "merged"), "File too large")
+    assert "nothing was replaced" in line
+    assert snapshot(work) == before  # no staging folder left
+
+
+def test_a_full_disk_during_eval_completions(work):
+    completions = work / "c.jsonl"
+    answer = "    return 1\n" + "    # padding\n" * 5000  # 70 kB: the sandbox's program fits, the results row not
+    completions.write_text(json.dumps({"task_id": "HumanEval/0", "completion": answer}) + "\n")
+    before = snapshot(work)
+    args = ["eval", "--completions", completions, "--suite", "humaneval", "--out", work / "scores"]
+    code, output = cli_limited(*args, cwd=work, limit=100 * 1024)
+    assert_clear_error(code, output, str(work / "scores"), "File too large")
+    assert snapshot(work) == before
+
+
+def test_a_full_disk_during_prepare(work):
+    code, output = cli_limited("prepare", "tiny-cpu", "--run-dir", work / "run", cwd=work, limit=8 * 1024)
+    assert_clear_error(code, output, str(work / "run" / "data"), "File too large")
+    assert sorted(p.name for p in (work / "run").iterdir()) == [".codetune.json"]  # the marker, made first

@@ -16,6 +16,7 @@ Rules every command that writes follows (merge, export, eval, prepare, train, ca
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -70,6 +71,44 @@ def marker_text(kind: str, **extra) -> str:
 # ---------------------------------------------------------------------------------------
 # Writing files and folders
 
+# The file system refused a write: full, over quota, a file too large, read-only
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class WriteFailed(OutputError):
+    """A write the file system refused, naming what was being written (``reason``: the file system's words)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, when ``exc`` says the file system refused it (a full disk, say), in the words of
+    the library that wrote: an OSError, safetensors' SafetensorError, torch's writer. None otherwise (a
+    read error, a bug): those are not a write to name."""
+    if isinstance(exc, WriteFailed):  # a file inside a staging folder: the folder's target is what to name
+        return exc.reason
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) if exc.errno in _WRITE_ERRNOS else None
+    text = " ".join(str(exc).split())
+    if type(exc).__name__ == "SafetensorError" and text.startswith("Error while serializing"):
+        return text.split("I/O error: ", 1)[-1]
+    if isinstance(exc, RuntimeError) and "PytorchStreamWriter failed writing file" in text:
+        return "the file system refused the write (" + text.rsplit(": ", 1)[-1] + ")"
+    return None
+
+
+def _refuse_failed_write(exc: BaseException, target: Path, what: str) -> None:
+    """Turn a refused write into one error naming ``target`` (the CLI would otherwise print "No space left
+    on device" alone, or a library's traceback)."""
+    reason = write_failure(exc)
+    if reason is not None:
+        raise WriteFailed(
+            f"cannot write {what} {target}: {reason}; nothing was replaced (free some space, or choose another place)",
+            reason,
+        ) from None
+
 
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
     """Write ``path`` through a new temporary file beside it, renamed over the name at the end.
@@ -84,8 +123,9 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _refuse_failed_write(exc, path, "file")
         raise
     return path
 
@@ -109,8 +149,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def append_line(path: Path, line: str) -> None:
     """Append to a log file without following a link at its name."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "a", encoding="utf-8") as fh:
-        fh.write(line)
+    try:
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            fh.write(line)
+    except OSError as exc:
+        _refuse_failed_write(exc, path, "file")
+        raise
 
 
 def remove_tree(path: Path) -> bool:
@@ -263,8 +307,9 @@ def staged_dir(
         atomic_write(staging / MARKER, marker_text(kind, **(meta or {})))
         staging.chmod(0o755)
         _move_into_place(staging, target, recheck, what)
-    except BaseException:
+    except BaseException as exc:
         remove_tree(staging)
+        _refuse_failed_write(exc, target, what)
         raise
 
 
@@ -291,8 +336,11 @@ def staged_file(
         yield tmp
         os.chmod(tmp, 0o644)
         _move_into_place(tmp, target, recheck, what)
-    finally:
+    except BaseException as exc:
         remove_tree(staging)
+        _refuse_failed_write(exc, target, what)
+        raise
+    remove_tree(staging)
 
 
 def is_regular_file(path: Path) -> bool:
