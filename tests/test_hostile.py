@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from .test_cli_sweep import assert_clear_error, cli, snapshot, trained_run, work  # noqa: F401 - fixtures
+from .test_cli_sweep import assert_clear_error, cli, snapshot
 
 # ---------------------------------------------------------------------------------------
 # M1, M2: recipe files read the numbers people write, and refuse a key given twice
@@ -436,3 +436,41 @@ def test_a_full_disk_during_prepare(work):
     code, output = cli_limited("prepare", "tiny-cpu", "--run-dir", work / "run", cwd=work, limit=8 * 1024)
     assert_clear_error(code, output, str(work / "run" / "data"), "File too large")
     assert sorted(p.name for p in (work / "run").iterdir()) == [".codetune.json"]  # the marker, made first
+
+
+# ---------------------------------------------------------------------------------------
+# T5: a damaged adapter is one error naming the file, for every command that loads it
+
+DAMAGES = {
+    "truncated weights": ("adapter_model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000])),
+    "empty weights": ("adapter_model.safetensors", lambda p: p.write_bytes(b"")),
+    "config not JSON": ("adapter_config.json", lambda p: p.write_text('{"r": 64,')),
+    "config a list": ("adapter_config.json", lambda p: p.write_text("[]")),
+    "config r a string": ("adapter_config.json", lambda p: p.write_text(p.read_text().replace('"r": 64', '"r": "x"'))),
+    "targets the model lacks": (
+        "adapter_config.json",
+        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "target_modules": ["no_such_proj"]})),
+    ),
+}
+COMMANDS = {
+    "generate": lambda run: ["generate", run, "--prompt", "hi", "--set", "generation.max_new_tokens=2"],
+    "merge": lambda run: ["merge", run],
+    "eval": lambda run: ["eval", run, "--suite", "rouge", "--set", "evaluation.samples=1", "--no-compare-base"],
+    "card": lambda run: ["card", run],
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_damaged_adapter(run_copy, work, damage, command):
+    if command == "card" and damage == "targets the model lacks":
+        pytest.skip("the card reads the adapter's files, it never loads the model")
+    name, spoil = DAMAGES[damage]
+    spoil(run_copy / "adapter" / name)
+    if damage == "config r a string":
+        assert '"r": "x"' in (run_copy / "adapter" / name).read_text()
+    before = snapshot(work)
+    code, output = cli(*COMMANDS[command](run_copy))
+    named = name if damage != "targets the model lacks" else "adapter"
+    assert_clear_error(code, output, str(run_copy / "adapter"), named)
+    assert snapshot(work) == before

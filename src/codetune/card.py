@@ -165,11 +165,22 @@ def card_metadata(name: str, recipe: Recipe, summary: dict | None, dataset: str)
     )
 
 
-def _stop_ids(run_dir: Path, recipe: Recipe) -> list[int]:
+def _adapter_tokenizer(run_dir: Path):
+    """The tokenizer training saved with the adapter (what the card's snippet loads)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(RunDir(run_dir).adapter)
-    return stop_token_ids(tok, recipe.generation.stop_tokens)
+    adapter = RunDir(run_dir).adapter
+    try:
+        return AutoTokenizer.from_pretrained(adapter)
+    except (OSError, ValueError, TypeError) as exc:
+        raise RecipeError(
+            f"{adapter}: the tokenizer saved with the adapter cannot be loaded ({' '.join(str(exc).split())[:300]}); "
+            "train the run again or restore the adapter folder"
+        ) from None
+
+
+def _stop_ids(run_dir: Path, recipe: Recipe) -> list[int]:
+    return stop_token_ids(_adapter_tokenizer(run_dir), recipe.generation.stop_tokens)
 
 
 CARD_PROMPT = "Write a Python function that checks whether a number is prime."
@@ -181,9 +192,7 @@ def _chat_format_section(run_dir: Path, recipe: Recipe) -> list[str]:
     if family.prompt_example:
         example = family.prompt_example.format(prompt=CARD_PROMPT)
     else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(RunDir(run_dir).adapter)
+        tok = _adapter_tokenizer(run_dir)
         example = tok.apply_chat_template(
             [{"role": "user", "content": CARD_PROMPT}], tokenize=False, add_generation_prompt=True
         )
@@ -250,8 +259,9 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
 def _run_recipe(run_dir: Path) -> Recipe:
     """The recipe of a run directory that has trained (the card describes its adapter)."""
     rd = RunDir(run_dir)
+    recipe = load_recipe(rd.recipe_file) if rd.recipe_file.is_file() else None  # a damaged one named first
     rd.require_adapter()
-    return load_recipe(rd.recipe_file)
+    return recipe
 
 
 def _dataset_name(recipe: Recipe) -> str:

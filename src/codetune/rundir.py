@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputError, RecipeError
+from .errors import InputError, OutputError, RecipeError
 from .version import __version__
 
 MARKER = ".codetune.json"
@@ -35,6 +35,7 @@ MARKER_VERSION = 1
 # File names of a run directory and of the folders codetune writes: spelled here and nowhere else.
 RECIPE_FILE = "recipe.yaml"  # a run's resolved recipe (also in a merged folder: its run's)
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a folder holding it is an adapter
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's adapter weights
 EVAL_SUMMARY = "summary.json"  # in eval/ (and any --out of eval)
 MERGE_RECORD = "codetune_merge.json"  # in merged/: the adapter it was merged from
 HELDOUT_RECORD = "codetune_heldout.json"  # in merged/: the task ids its run trained on
@@ -504,13 +505,36 @@ class RunDir:
         return digest.hexdigest()
 
     def require_adapter(self) -> Path:
-        """The adapter folder of a trained run; the one message for a run without one."""
+        """The adapter folder of a trained run, checked (``check_adapter``); the one message for a run
+        without one."""
         if not self.recipe_file.is_file():
             raise RecipeError(f"{self.path} is not a run directory (no {self.RECIPE})")
         if not self.adapter_config.is_file():
             raise RecipeError(
                 f"{self.path} has no trained adapter ({self.adapter} is missing): run `codetune train` first"
             )
+        return self.check_adapter()
+
+    def check_adapter(self) -> Path:
+        """The adapter's files as PEFT reads them, checked before any model loads: adapter_config.json a
+        JSON object with a LoRA's fields, the weights a complete safetensors file. A damaged one is one
+        error naming the file, instead of PEFT's or safetensors' traceback."""
+        _read_adapter_config(self.adapter_config)
+        weights = self.adapter / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            if any(self.adapter.glob("*.bin")):
+                return self.adapter  # PEFT's older pickle format: read by torch as it loads
+            raise InputError(f"{weights} is missing: the adapter is incomplete; train the run again")
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), "np") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as exc:
+            raise InputError(
+                f"{weights} is not a complete safetensors file ({' '.join(str(exc).split())}): the adapter is "
+                "damaged; train the run again or restore the file"
+            ) from None
         return self.adapter
 
     def check_usable(self) -> RunDir:
@@ -582,11 +606,35 @@ class RunDir:
         return removed
 
 
+def _read_adapter_config(path: Path) -> dict:
+    """PEFT's adapter_config.json, validated for the fields codetune and PEFT rely on."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    class AdapterConfig(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        peft_type: str = Field(pattern="^LORA$")
+        r: int = Field(gt=0)
+        lora_alpha: int | float
+        target_modules: list[str] | str | None = None
+
+    try:
+        raw = json.loads(path.read_bytes()[: 1 << 20].decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not JSON"
+        raise InputError(f"{path}: {reason}: the adapter is damaged; train the run again or restore the file") from None
+    try:
+        return AdapterConfig.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(file)"
+        raise InputError(
+            f"{path}, field {field!r}: {err['msg']}: not a LoRA adapter's config; train the run again or restore it"
+        ) from None
+
+
 def is_report(path: Path) -> bool:
     """A report.html that codetune wrote (its generator meta tag)."""
     if not is_regular_file(path):
         return False
     with path.open("rb") as fh:
         return b'name="generator" content="codetune' in fh.read(4096)
-
-
