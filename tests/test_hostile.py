@@ -474,3 +474,134 @@ def test_a_damaged_adapter(run_copy, work, damage, command):
     named = name if damage != "targets the model lacks" else "adapter"
     assert_clear_error(code, output, str(run_copy / "adapter"), named)
     assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------------------------------
+# D4: results belong to a model's content (adapter, base, suite), not to where its folder sits
+
+QUICK_EVAL = ["--set", "evaluation.samples=2", "--set", "generation.max_new_tokens=4"]
+
+
+def _fake_generation(monkeypatch):
+    """eval without the model: each suite scored from a canned answer (the rest of eval runs as it is)."""
+    import codetune.evaluate as ev
+
+    def fake(src, suites, recipe, staging, compare_base, console, batch_size, merged):
+        results = {}
+        for suite in suites:
+            tasks = ev.load_tasks(suite, recipe, src.folder)[:2]
+            results[suite] = ev.score_suite(suite, tasks, [["x = 1"]] * len(tasks), recipe, staging, None, [1])
+        return {"source": src.name, "recipe": recipe.name, "suites": list(suites), "results": {"fine-tuned": results},
+                "model": ev._evaluated(recipe, src, merged), "generation": {}}  # fmt: skip
+
+    monkeypatch.setattr(ev, "_evaluate", fake)
+
+
+def test_a_moved_run_keeps_its_results(run_copy, work, monkeypatch):
+    import shutil
+
+    code, output = cli("eval", run_copy, "--suite", "rouge", "--compare-base", *QUICK_EVAL)
+    assert code == 0, output
+    assert (run_copy / "eval" / "base" / "rouge.jsonl").is_file()
+    moved = work / "moved"
+    shutil.move(run_copy, moved)
+    before = snapshot(work)
+    # the same adapter's rouge results are still its own: scoring them again needs --overwrite
+    assert_clear_error(*cli("eval", moved, "--suite", "rouge", *QUICK_EVAL), "already has results for rouge")
+    assert snapshot(work) == before
+    _fake_generation(monkeypatch)
+    code, output = cli("eval", moved, "--suite", "starter-novel", "--no-compare-base", *QUICK_EVAL)
+    assert code == 0, output
+    assert "dropping" not in output
+    summary = json.loads((moved / "eval" / "summary.json").read_text())
+    assert summary["suites"] == ["rouge", "starter-novel"]
+    assert set(summary["results"]["fine-tuned"]) == {"rouge", "starter-novel"} and "rouge" in summary["results"]["base"]
+    assert (moved / "eval" / "base" / "rouge.jsonl").is_file() and (moved / "eval" / "rouge.jsonl").is_file()
+    assert str(work) not in json.dumps({k: v for k, v in summary.items() if k != "source"})
+
+
+def test_another_adapter_in_the_same_folder_drops_the_results(run_copy, work, monkeypatch):
+    from safetensors.numpy import load_file, save_file
+
+    _fake_generation(monkeypatch)
+    assert cli("eval", run_copy, "--suite", "rouge", *QUICK_EVAL)[0] == 0
+    weights = run_copy / "adapter" / "adapter_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights)  # as if trained again
+    code, output = cli("eval", run_copy, "--suite", "starter-novel", *QUICK_EVAL)
+    assert code == 0, output
+    assert "dropping the earlier results for rouge" in output
+    assert set(json.loads((run_copy / "eval" / "summary.json").read_text())["results"]["fine-tuned"]) == {
+        "starter-novel"
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# D6, S1: a run's eval/ holds only what its own adapter scored, and only that reaches its card
+
+
+def _canonical_file(path, count=3):
+    from codetune.suites import load_humaneval
+
+    rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in load_humaneval()[:count]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_completions_never_write_into_a_runs_eval(trained_run, work, existing):
+    canonical = _canonical_file(work / "canonical.jsonl")
+    if existing:
+        (trained_run / "eval").mkdir()
+        (trained_run / "eval" / ".codetune.json").write_text('{"kind": "eval", "version": 1}\n')
+        (trained_run / "eval" / "summary.json").write_text('{"suites": [], "results": {}}\n')
+    before = snapshot(work)
+    for out in (trained_run / "eval", trained_run / "eval" / "sub"):
+        for extra in ([], ["--overwrite"]):
+            code, output = cli("eval", "--completions", canonical, "--suite", "humaneval", "--out", out, *extra)
+            assert_clear_error(code, output, str(out), str(trained_run))
+    assert snapshot(work) == before
+
+
+def test_another_model_never_writes_into_a_runs_eval(trained_run, work, tiny_dir):
+    before = snapshot(work)
+    code, output = cli("eval", tiny_dir, "--recipe", "tiny-cpu", "--suite", "rouge", "--out", trained_run / "eval")
+    assert_clear_error(code, output, str(trained_run / "eval"))
+    assert snapshot(work) == before
+
+
+def test_the_card_never_shows_scores_of_completions(run_copy, work):
+    import shutil
+
+    canonical = _canonical_file(work / "canonical.jsonl", 164)
+    code, output = cli("eval", "--completions", canonical, "--suite", "humaneval", "--out", work / "scores")
+    assert code == 0, output
+    shutil.copytree(work / "scores", run_copy / "eval")  # as an earlier codetune let it write there
+    assert_clear_error(*cli("card", run_copy), str(run_copy / "eval" / "summary.json"))
+    assert not (run_copy / "README.md").exists()
+
+
+def test_the_card_carries_only_the_adapters_own_results(run_copy, work, monkeypatch):
+    import yaml
+
+    from codetune.rundir import RunDir
+
+    _fake_generation(monkeypatch)
+    assert cli("eval", run_copy, "--suite", "rouge", *QUICK_EVAL)[0] == 0
+    path = run_copy / "eval" / "summary.json"
+    summary = json.loads(path.read_text())
+    sha = RunDir(run_copy).adapter_fingerprint()
+    planted = {"tasks": 164, "tasks_in_suite": 164, "partial": False, "pass@1": 100.0, "parse_rate": 100.0}
+    summary["results"]["completions"] = {"humaneval": planted}  # no adapter: not this run's
+    summary["results"]["fine-tuned"]["mbpp"] = {**planted, "tasks_in_suite": 500, "adapter_sha256": "0" * 64}
+    summary["results"]["model"] = {"humaneval": {**planted, "adapter_sha256": sha}}  # not the run's adapter + base
+    summary["suites"] += ["humaneval", "mbpp"]
+    path.write_text(json.dumps(summary))
+    code, output = cli("card", run_copy)
+    assert code == 0, output
+    card = (run_copy / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    metrics = {m["type"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    assert metrics == {"rouge"}
+    evaluation = card.split("## Evaluation", 1)[1].split("## Chat format", 1)[0]
+    assert "rougeL" in evaluation and "100.0" not in card
+    assert "humaneval" not in evaluation and "mbpp" not in evaluation and "completions" not in evaluation

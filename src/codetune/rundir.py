@@ -492,17 +492,8 @@ class RunDir:
     def adapter_fingerprint(self) -> str | None:
         """The SHA-256 of the adapter's weights: what derived outputs (merged/, eval/, the card) record, so
         that one made from an earlier adapter is known as stale. None while there is no adapter."""
-        import hashlib
-
         weights = sorted(self.adapter.glob("adapter_model*.safetensors")) + sorted(self.adapter.glob("*.bin"))
-        if not weights:
-            return None
-        digest = hashlib.sha256()
-        for path in weights:
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        return files_sha256(weights) if weights else None
 
     def require_adapter(self) -> Path:
         """The adapter folder of a trained run, checked (``check_adapter``); the one message for a run
@@ -604,6 +595,34 @@ class RunDir:
             remove_tree(target) if target.is_dir() else target.unlink()
             removed.append(target)
         return removed
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
+    """One SHA-256 over the contents of ``paths``, in the order given."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(folder: Path) -> str:
+    """The SHA-256 of a model folder's weights and config: its identity, wherever the folder sits."""
+    folder = Path(folder)
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return files_sha256([p for p in [folder / "config.json", *weights] if p.is_file()])
+
+
+def run_of_eval(path: Path) -> RunDir | None:
+    """The run whose evaluation folder ``path`` is, or lies in (``RUN/eval``, ``RUN/eval/sub``); else None."""
+    resolved = Path(path).resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder.name == RunDir.EVAL and RunDir(folder.parent).is_run:
+            return RunDir(folder.parent)
+    return None
 
 
 def _read_adapter_config(path: Path) -> dict:
