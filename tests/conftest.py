@@ -133,3 +133,42 @@ def save_random_model(out: Path, model, tokenizer_source) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The CLI sweeps (tests/test_cli_sweep.py, tests/test_hostile.py): a scratch folder, a run as train leaves it
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A scratch folder that is also the current directory (runs/ lands here)."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.fixture
+def trained_run(work, codetune_home) -> Path:
+    """A run directory as `codetune train` leaves it, with an adapter whose files are sound but whose weights
+    fit no model: every case that uses it must stop before a model loads."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from codetune.recipe import load_recipe
+
+    run = work / "run"
+    for sub in ("data", "adapter", "checkpoints/checkpoint-4"):
+        (run / sub).mkdir(parents=True)
+    (run / "recipe.yaml").write_text(load_recipe("tiny-cpu").to_yaml())
+    (run / "data" / "stats.json").write_text('{"rows": {}}\n')
+    (run / "data" / "train.parquet").write_bytes(b"not really parquet")
+    config = {"peft_type": "LORA", "r": 16, "lora_alpha": 16, "target_modules": ["qkv_proj"]}
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(config) + "\n")
+    save_file({"weight": np.zeros(4, dtype=np.float32)}, run / "adapter" / "adapter_model.safetensors")
+    (run / "checkpoints/checkpoint-4/trainer_state.json").write_text("{}\n")
+    (run / "metrics.jsonl").write_text('{"step": 4}\n')
+    (run / ".codetune.json").write_text('{"kind": "run", "version": 1}\n')
+    return run

@@ -101,35 +101,6 @@ def assert_clear_error(code: int, output: str, *names: str) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    """A scratch folder that is also the current directory (runs/ lands here)."""
-    folder = tmp_path / "work"
-    folder.mkdir()
-    monkeypatch.chdir(folder)
-    return folder
-
-
-@pytest.fixture
-def trained_run(work, codetune_home) -> Path:
-    """A run directory as `codetune train` leaves it (the adapter's weights are not needed: every
-    case that uses it must stop before a model loads)."""
-    run = work / "run"
-    code, output = cli("recipe", "show", "tiny-cpu")
-    assert code == 0, output
-    for sub in ("data", "adapter", "checkpoints/checkpoint-4"):
-        (run / sub).mkdir(parents=True)
-    (run / "recipe.yaml").write_text(output)
-    (run / "data" / "stats.json").write_text('{"rows": {}}\n')
-    (run / "data" / "train.parquet").write_bytes(b"not really parquet")
-    (run / "adapter" / "adapter_config.json").write_text('{"r": 16}\n')
-    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
-    (run / "checkpoints/checkpoint-4/trainer_state.json").write_text("{}\n")
-    (run / "metrics.jsonl").write_text('{"step": 4}\n')
-    (run / ".codetune.json").write_text('{"kind": "run", "version": 1}\n')
-    return run
-
-
 # ---------------------------------------------------------------------------------------
 # Data loss: folders codetune writes
 

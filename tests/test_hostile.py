@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from .test_cli_sweep import assert_clear_error, cli, snapshot, trained_run, work  # noqa: F401 - fixtures
+from .test_cli_sweep import assert_clear_error, cli, snapshot
 
 # ---------------------------------------------------------------------------------------
 # M1, M2: recipe files read the numbers people write, and refuse a key given twice
@@ -250,3 +250,358 @@ def test_outputs_from_before_markers_count_as_ours_only_inside_a_marked_run(tmp_
     assert not RunDir(run).is_run and not ours(run / "eval")
     (run / ".codetune.json").write_text(marker_text("run"))
     assert RunDir(run).is_run and ours(run / "eval")
+
+
+# ---------------------------------------------------------------------------------------
+# D8: data/ and the recipe that made it change together
+
+
+def _prepare(run, source, *settings):
+    from codetune.prepare import prepare
+    from codetune.recipe import load_recipe
+
+    recipe = load_recipe("tiny-cpu", [f"data.source={source}", "data.decontaminate=[]", *settings])
+    prepare(recipe, run, log=lambda *a: None)
+    return recipe
+
+
+def test_data_swapped_in_without_its_recipe_is_not_used(tmp_path, tiny_dir):
+    """As if prepare --overwrite --set data.split.seed=7 were killed right after data/ moved into place:
+    the new data/ sits beside the old recipe.yaml (seed 1234), and train must not take them as a pair."""
+    import shutil
+
+    from codetune.recipe import load_recipe
+    from codetune.rundir import RunDir
+    from codetune.train import data_matches
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"Task {i}", "output": f"x = {i}"}) + "\n" for i in range(30)))
+    run, other = RunDir(tmp_path / "run"), RunDir(tmp_path / "other")
+    _prepare(run.path, source)
+    _prepare(other.path, source, "data.split.seed=7")
+    saved = load_recipe(run.recipe_file)
+    assert data_matches(saved, run.path)
+    shutil.rmtree(run.data)
+    shutil.move(other.data, run.data)
+    assert load_recipe(run.recipe_file).data.split.seed == 1234
+    assert not data_matches(saved, run.path)
+    from codetune.recipe import data_fingerprint
+    from codetune.rundir import read_marker
+
+    assert read_marker(run.data)["recipe_sha256"] == data_fingerprint(load_recipe(other.recipe_file))
+
+
+# ---------------------------------------------------------------------------------------
+# D7: SIGTERM cleans up as SIGINT does, and staging folders of dead processes are swept
+
+SLOW_EVAL = (
+    "import sys, time, codetune.evaluate as e\n"
+    "def slow(path, suite, recipe, staging, console):\n"
+    "    (staging / 'partial.jsonl').write_text('half a result')\n"
+    "    time.sleep(300)\n"
+    "e._score_completions = slow\n"
+    "from codetune.cli import main\n"
+    "main()\n"
+)
+
+
+def test_sigterm_during_eval_leaves_no_staging_folder(work):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .test_cli_sweep import SRC
+
+    completions = work / "c.jsonl"
+    completions.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return 1\n"}) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    args = ["eval", "--completions", completions, "--suite", "humaneval", "--out", work / "scores"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EVAL, *map(str, args)], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(work.glob(".scores.*.staging/partial.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0].decode()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 143, output
+    assert_clear_error(proc.returncode, output, "terminated")
+    assert sorted(p.name for p in work.iterdir()) == ["c.jsonl"]
+
+
+def _die_while_staging(target) -> None:
+    """A process that dies (as SIGKILL would leave it) while its staging folder for ``target`` exists."""
+    import os
+
+    from codetune.rundir import staged_dir
+
+    pid = os.fork()
+    if pid == 0:
+        with staged_dir(target, "eval") as staging:
+            (staging / "half").write_text("x")
+            os._exit(0)  # no cleanup runs
+    os.waitpid(pid, 0)
+
+
+def test_staged_writes_sweep_staging_folders_of_dead_processes(tmp_path):
+    import os
+
+    from codetune.rundir import staged_dir
+
+    _die_while_staging(tmp_path / "merged")
+    (stale,) = [p.name for p in tmp_path.iterdir()]
+    assert stale.startswith(".merged.pid") and stale.endswith(".staging") and f".pid{os.getpid()}-" not in stale
+    _die_while_staging(tmp_path / "eval")  # its staging swept the dead one's first
+    (stale,) = [p.name for p in tmp_path.iterdir()]
+    assert stale.startswith(".eval.pid")
+    mine = tmp_path / ".other.staging"  # not codetune's naming: never touched
+    mine.mkdir()
+    with staged_dir(tmp_path / "eval", "eval") as staging:
+        alive = [p.name for p in tmp_path.iterdir() if p.name.endswith(".staging") and p != staging]
+        assert alive == [".other.staging"]  # the dead ones went, the one of this (live) process stays
+        (staging / "summary.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.staging", "eval"]
+
+
+# ---------------------------------------------------------------------------------------
+# A real run, trained a few steps, for the cases that load its adapter (copied before any change)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tiny_dir):
+    from codetune.pipeline import train
+
+    run = tmp_path_factory.mktemp("short-run") / "run"
+    train("tiny-cpu", run, overrides=["training.max_steps=2", "training.eval_steps=null", "training.save_strategy=no"])
+    return run
+
+
+@pytest.fixture
+def run_copy(short_run, work):
+    import shutil
+
+    run = work / "run"
+    shutil.copytree(short_run, run)
+    return run
+
+
+# ---------------------------------------------------------------------------------------
+# T3, M9: a write that fails (a full disk; here a file size limit) is one error naming what was written
+
+
+def cli_limited(*args, cwd, limit: int):
+    """The CLI in a subprocess that may write no file larger than ``limit`` bytes (EFBIG, as ENOSPC would)."""
+    import os
+    import subprocess
+    import sys
+
+    from .test_cli_sweep import SRC
+
+    code = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"  # the sandbox sets its own
+        "from codetune.cli import main\n"
+        "main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    res = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                         timeout=600)  # fmt: skip
+    return res.returncode, (res.stdout + res.stderr).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_a_full_disk_during_merge_or_export(run_copy, work, command):
+    before = snapshot(work)
+    args = ["merge", run_copy] if command == "merge" else ["export", run_copy, "--format", "gguf"]
+    code, output = cli_limited(*args, cwd=work, limit=64 * 1024)
+    line = assert_clear_error(code, output, str(run_copy / "merged"), "File too large")
+    assert "nothing was replaced" in line
+    assert snapshot(work) == before  # no staging folder left
+
+
+def test_a_full_disk_during_eval_completions(work):
+    completions = work / "c.jsonl"
+    answer = "    return 1\n" + "    # padding\n" * 5000  # 70 kB: the sandbox's program fits, the results row not
+    completions.write_text(json.dumps({"task_id": "HumanEval/0", "completion": answer}) + "\n")
+    before = snapshot(work)
+    args = ["eval", "--completions", completions, "--suite", "humaneval", "--out", work / "scores"]
+    code, output = cli_limited(*args, cwd=work, limit=100 * 1024)
+    assert_clear_error(code, output, str(work / "scores"), "File too large")
+    assert snapshot(work) == before
+
+
+def test_a_full_disk_during_prepare(work):
+    code, output = cli_limited("prepare", "tiny-cpu", "--run-dir", work / "run", cwd=work, limit=8 * 1024)
+    assert_clear_error(code, output, str(work / "run" / "data"), "File too large")
+    assert sorted(p.name for p in (work / "run").iterdir()) == [".codetune.json"]  # the marker, made first
+
+
+# ---------------------------------------------------------------------------------------
+# T5: a damaged adapter is one error naming the file, for every command that loads it
+
+DAMAGES = {
+    "truncated weights": ("adapter_model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000])),
+    "empty weights": ("adapter_model.safetensors", lambda p: p.write_bytes(b"")),
+    "config not JSON": ("adapter_config.json", lambda p: p.write_text('{"r": 64,')),
+    "config a list": ("adapter_config.json", lambda p: p.write_text("[]")),
+    "config r a string": ("adapter_config.json", lambda p: p.write_text(p.read_text().replace('"r": 64', '"r": "x"'))),
+    "targets the model lacks": (
+        "adapter_config.json",
+        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "target_modules": ["no_such_proj"]})),
+    ),
+}
+COMMANDS = {
+    "generate": lambda run: ["generate", run, "--prompt", "hi", "--set", "generation.max_new_tokens=2"],
+    "merge": lambda run: ["merge", run],
+    "eval": lambda run: ["eval", run, "--suite", "rouge", "--set", "evaluation.samples=1", "--no-compare-base"],
+    "card": lambda run: ["card", run],
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_damaged_adapter(run_copy, work, damage, command):
+    if command == "card" and damage == "targets the model lacks":
+        pytest.skip("the card reads the adapter's files, it never loads the model")
+    name, spoil = DAMAGES[damage]
+    spoil(run_copy / "adapter" / name)
+    if damage == "config r a string":
+        assert '"r": "x"' in (run_copy / "adapter" / name).read_text()
+    before = snapshot(work)
+    code, output = cli(*COMMANDS[command](run_copy))
+    named = name if damage != "targets the model lacks" else "adapter"
+    assert_clear_error(code, output, str(run_copy / "adapter"), named)
+    assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------------------------------
+# D4: results belong to a model's content (adapter, base, suite), not to where its folder sits
+
+QUICK_EVAL = ["--set", "evaluation.samples=2", "--set", "generation.max_new_tokens=4"]
+
+
+def _fake_generation(monkeypatch):
+    """eval without the model: each suite scored from a canned answer (the rest of eval runs as it is)."""
+    import codetune.evaluate as ev
+
+    def fake(src, suites, recipe, staging, compare_base, console, batch_size, merged):
+        results = {}
+        for suite in suites:
+            tasks = ev.load_tasks(suite, recipe, src.folder)[:2]
+            results[suite] = ev.score_suite(suite, tasks, [["x = 1"]] * len(tasks), recipe, staging, None, [1])
+        return {"source": src.name, "recipe": recipe.name, "suites": list(suites), "results": {"fine-tuned": results},
+                "model": ev._evaluated(recipe, src, merged), "generation": {}}  # fmt: skip
+
+    monkeypatch.setattr(ev, "_evaluate", fake)
+
+
+def test_a_moved_run_keeps_its_results(run_copy, work, monkeypatch):
+    import shutil
+
+    code, output = cli("eval", run_copy, "--suite", "rouge", "--compare-base", *QUICK_EVAL)
+    assert code == 0, output
+    assert (run_copy / "eval" / "base" / "rouge.jsonl").is_file()
+    moved = work / "moved"
+    shutil.move(run_copy, moved)
+    before = snapshot(work)
+    # the same adapter's rouge results are still its own: scoring them again needs --overwrite
+    assert_clear_error(*cli("eval", moved, "--suite", "rouge", *QUICK_EVAL), "already has results for rouge")
+    assert snapshot(work) == before
+    _fake_generation(monkeypatch)
+    code, output = cli("eval", moved, "--suite", "starter-novel", "--no-compare-base", *QUICK_EVAL)
+    assert code == 0, output
+    assert "dropping" not in output
+    summary = json.loads((moved / "eval" / "summary.json").read_text())
+    assert summary["suites"] == ["rouge", "starter-novel"]
+    assert set(summary["results"]["fine-tuned"]) == {"rouge", "starter-novel"} and "rouge" in summary["results"]["base"]
+    assert (moved / "eval" / "base" / "rouge.jsonl").is_file() and (moved / "eval" / "rouge.jsonl").is_file()
+    assert str(work) not in json.dumps({k: v for k, v in summary.items() if k != "source"})
+
+
+def test_another_adapter_in_the_same_folder_drops_the_results(run_copy, work, monkeypatch):
+    from safetensors.numpy import load_file, save_file
+
+    _fake_generation(monkeypatch)
+    assert cli("eval", run_copy, "--suite", "rouge", *QUICK_EVAL)[0] == 0
+    weights = run_copy / "adapter" / "adapter_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights)  # as if trained again
+    code, output = cli("eval", run_copy, "--suite", "starter-novel", *QUICK_EVAL)
+    assert code == 0, output
+    assert "dropping the earlier results for rouge" in output
+    assert set(json.loads((run_copy / "eval" / "summary.json").read_text())["results"]["fine-tuned"]) == {
+        "starter-novel"
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# D6, S1: a run's eval/ holds only what its own adapter scored, and only that reaches its card
+
+
+def _canonical_file(path, count=3):
+    from codetune.suites import load_humaneval
+
+    rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in load_humaneval()[:count]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_completions_never_write_into_a_runs_eval(trained_run, work, existing):
+    canonical = _canonical_file(work / "canonical.jsonl")
+    if existing:
+        (trained_run / "eval").mkdir()
+        (trained_run / "eval" / ".codetune.json").write_text('{"kind": "eval", "version": 1}\n')
+        (trained_run / "eval" / "summary.json").write_text('{"suites": [], "results": {}}\n')
+    before = snapshot(work)
+    for out in (trained_run / "eval", trained_run / "eval" / "sub"):
+        for extra in ([], ["--overwrite"]):
+            code, output = cli("eval", "--completions", canonical, "--suite", "humaneval", "--out", out, *extra)
+            assert_clear_error(code, output, str(out), str(trained_run))
+    assert snapshot(work) == before
+
+
+def test_another_model_never_writes_into_a_runs_eval(trained_run, work, tiny_dir):
+    before = snapshot(work)
+    code, output = cli("eval", tiny_dir, "--recipe", "tiny-cpu", "--suite", "rouge", "--out", trained_run / "eval")
+    assert_clear_error(code, output, str(trained_run / "eval"))
+    assert snapshot(work) == before
+
+
+def test_the_card_never_shows_scores_of_completions(run_copy, work):
+    import shutil
+
+    canonical = _canonical_file(work / "canonical.jsonl", 164)
+    code, output = cli("eval", "--completions", canonical, "--suite", "humaneval", "--out", work / "scores")
+    assert code == 0, output
+    shutil.copytree(work / "scores", run_copy / "eval")  # as an earlier codetune let it write there
+    assert_clear_error(*cli("card", run_copy), str(run_copy / "eval" / "summary.json"))
+    assert not (run_copy / "README.md").exists()
+
+
+def test_the_card_carries_only_the_adapters_own_results(run_copy, work, monkeypatch):
+    import yaml
+
+    from codetune.rundir import RunDir
+
+    _fake_generation(monkeypatch)
+    assert cli("eval", run_copy, "--suite", "rouge", *QUICK_EVAL)[0] == 0
+    path = run_copy / "eval" / "summary.json"
+    summary = json.loads(path.read_text())
+    sha = RunDir(run_copy).adapter_fingerprint()
+    planted = {"tasks": 164, "tasks_in_suite": 164, "partial": False, "pass@1": 100.0, "parse_rate": 100.0}
+    summary["results"]["completions"] = {"humaneval": planted}  # no adapter: not this run's
+    summary["results"]["fine-tuned"]["mbpp"] = {**planted, "tasks_in_suite": 500, "adapter_sha256": "0" * 64}
+    summary["results"]["model"] = {"humaneval": {**planted, "adapter_sha256": sha}}  # not the run's adapter + base
+    summary["suites"] += ["humaneval", "mbpp"]
+    path.write_text(json.dumps(summary))
+    code, output = cli("card", run_copy)
+    assert code == 0, output
+    card = (run_copy / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    metrics = {m["type"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    assert metrics == {"rouge"}
+    evaluation = card.split("## Evaluation", 1)[1].split("## Chat format", 1)[0]
+    assert "rougeL" in evaluation and "100.0" not in card
+    assert "humaneval" not in evaluation and "mbpp" not in evaluation and "completions" not in evaluation

@@ -116,7 +116,17 @@ def test_run_dir_layout_and_rules(tmp_path):
         rd.require_adapter()
     rd.adapter.mkdir()
     (rd.adapter / "adapter_config.json").write_text("{}")
-    assert rd.is_trained() and rd.require_adapter() == rd.adapter
+    assert rd.is_trained()
+    with pytest.raises(CodetuneError, match="adapter_config.json, field 'peft_type'"):
+        rd.require_adapter()  # checked: not a LoRA adapter's config
+    (rd.adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 16}')
+    with pytest.raises(CodetuneError, match="adapter_model.safetensors is missing"):
+        rd.require_adapter()
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(2, dtype=np.float32)}, rd.adapter / "adapter_model.safetensors")
+    assert rd.require_adapter() == rd.adapter
     with pytest.raises(OutputError, match="holds a trained run"):
         rd.check_mutable(False, "preparing")
     assert rd.check_mutable(True, "preparing") is True

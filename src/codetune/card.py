@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .evaluate import summary_markdown
 from .families import family_for_source
 from .model import stop_token_ids
 from .recipe import Recipe, RecipeError, load_recipe
@@ -66,18 +67,44 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _eval_summary(run_dir: Path) -> dict | None:
-    """The run's evaluation, refused when it was made from another adapter than the one the card describes."""
-    path = RunDir(run_dir).eval_summary
+    """The run's evaluation as the card may show it: only results that ``codetune eval RUN_DIR`` made from the
+    adapter the card describes and recorded as such (its SHA-256, on the summary and on each suite). A
+    summary that does not record it (scores of completions made elsewhere, another model's) or records
+    another adapter is refused; None when there is nothing of the adapter's own to show."""
+    rd = RunDir(run_dir)
+    path = rd.eval_summary
     if not path.is_file():
         return None
-    summary = json.loads(path.read_text())
-    made_from, current = summary.get("adapter_sha256"), RunDir(run_dir).adapter_fingerprint()
-    if made_from and current and made_from != current:
+    try:
+        summary = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        summary = None
+    if not isinstance(summary, dict) or not isinstance(summary.get("results"), dict):
         raise RecipeError(
-            f"{path} scores another adapter than {run_dir}/adapter (trained again since): "
-            f"run `codetune eval {run_dir} --overwrite` first, then the card"
+            f"{path} is not an evaluation summary: run `codetune eval {run_dir} --overwrite`, then the card"
         )
-    return summary
+    made_from, current = summary.get("adapter_sha256"), rd.adapter_fingerprint()
+    if made_from is None or made_from != current:
+        what = "does not record the adapter it scores" if made_from is None else "scores another adapter than"
+        raise RecipeError(
+            f"{path} {what} {rd.adapter} (results of completions made elsewhere, of another model, or of an "
+            f"earlier training): run `codetune eval {run_dir} --overwrite` first, then the card"
+        )
+    return _own_results(summary, current)
+
+
+def _own_results(summary: dict, adapter_sha256: str) -> dict | None:
+    """The fine-tuned model's suites made from this adapter, with the base model's scores of the same suites."""
+    results = summary["results"]
+    tuned = results.get("fine-tuned") if isinstance(results.get("fine-tuned"), dict) else {}
+    suites = [s for s, info in tuned.items() if isinstance(info, dict) and info.get("adapter_sha256") == adapter_sha256]
+    if not suites:
+        return None
+    own = {"fine-tuned": {s: tuned[s] for s in suites}}
+    base = results.get("base") if isinstance(results.get("base"), dict) else {}
+    if any(s in base for s in suites):
+        own["base"] = {s: base[s] for s in suites if s in base}
+    return {**summary, "suites": suites, "results": own}
 
 
 def _sandbox_levels(summary: dict) -> str:
@@ -91,7 +118,7 @@ def _eval_results(summary: dict | None, dataset: str) -> list:
 
     if not summary:
         return []
-    tuned = summary["results"].get("fine-tuned") or next(iter(summary["results"].values()))
+    tuned = summary["results"].get("fine-tuned") or {}  # never another entry: not the adapter's
     results = []
     for suite in all_suites():
         info = tuned.get(suite.name)
@@ -165,11 +192,22 @@ def card_metadata(name: str, recipe: Recipe, summary: dict | None, dataset: str)
     )
 
 
-def _stop_ids(run_dir: Path, recipe: Recipe) -> list[int]:
+def _adapter_tokenizer(run_dir: Path):
+    """The tokenizer training saved with the adapter (what the card's snippet loads)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(RunDir(run_dir).adapter)
-    return stop_token_ids(tok, recipe.generation.stop_tokens)
+    adapter = RunDir(run_dir).adapter
+    try:
+        return AutoTokenizer.from_pretrained(adapter)
+    except (OSError, ValueError, TypeError) as exc:
+        raise RecipeError(
+            f"{adapter}: the tokenizer saved with the adapter cannot be loaded ({' '.join(str(exc).split())[:300]}); "
+            "train the run again or restore the adapter folder"
+        ) from None
+
+
+def _stop_ids(run_dir: Path, recipe: Recipe) -> list[int]:
+    return stop_token_ids(_adapter_tokenizer(run_dir), recipe.generation.stop_tokens)
 
 
 CARD_PROMPT = "Write a Python function that checks whether a number is prime."
@@ -181,9 +219,7 @@ def _chat_format_section(run_dir: Path, recipe: Recipe) -> list[str]:
     if family.prompt_example:
         example = family.prompt_example.format(prompt=CARD_PROMPT)
     else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(RunDir(run_dir).adapter)
+        tok = _adapter_tokenizer(run_dir)
         example = tok.apply_chat_template(
             [{"role": "user", "content": CARD_PROMPT}], tokenize=False, add_generation_prompt=True
         )
@@ -250,8 +286,9 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
 def _run_recipe(run_dir: Path) -> Recipe:
     """The recipe of a run directory that has trained (the card describes its adapter)."""
     rd = RunDir(run_dir)
+    recipe = load_recipe(rd.recipe_file) if rd.recipe_file.is_file() else None  # a damaged one named first
     rd.require_adapter()
-    return load_recipe(rd.recipe_file)
+    return recipe
 
 
 def _dataset_name(recipe: Recipe) -> str:
@@ -333,8 +370,8 @@ def _evaluation_section(run_dir: Path, recipe: Recipe, summary: dict | None) -> 
     """The evaluation's tables (eval/summary.md, one heading level down) and how they were measured."""
     lines = ["## Evaluation", ""]
     if summary:
-        md = (run_dir / "eval" / "summary.md").read_text()
-        body = md.split("\n", 1)[1].strip() if md.startswith("# ") else md.strip()
+        md = summary_markdown(summary["results"], "Evaluation")  # the run's own results only
+        body = md.split("\n", 1)[1].strip()
         lines += [
             body.replace("## ", "### "),
             "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,32 @@ def _print_error(message: str) -> None:
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the command is, so that it unwinds as Ctrl-C does: every staging folder
+    and temporary file it had is removed on the way out (a BaseException: no ``except Exception`` stops it)."""
+
+
+@contextmanager
+def _sigterm_unwinds():
+    """While a command runs, SIGTERM raises :class:`Terminated` in the main thread (the default would end
+    the process at once and leave its staging folders behind)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _Commands(TyperGroup):
     """The one error handler: bad input of any command is one ``error: ...`` line and exit code 2,
     never a traceback. CODETUNE_DEBUG=1 shows the traceback instead."""
@@ -31,7 +58,8 @@ class _Commands(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         code = 0
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with _sigterm_unwinds():
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = result if isinstance(result, int) else 0
         except typer.TyperException as exc:  # usage errors: a bad option value, a missing argument
             if type(exc).__name__ == "NoArgsIsHelpError":  # `codetune` alone: the help, as before
@@ -57,6 +85,9 @@ class _Commands(TyperGroup):
         except KeyboardInterrupt:
             _print_error("interrupted")
             code = 130
+        except Terminated:
+            _print_error("terminated (SIGTERM): the output it was writing was removed, nothing was replaced")
+            code = 128 + 15
         if standalone_mode:
             sys.exit(code)
         return code

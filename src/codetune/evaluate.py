@@ -19,7 +19,17 @@ from .errors import InputError, OutputError
 from .generate import InferenceSession, load_for_inference
 from .model import disable_avx512_bf16_path, load_base_model
 from .recipe import Recipe, RecipeError, load_recipe
-from .rundir import EVAL_SUMMARY, check_target, file_problem, is_regular_file, ours_or_legacy, staged_dir
+from .rundir import (
+    EVAL_SUMMARY,
+    RunDir,
+    check_target,
+    file_problem,
+    is_regular_file,
+    model_fingerprint,
+    ours_or_legacy,
+    run_of_eval,
+    staged_dir,
+)
 from .source import Source
 from .suites import (
     REGISTRY,
@@ -164,11 +174,7 @@ def evaluate(
     merged = src.run is not None and recipe.evaluation.model == "merged"
     if compare_base and src.run is None:
         raise RecipeError("--compare-base needs a run directory (base model + adapter)")
-    made_from = {
-        "source": str(src.path.resolve()) if src.folder is not None else src.name,
-        "model": _evaluated(recipe, src, merged),
-        "adapter_sha256": _fingerprint(src),
-    }
+    made_from = _made_from(recipe, src, merged)
     earlier = _earlier_summary(out_dir, overwrite)
     kept = _kept_suites(earlier, made_from, suites, out_dir, overwrite, console, rules)
     with staged_dir(out_dir, "eval", **rules) as staging:
@@ -193,13 +199,16 @@ def compare_base_for(recipe: Recipe, src: Source, asked: bool | None) -> bool:
 
 def _out_dir(src: Source, out_dir: Path | None) -> tuple[Path, dict]:
     """Where the results go (a run's eval/ by default) and the rules for writing there, checked now,
-    before the model loads."""
+    before the model loads: another run's eval/ is never one (only its own evaluation writes there)."""
     given = out_dir is not None
     if not given:
         if src.run is None:
             raise RecipeError("evaluating a model folder or hub id needs --out DIR for the results")
         out_dir = src.run.eval
     out_dir = Path(out_dir)
+    owner = run_of_eval(out_dir)
+    if owner is not None and (src.run is None or src.run.path.resolve() != owner.path.resolve()):
+        _refuse_run_eval(out_dir, owner)
     protect = [src.path] if src.path is not None else []
     # an existing codetune eval folder is added to (what it may lose is checked per suite)
     rules = dict(overwrite=True, protect=protect, ours=_earlier_eval, **_out_words(given))
@@ -221,6 +230,30 @@ def _evaluated(recipe: Recipe, src: Source, merged: bool) -> str:
     if src.run is not None:
         return "base" + (" (4-bit)" if recipe.quantization.load_in_4bit else "") + " + adapter"
     return "model folder or hub id"
+
+
+def _refuse_run_eval(out_dir: Path, owner: RunDir) -> None:
+    raise OutputError(
+        f"--out {out_dir} is in the evaluation folder of the run {owner.path}: it holds only what "
+        f"`codetune eval {owner.path}` measured of that run's adapter (its card publishes them); choose another --out"
+    )
+
+
+def _made_from(recipe: Recipe, src: Source, merged: bool) -> dict[str, str | None]:
+    """What the results are of, by content, never by where a folder sits (a moved run is the same model):
+    how it was evaluated, the base model, and the adapter's SHA-256."""
+    return {"model": _evaluated(recipe, src, merged), "base": _base(recipe, src), "adapter_sha256": _fingerprint(src)}
+
+
+def _base(recipe: Recipe, src: Source) -> str:
+    """A run's base model (hub id or builtin name, with its revision); a model folder's weights' SHA-256; a
+    hub id or builtin name as given."""
+    if src.run is not None:
+        m = recipe.model
+        return f"{m.name_or_path}@{m.revision}" if m.revision else m.name_or_path
+    if src.folder is not None:
+        return "sha256:" + model_fingerprint(src.folder)
+    return src.name
 
 
 def _fingerprint(src: Source) -> str | None:
@@ -276,9 +309,14 @@ def _same_model(earlier: dict | None, made_from: dict) -> tuple[list[str], list[
         return [], []
     names = [s for s in earlier.get("suites") or [] if isinstance(s, str)]
     kept, stale = [], []
+    # a summary from before the base was recorded: the adapter's SHA-256 (when there is one) decides
+    legacy = made_from["adapter_sha256"] is not None
+    same_base = earlier.get("base") == made_from["base"] if "base" in earlier else legacy
     for suite in names:
-        same = all(earlier.get(k) == made_from[k] for k in ("source", "model")) and (
-            suite_info(earlier["results"], suite).get("adapter_sha256") == made_from["adapter_sha256"]
+        same = (
+            same_base
+            and earlier.get("model") == made_from["model"]
+            and suite_info(earlier["results"], suite).get("adapter_sha256") == made_from["adapter_sha256"]
         )
         (kept if same else stale).append(suite)
     return kept, stale
@@ -400,6 +438,9 @@ def score_completions_file(
     problem = file_problem(path)
     if problem is not None:
         raise InputError(f"--completions {path} {problem}: give a JSON-lines file")
+    owner = run_of_eval(out_dir)
+    if owner is not None:  # scores of completions made elsewhere are never a run's own results
+        _refuse_run_eval(out_dir, owner)
     with staged_dir(out_dir, "eval", overwrite=overwrite, protect=[path], ours=_earlier_eval, **words) as staging:
         return _score_completions(path, suite, recipe, staging, console)
 

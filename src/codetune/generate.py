@@ -22,7 +22,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .model import disable_avx512_bf16_path, load_base_model, load_tokenizer, merged_model, stop_token_ids
+from .model import (
+    disable_avx512_bf16_path,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    merged_model,
+    stop_token_ids,
+)
 from .recipe import GenerationConfig, Recipe, RecipeError, format_validation_error
 from .source import Source
 
@@ -66,9 +73,7 @@ def _load_model(src: Source, recipe: Recipe, merged: bool) -> Loaded:
             # unquantized weights stay where they load; the 4-bit path is placed on the GPU by bitsandbytes
             model = merged_model(recipe, adapter, device_map={"": 0} if torch.cuda.is_available() else None)
         else:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(load_base_model(recipe), str(adapter))
+            model = load_adapter(load_base_model(recipe), adapter, recipe)
     else:
         model = load_base_model(recipe)
     tokenizer = load_tokenizer(recipe)

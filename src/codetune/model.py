@@ -13,6 +13,7 @@ from pathlib import Path
 from .families import phi3 as _phi3
 from .recipe import LoraConfig as LoraSection
 from .recipe import Recipe, RecipeError
+from .rundir import ADAPTER_CONFIG
 from .templates import REFERENCE_TOKENIZERS, ReferenceTokenizer, resolve_template
 from .tiny import resolve_model_path
 
@@ -449,9 +450,21 @@ def lora_in_bf16(model, recipe: Recipe, bf16: bool) -> bool:
     return recipe.lora.dtype == "bfloat16" and bf16 and quantized and not sharded_mode()
 
 
-def merged_model(recipe, adapter_dir: Path, *, dtype: str | None = None, device_map=None):
-    """The recipe's base, unquantized in ``dtype`` (default: the compute dtype), with the adapter folded in."""
+def load_adapter(base, adapter_dir: Path, recipe: Recipe):
+    """``base`` with the run's adapter on top. An adapter whose files are sound (``RunDir.check_adapter``)
+    but do not fit this base (modules it lacks, other shapes) is one error naming the adapter."""
     from peft import PeftModel
 
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:500]
+        raise RecipeError(
+            f"{adapter_dir} does not fit {recipe.model.name_or_path} (its {ADAPTER_CONFIG} or weights): {reason}"
+        ) from None
+
+
+def merged_model(recipe, adapter_dir: Path, *, dtype: str | None = None, device_map=None):
+    """The recipe's base, unquantized in ``dtype`` (default: the compute dtype), with the adapter folded in."""
     base = load_base_model(recipe, quantize=False, dtype=dtype, device_map=device_map)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return load_adapter(base, adapter_dir, recipe).merge_and_unload()

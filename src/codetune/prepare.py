@@ -31,7 +31,7 @@ from .data import (
 from .errors import DataError, RecipeError
 from .families import family_for_source
 from .model import load_tokenizer
-from .recipe import Recipe, save_recipe
+from .recipe import Recipe, data_fingerprint, save_recipe
 from .rundir import RunDir, staged_dir
 
 
@@ -254,7 +254,7 @@ def prepare(
     stats = _stats(recipe, where, counts, train_records, test_records, train_truncated, test_truncated)
 
     rd.ensure()  # created only now: a source that fails to read leaves no run directory behind
-    _write_data(rd.data, train_records, test_records, checker.rejected, contaminated, stats)
+    _write_data(rd.data, train_records, test_records, checker.rejected, contaminated, stats, data_fingerprint(recipe))
     if retrain:
         log(f"--overwrite: deleted the earlier training of {run_dir}, which no longer matches its data")
         rd.clear_training()
@@ -467,9 +467,11 @@ def _earlier_data(p: Path) -> bool:
 
 def _write_data(
     target: Path, train_records: list[dict], test_records: list[dict], rejected: list[dict],
-    contaminated: list[dict], stats: dict,
+    contaminated: list[dict], stats: dict, fingerprint: str,
 ) -> None:  # fmt: skip
-    with staged_dir(target, "data", overwrite=True, ours=_earlier_data, what="data folder") as staging:
+    """data/, with the fingerprint of the recipe that made it in its marker (``train.data_matches`` checks it)."""
+    meta = {"recipe_sha256": fingerprint}
+    with staged_dir(target, "data", overwrite=True, ours=_earlier_data, what="data folder", meta=meta) as staging:
         _write_split(staging / RunDir.split_file("train"), train_records)
         _write_split(staging / RunDir.split_file("test"), test_records)
         if rejected:

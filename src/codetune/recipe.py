@@ -588,6 +588,16 @@ def save_recipe(recipe: Recipe, run_dir: Path) -> Path:
     return atomic_write(RunDir(run_dir).recipe_file, recipe.to_yaml())
 
 
+def data_fingerprint(recipe: Recipe) -> str:
+    """The SHA-256 of the settings that make a run's data/ (data, tokenizer and model sections): prepare
+    records it inside data/, so data/ is known to match the recipe beside it only when the two agree."""
+    import hashlib
+    import json
+
+    made_from = {key: getattr(recipe, key).model_dump(mode="json") for key in ("data", "tokenizer", "model")}
+    return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def check_integrations(recipe: Recipe) -> None:
     """training.report_to names integrations whose packages are installed (checked before a model loads)."""
     from importlib.util import find_spec

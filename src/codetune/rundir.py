@@ -16,8 +16,10 @@ Rules every command that writes follows (merge, export, eval, prepare, train, ca
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputError, RecipeError
+from .errors import InputError, OutputError, RecipeError
 from .version import __version__
 
 MARKER = ".codetune.json"
@@ -34,6 +36,7 @@ MARKER_VERSION = 1
 RECIPE_FILE = "recipe.yaml"  # a run's resolved recipe
 MERGED_RECIPE = "codetune_recipe.yaml"  # in merged/: its run's recipe (generation and evaluation settings)
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a folder holding it is an adapter
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's adapter weights
 EVAL_SUMMARY = "summary.json"  # in eval/ (and any --out of eval)
 MERGE_RECORD = "codetune_merge.json"  # in merged/: the adapter it was merged from
 HELDOUT_RECORD = "codetune_heldout.json"  # in merged/: the task ids its run trained on
@@ -70,6 +73,44 @@ def marker_text(kind: str, **extra) -> str:
 # ---------------------------------------------------------------------------------------
 # Writing files and folders
 
+# The file system refused a write: full, over quota, a file too large, read-only
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class WriteFailed(OutputError):
+    """A write the file system refused, naming what was being written (``reason``: the file system's words)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, when ``exc`` says the file system refused it (a full disk, say), in the words of
+    the library that wrote: an OSError, safetensors' SafetensorError, torch's writer. None otherwise (a
+    read error, a bug): those are not a write to name."""
+    if isinstance(exc, WriteFailed):  # a file inside a staging folder: the folder's target is what to name
+        return exc.reason
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) if exc.errno in _WRITE_ERRNOS else None
+    text = " ".join(str(exc).split())
+    if type(exc).__name__ == "SafetensorError" and text.startswith("Error while serializing"):
+        return text.split("I/O error: ", 1)[-1]
+    if isinstance(exc, RuntimeError) and "PytorchStreamWriter failed writing file" in text:
+        return "the file system refused the write (" + text.rsplit(": ", 1)[-1] + ")"
+    return None
+
+
+def _refuse_failed_write(exc: BaseException, target: Path, what: str) -> None:
+    """Turn a refused write into one error naming ``target`` (the CLI would otherwise print "No space left
+    on device" alone, or a library's traceback)."""
+    reason = write_failure(exc)
+    if reason is not None:
+        raise WriteFailed(
+            f"cannot write {what} {target}: {reason}; nothing was replaced (free some space, or choose another place)",
+            reason,
+        ) from None
+
 
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
     """Write ``path`` through a new temporary file beside it, renamed over the name at the end.
@@ -84,8 +125,9 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _refuse_failed_write(exc, path, "file")
         raise
     return path
 
@@ -109,8 +151,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def append_line(path: Path, line: str) -> None:
     """Append to a log file without following a link at its name."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "a", encoding="utf-8") as fh:
-        fh.write(line)
+    try:
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            fh.write(line)
+    except OSError as exc:
+        _refuse_failed_write(exc, path, "file")
+        raise
 
 
 def remove_tree(path: Path) -> bool:
@@ -169,10 +215,57 @@ def check_target(
             )
 
 
+# A staging folder's name says which process made it: .<target>.pid<PID>-<HOST>.<random>.staging
+_STAGING_NAME = re.compile(r"^\..+\.pid(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})\.[^.]+\.staging$")
+
+
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a number no process has: not ours to judge
+    return True
+
+
+def sweep_stale_staging(folder: Path) -> list[Path]:
+    """Remove the staging folders in ``folder`` left by codetune processes that died mid-write (SIGKILL, a
+    power cut): named by a process of this machine that no longer runs, owned by this user, a real folder.
+    Anything else (a live process's, another machine's, a name codetune does not write) stays."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host, uid = _host_tag(), os.geteuid()
+    for entry in entries:
+        match = _STAGING_NAME.match(entry.name)
+        if match is None or match["host"] != host or _process_alive(int(match["pid"])):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        if remove_tree(Path(entry.path)):
+            removed.append(Path(entry.path))
+    return removed
+
+
 def _staging_folder(target: Path, what: str) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+        sweep_stale_staging(target.parent)
+        prefix = f".{target.name}.pid{os.getpid()}-{_host_tag()}."
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".staging", dir=target.parent))
     except OSError as exc:
         raise OutputError(f"cannot write {what} {target}: {exc.strerror}; choose a writable place") from None
 
@@ -222,8 +315,9 @@ def staged_dir(
         atomic_write(staging / MARKER, marker_text(kind, **(meta or {})))
         staging.chmod(0o755)
         _move_into_place(staging, target, recheck, what)
-    except BaseException:
+    except BaseException as exc:
         remove_tree(staging)
+        _refuse_failed_write(exc, target, what)
         raise
 
 
@@ -254,8 +348,11 @@ def staged_file(
         yield tmp
         os.chmod(tmp, 0o644)
         _move_into_place(tmp, target, recheck, what)
-    finally:
+    except BaseException as exc:
         remove_tree(staging)
+        _refuse_failed_write(exc, target, what)
+        raise
+    remove_tree(staging)
 
 
 def is_regular_file(path: Path) -> bool:
@@ -406,26 +503,40 @@ class RunDir:
     def adapter_fingerprint(self) -> str | None:
         """The SHA-256 of the adapter's weights: what derived outputs (merged/, eval/, the card) record, so
         that one made from an earlier adapter is known as stale. None while there is no adapter."""
-        import hashlib
-
         weights = sorted(self.adapter.glob("adapter_model*.safetensors")) + sorted(self.adapter.glob("*.bin"))
-        if not weights:
-            return None
-        digest = hashlib.sha256()
-        for path in weights:
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        return files_sha256(weights) if weights else None
 
     def require_adapter(self) -> Path:
-        """The adapter folder of a trained run; the one message for a run without one."""
+        """The adapter folder of a trained run, checked (``check_adapter``); the one message for a run
+        without one."""
         if not self.recipe_file.is_file():
             raise RecipeError(f"{self.path} is not a run directory (no {self.RECIPE})")
         if not self.adapter_config.is_file():
             raise RecipeError(
                 f"{self.path} has no trained adapter ({self.adapter} is missing): run `codetune train` first"
             )
+        return self.check_adapter()
+
+    def check_adapter(self) -> Path:
+        """The adapter's files as PEFT reads them, checked before any model loads: adapter_config.json a
+        JSON object with a LoRA's fields, the weights a complete safetensors file. A damaged one is one
+        error naming the file, instead of PEFT's or safetensors' traceback."""
+        _read_adapter_config(self.adapter_config)
+        weights = self.adapter / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            if any(self.adapter.glob("*.bin")):
+                return self.adapter  # PEFT's older pickle format: read by torch as it loads
+            raise InputError(f"{weights} is missing: the adapter is incomplete; train the run again")
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), "np") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as exc:
+            raise InputError(
+                f"{weights} is not a complete safetensors file ({' '.join(str(exc).split())}): the adapter is "
+                "damaged; train the run again or restore the file"
+            ) from None
         return self.adapter
 
     def check_usable(self) -> RunDir:
@@ -497,11 +608,63 @@ class RunDir:
         return removed
 
 
+def files_sha256(paths: Sequence[Path]) -> str:
+    """One SHA-256 over the contents of ``paths``, in the order given."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(folder: Path) -> str:
+    """The SHA-256 of a model folder's weights and config: its identity, wherever the folder sits."""
+    folder = Path(folder)
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return files_sha256([p for p in [folder / "config.json", *weights] if p.is_file()])
+
+
+def run_of_eval(path: Path) -> RunDir | None:
+    """The run whose evaluation folder ``path`` is, or lies in (``RUN/eval``, ``RUN/eval/sub``); else None."""
+    resolved = Path(path).resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder.name == RunDir.EVAL and RunDir(folder.parent).is_run:
+            return RunDir(folder.parent)
+    return None
+
+
+def _read_adapter_config(path: Path) -> dict:
+    """PEFT's adapter_config.json, validated for the fields codetune and PEFT rely on."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    class AdapterConfig(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        peft_type: str = Field(pattern="^LORA$")
+        r: int = Field(gt=0)
+        lora_alpha: int | float
+        target_modules: list[str] | str | None = None
+
+    try:
+        raw = json.loads(path.read_bytes()[: 1 << 20].decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not JSON"
+        raise InputError(f"{path}: {reason}: the adapter is damaged; train the run again or restore the file") from None
+    try:
+        return AdapterConfig.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(file)"
+        raise InputError(
+            f"{path}, field {field!r}: {err['msg']}: not a LoRA adapter's config; train the run again or restore it"
+        ) from None
+
+
 def is_report(path: Path) -> bool:
     """A report.html that codetune wrote (its generator meta tag)."""
     if not is_regular_file(path):
         return False
     with path.open("rb") as fh:
         return b'name="generator" content="codetune' in fh.read(4096)
-
-

@@ -42,8 +42,8 @@ from .model import (
     lora_in_bf16,
     sharded_mode,
 )
-from .recipe import Recipe, RecipeError, check_integrations, load_recipe
-from .rundir import ADAPTER_CONFIG, RunDir, append_line, atomic_path, atomic_write, staged_dir
+from .recipe import Recipe, RecipeError, check_integrations, data_fingerprint, load_recipe
+from .rundir import ADAPTER_CONFIG, RunDir, append_line, atomic_path, atomic_write, read_marker, staged_dir
 from .tiny import resolve_model_path
 
 
@@ -148,12 +148,17 @@ def training_attention(recipe: Recipe, cuda: bool) -> tuple[str, str | None]:
 
 
 def data_matches(recipe: Recipe, run_dir: Path) -> bool:
-    """The run's prepared data was made from this recipe's data, tokenizer and model settings."""
+    """The run's prepared data was made from this recipe's data, tokenizer and model settings: the recipe
+    saved beside it says so, and so does the fingerprint prepare recorded inside data/ (data/ and
+    recipe.yaml are two writes: a prepare killed between them leaves a pair that disagrees)."""
     rd = RunDir(run_dir)
     if not rd.stats.is_file() or not rd.recipe_file.is_file():
         return False
     old = load_recipe(rd.recipe_file)
-    return (old.data, old.tokenizer, old.model) == (recipe.data, recipe.tokenizer, recipe.model)
+    if (old.data, old.tokenizer, old.model) != (recipe.data, recipe.tokenizer, recipe.model):
+        return False
+    recorded = (read_marker(rd.data) or {}).get("recipe_sha256")
+    return recorded is None or recorded == data_fingerprint(recipe)  # None: data/ from before the fingerprint
 
 
 def _finished(rd: RunDir) -> TrainResult | None:
