@@ -45,7 +45,7 @@ browser:
 	fi
 
 test: venv browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 clean:
 	rm -rf runs .pytest_cache

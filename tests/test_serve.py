@@ -12,6 +12,7 @@ import httpx
 import pytest
 import uvicorn
 
+from codetune.errors import InputError
 from codetune.recipe import load_recipe
 from codetune.serve import create_app, load_engine, vllm_command
 
@@ -232,8 +233,12 @@ def _phi3_run(root: Path, r: int) -> Path:
     run = root / "mine"
     save_recipe(load_recipe("tiny-cpu", ["model.name_or_path=microsoft/Phi-3-mini-4k-instruct", f"lora.r={r}"]), run)
     (run / "adapter").mkdir()
-    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2 * r}))
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}))
     (run / "adapter" / "chat_template.jinja").write_text("{{ messages }}")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(r, 4)}, run / "adapter" / "adapter_model.safetensors")
     return run
 
 
@@ -252,6 +257,13 @@ def test_vllm_command_for_a_phi3_run(tmp_path):
     assert cmd[cmd.index("--chat-template") + 1] == str((run / "adapter" / "chat_template.jinja").resolve())
     assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[cmd.index("--port") + 1] == "9000"
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+
+
+def test_vllm_command_refuses_an_adapter_config_that_is_not_lora(tmp_path):
+    run = _phi3_run(tmp_path, r=8)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    with pytest.raises(InputError, match="peft_type"):
+        vllm_command(run, host="127.0.0.1", port=9000, name="coder", api_key=None)
 
 
 def test_vllm_lora_rank_rounds_up_to_what_vllm_accepts():
