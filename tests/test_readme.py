@@ -39,6 +39,7 @@ QUICK = " ".join(
         "training.save_strategy=no",
         "generation.max_new_tokens=16",
         "evaluation.samples=4",
+        "evaluation.compare_base=false",
     ]
 )
 
