@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test venv browser sandbox-deps clean
+.PHONY: demo test venv browser sandbox-deps vllm-env clean
 
 $(BIN)/codetune: pyproject.toml
 	@echo "setting up $(VENV): pip installs codetune and its dependencies (a few minutes, once)"
@@ -43,6 +43,15 @@ browser:
 	else \
 		echo "chromium or chromedriver missing and not root: the browser tests will skip"; \
 	fi
+
+# vLLM pins an older transformers than codetune's: it gets its own environment, never $(VENV).
+# `codetune serve --engine vllm` finds it with --vllm .venv-vllm (or CODETUNE_VLLM). Needs a CUDA GPU to run.
+VLLM_VENV ?= .venv-vllm
+vllm-env:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q vllm
+	@echo "vLLM is in $(VLLM_VENV): codetune serve RUN --engine vllm --vllm $(VLLM_VENV)"
 
 test: venv browser
 	$(BIN)/python -m pytest -q --durations=30

@@ -21,6 +21,7 @@ from .suites import ROUGE_TYPES, executed_suites, get_suite, suite_names
 
 HELP = "Fine-tune a small open LLM into a Python coder with QLoRA, and prove the gain by running the code it writes."
 
+
 def _print_error(message: str) -> None:
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
 
@@ -128,6 +129,7 @@ def _emit(text: str) -> None:
 
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
+
 
 RecipeArg = Annotated[str, typer.Argument(help="A shipped recipe name (see `codetune recipes`) or a .yaml file")]
 SetOpt = Annotated[
@@ -579,48 +581,67 @@ def serve_cmd(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on", min=1, max=65535)] = 8000,
     api_key: Annotated[
-        str | None, typer.Option(envvar="CODETUNE_API_KEY", help="Require 'Authorization: Bearer KEY'")
+        str | None,
+        typer.Option(envvar="CODETUNE_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health"),
     ] = None,
     name: Annotated[str | None, typer.Option(help="The model id clients ask for (default: the folder name)")] = None,
-    max_tokens_limit: Annotated[int, typer.Option(help="The largest max_tokens a request may ask")] = 1024,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="The largest max_tokens a request may ask")] = 1024,
     max_request_bytes: Annotated[
         int, typer.Option(min=1, help="Larger request bodies get a 413 before they are read")
     ] = 4 * 1024 * 1024,
+    max_connections: Annotated[int, typer.Option(min=1, help="Open connections past this get a 503 at once")] = 100,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Another Host name clients use (default: the --host address; any, for 0.0.0.0)"),
+    ] = None,
     engine: Annotated[str, typer.Option(help="hf (this process) or vllm (vLLM's OpenAI server)")] = "hf",
+    vllm: Annotated[
+        str | None, typer.Option(help="With --engine vllm: vLLM's own environment or its vllm executable")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the command, do not start it")] = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
-    import shlex
-    import shutil
-
-    from .serve import create_app, load_engine, vllm_command
+    from .serve import allowed_hosts_for, bind, create_app, load_engine, run_server
 
     if engine == "vllm":
-        cmd = vllm_command(source, host=host, port=port, name=name, api_key=api_key, max_tokens_limit=max_tokens_limit)
-        line = shlex.join(cmd)
-        if dry_run:
-            _emit(line)
-            return
-        if shutil.which("vllm") is None:
-            _fail(f"vLLM is not installed here (pip install vllm; it needs a CUDA GPU); the command would be: {line}")
-        os.execvp(cmd[0], cmd)
+        return _serve_vllm(source, host, port, name, api_key, max_tokens_limit, vllm, dry_run)
     if engine != "hf":
         _fail(f"--engine {engine!r}: use hf or vllm")
-    import uvicorn
-
+    sock = bind(host, port)  # a port in use is an error before the model loads and before anything is announced
     src, r = _source(source, recipe, set_)
     eng = load_engine(src, name=name, max_tokens_limit=max_tokens_limit, recipe=r)
+    hosts = allowed_hosts_for(host, allowed_host)
+    app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes, allowed_hosts=hosts)
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     console.print(
-        f"serving {eng.name!r} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'}); "
-        f"report at http://{host}:{port}/, chat at http://{host}:{port}/chat",
+        f"serving {eng.name!r} on {url}/v1 (auth {'on' if api_key else 'off'}); report at {url}/, chat at {url}/chat",
         highlight=False,
         markup=False,
         soft_wrap=True,
     )
-    app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    run_server(app_, sock, max_connections=max_connections)
+
+
+def _serve_vllm(source, host, port, name, api_key, max_tokens_limit, vllm, dry_run) -> None:
+    """``serve --engine vllm``: vLLM's own server, from vLLM's own environment (never codetune's)."""
+    import shlex
+
+    from .errors import CodetuneError
+    from .serve import find_vllm, vllm_command
+
+    cmd = vllm_command(source, host=host, port=port, name=name, api_key=api_key, max_tokens_limit=max_tokens_limit)
+    try:
+        cmd[0] = str(find_vllm(vllm))
+    except CodetuneError as exc:
+        if not dry_run:
+            raise
+        console.print(f"note: {exc}", highlight=False, markup=False, soft_wrap=True)
+    if dry_run:
+        _emit(shlex.join(cmd))
+        return
+    os.execv(cmd[0], cmd)
 
 
 @app.command("run")

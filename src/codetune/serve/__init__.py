@@ -24,13 +24,14 @@ The modules, by concern:
 
 from __future__ import annotations
 
-from .app import DEFAULT_MAX_REQUEST_BYTES, create_app
+from .app import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, allowed_hosts_for, bind, create_app, run_server
 from .engine import Engine, load_engine
 from .pages import add_pages, chat_page, no_report_page
 from .schema import APIError, ChatRequest, CompletionRequest
-from .vllm import VLLM_LORA_RANKS, vllm_command, vllm_lora_rank
+from .vllm import VLLM_LORA_RANKS, find_vllm, vllm_command, vllm_lora_rank
 
 __all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_REQUEST_BYTES",
     "VLLM_LORA_RANKS",
     "APIError",
@@ -38,10 +39,14 @@ __all__ = [
     "CompletionRequest",
     "Engine",
     "add_pages",
+    "allowed_hosts_for",
+    "bind",
     "chat_page",
     "create_app",
+    "find_vllm",
     "load_engine",
     "no_report_page",
+    "run_server",
     "vllm_command",
     "vllm_lora_rank",
 ]

@@ -8,8 +8,13 @@ OpenAI-style error body, never a 5xx, and the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import errno
+import hmac
 import json
+import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from .engine import Engine, Job, Result, StopFilter, StreamedRun, make_job, run_job
 from .pages import add_pages
@@ -41,50 +47,143 @@ from .schema import (
 )
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 100
+# uvicorn's own error logger: configured by uvicorn, printed as one line
+log = logging.getLogger("uvicorn.error")
 
 
 # ---------------------------------------------------------------------------------------
-# Request guard: body size cap and API key, as plain ASGI so that nothing reads the body first
+# Request guard: Host, API key, body size and body pace, as plain ASGI so that nothing reads the body first
+
+DEFAULT_BODY_TIMEOUT = 30.0
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+# The pages carry their script's CSP in a <meta> tag, which cannot forbid framing; these headers can.
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+def allowed_hosts_for(host: str, extra: list[str] | None = None) -> frozenset[str] | None:
+    """The Host header values a server bound to ``host`` answers: its own address (every loopback name when
+    it is a loopback one) and ``extra``. A DNS-rebinding page reaches the server under its attacker's name,
+    so a request that names another host is refused. None (any Host) for a wildcard bind without ``extra``:
+    such a server is reached by names it cannot know."""
+    names = {h.strip("[]").lower() for h in extra or []}
+    if host in WILDCARD_HOSTS:
+        return frozenset(names) or None
+    names.add(host.strip("[]").lower())
+    if names & LOOPBACK_NAMES:
+        names |= LOOPBACK_NAMES
+    return frozenset(names)
+
+
+def _host_name(value: str) -> str:
+    """The name of a Host header without its port: ``[::1]:8000`` -> ``::1``, ``localhost:8000`` -> ``localhost``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _authorized(header: str, key: str) -> bool:
+    """``Bearer KEY`` (API clients) or HTTP Basic with KEY as the password (a browser opening / or /chat)."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return hmac.compare_digest(value.strip().encode(), key.encode())
+    if scheme.lower() == "basic":
+        try:
+            password = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(password.encode(), key.encode())
+    return False
 
 
 class _Guard:
-    """Refuses an oversized body with 413 before reading it (by Content-Length, and by counting the
-    bytes of a chunked body as they arrive), and requests to /v1/ without the API key with 401."""
+    """In front of every route: security headers on every answer; a request naming another Host gets 421
+    (DNS rebinding); without the API key every route but /health gets 401 (the pages ask the browser for
+    it, HTTP Basic with the key as password); an oversized body gets 413 before it is read (by
+    Content-Length, and by counting a chunked body's bytes as they arrive); a body that stalls for
+    ``body_timeout`` seconds gets 408, so slow clients cannot hold connections open."""
 
-    def __init__(self, app, *, max_bytes: int, api_key: str | None):
+    def __init__(
+        self,
+        app,
+        *,
+        max_bytes: int,
+        api_key: str | None,
+        allowed_hosts: frozenset[str] | None = None,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    ):
         self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+        self.allowed_hosts, self.body_timeout = allowed_hosts, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+
+        async def secured_send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"].startswith("/v1/"):
-            if headers.get("authorization", "") != f"Bearer {self.api_key}":
-                err = APIError(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer ...)",
-                    code="invalid_api_key",
-                    type_="authentication_error",
-                )
-                return await _send_error(send, err)
+        refusal = self._refusal(scope["path"], headers)
+        if refusal is not None:
+            return await _send_error(secured_send, *refusal)
+        return await self.app(scope, self._paced(receive), secured_send)
+
+    def _refusal(self, path: str, headers: dict[str, str]) -> tuple[APIError, list] | None:
+        host = headers.get("host", "")
+        if self.allowed_hosts is not None and _host_name(host) not in self.allowed_hosts:
+            names = ", ".join(sorted(self.allowed_hosts))
+            return APIError(421, f"Host {host!r} is not this server's address ({names}); see --allowed-host"), []
+        if self.api_key and path != "/health" and not _authorized(headers.get("authorization", ""), self.api_key):
+            err = APIError(
+                401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
+                type_="authentication_error",
+            )  # fmt: skip
+            # a person opening a page gets the browser's password prompt; the key is the password
+            extra = [] if path.startswith("/v1/") else [(b"www-authenticate", b'Basic realm="codetune serve"')]
+            return err, extra
         length = headers.get("content-length")
         if length is not None:
             if not length.strip().isdigit():
-                return await _send_error(send, APIError(400, f"Content-Length {length!r} is not a number"))
+                return APIError(400, f"Content-Length {length!r} is not a number"), []
             if int(length) > self.max_bytes:
-                return await _send_error(send, self._too_large())
-        seen = 0
+                return self._too_large(), []
+        return None
 
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
+    def _paced(self, receive):
+        """``receive`` that counts the body's bytes and bounds the wait for each piece of it; once the body
+        is complete, waits (for a disconnect) are the app's and unbounded."""
+        seen, complete = 0, False
+
+        async def paced_receive():
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except TimeoutError:
+                complete = True
+                raise APIError(
+                    408, f"the request body stalled for {self.body_timeout:g} s; send it whole", code="request_timeout"
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise self._too_large()  # answered by the app's APIError handler; the rest is never read
+            else:
+                complete = True
             return message
 
-        return await self.app(scope, counted_receive, send)
+        return paced_receive
 
     def _too_large(self) -> APIError:
         return APIError(
@@ -94,15 +193,10 @@ class _Guard:
         )
 
 
-async def _send_error(send, err: APIError) -> None:
+async def _send_error(send, err: APIError, extra_headers: list | None = None) -> None:
     body = json.dumps(err.body()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": err.status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers + (extra_headers or [])})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -110,12 +204,22 @@ async def _send_error(send, err: APIError) -> None:
 # The app
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
-    """The FastAPI app: the guard in front, OpenAI-style errors, the API routes, and the pages for people."""
+def create_app(
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    allowed_hosts: frozenset[str] | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+):
+    """The FastAPI app: the guard in front, OpenAI-style errors, the API routes, and the pages for people.
+    ``allowed_hosts`` (``allowed_hosts_for``) are the Host names it answers; None answers any."""
     from fastapi import FastAPI
 
     app = FastAPI(title="codetune", version="1", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Guard, max_bytes=max_request_bytes, api_key=api_key)
+    app.add_middleware(
+        _Guard, max_bytes=max_request_bytes, api_key=api_key, allowed_hosts=allowed_hosts, body_timeout=body_timeout
+    )
     _add_error_handlers(app)
     api = _Api(engine)
     app.add_api_route("/health", api.health, methods=["GET"])
@@ -172,14 +276,17 @@ class _Api:
         return await self._complete(request, CompletionRequest, "text")
 
     async def _parse(self, request: Request, schema: type[OpenAIRequest]) -> OpenAIRequest:
-        ctype = request.headers.get("content-type")
-        if ctype is not None:
-            media = ctype.split(";")[0].strip().lower()
-            if media != "application/json" and not media.endswith("+json"):
-                raise APIError(
-                    400, f"Content-Type {ctype!r}: the request body must be JSON (Content-Type: application/json)"
-                )
-        raw = await request.body()  # bounded by _Guard
+        # JSON only, and said so: a cross-site form or a Content-Type-less "simple request" can start nothing
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            got = f"Content-Type {ctype!r}" if ctype else "no Content-Type"
+            raise APIError(415, f"{got}: the request body must be JSON (Content-Type: application/json)")
+        try:
+            raw = await request.body()  # bounded in size and pace by _Guard
+        except ClientDisconnect:
+            log.warning("a client left before sending its whole request body (%s)", request.url.path)
+            raise APIError(400, "the client left before sending its whole request body") from None
         try:
             # pydantic's own JSON parser: bounded nesting depth, no lone surrogates, no NaN
             req = await asyncio.to_thread(schema.model_validate_json, raw)
@@ -294,3 +401,40 @@ class _Reply:
             d = Delta(role="assistant", content="") if first else Delta(content=delta)
             return ChatCompletionChunk(choices=[] if usage else [ChunkChoice(delta=d, finish_reason=reason)], **head)
         return Completion(choices=[] if usage else [CompletionChoice(text=delta or "", finish_reason=reason)], **head)
+
+
+# ---------------------------------------------------------------------------------------
+# Serving: bind first, so that a port in use or a bad address is an error before anything is announced
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or an InputError naming the option that cannot be used."""
+    from ..errors import InputError
+
+    try:
+        family, type_, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InputError(f"--host {host!r}: not an address to listen on ({reason})") from None
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        hint = "; another process listens there: choose another --port" if exc.errno == errno.EADDRINUSE else ""
+        raise InputError(f"--host {host} --port {port}: {exc.strerror or exc}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(app, sock: socket.socket, *, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+    """Serve ``app`` on a socket from ``bind`` until Ctrl-C. Past ``max_connections`` open connections a new
+    request gets a 503 at once rather than a place in line."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", limit_concurrency=max_connections, timeout_keep_alive=5)
+    uvicorn.Server(config).run(sockets=[sock])

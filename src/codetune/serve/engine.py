@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Request
 
+from ..errors import InputError
 from ..generate import first_stop
 from ..recipe import GenerationConfig, Recipe
 from .schema import APIError, ChatRequest, CompletionRequest, OpenAIRequest
@@ -63,6 +64,8 @@ def load_engine(
 ) -> Engine:
     from ..generate import load_for_inference, quiet_libraries
 
+    if max_tokens_limit < 1:  # a server that would refuse every request is refused before it loads anything
+        raise InputError(f"--max-tokens-limit {max_tokens_limit}: must be at least 1")
     with quiet_libraries():
         loaded = load_for_inference(source, recipe=recipe)
     return Engine(
@@ -275,9 +278,7 @@ class StreamedRun:
         from transformers import TextIteratorStreamer
 
         self.job, self.result, self.gone = job, None, False
-        self.streamer = TextIteratorStreamer(
-            engine.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.05
-        )
+        self.streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.05)
         self.worker = threading.Thread(target=self._work, args=(engine,), daemon=True)
         self.worker.start()
 

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..recipe import SEED_MAX
+
 
 class APIError(Exception):
     def __init__(
@@ -40,8 +42,8 @@ class _Strict(BaseModel):
 
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-# torch.manual_seed takes 64-bit seeds; OpenAI's seed is an int64.
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# the recipe's generation.seed and numpy's seed: an unsigned 32-bit integer (OpenAI's int64 is wider)
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
@@ -111,9 +113,7 @@ class ChatRequest(OpenAIRequest):
             "functions": self.functions if self.functions else None,
             "tool_choice": self.tool_choice if self.tool_choice not in (None, "none", "auto") else None,
             "function_call": self.function_call if self.function_call not in (None, "none", "auto") else None,
-            "response_format": self.response_format
-            if self.response_format not in (None, {"type": "text"})
-            else None,
+            "response_format": self.response_format if self.response_format not in (None, {"type": "text"}) else None,
         }
         return {k: v for k, v in bad.items() if v is not None}
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
-from ..errors import RecipeError
+from ..errors import InputError, RecipeError
 from ..recipe import load_recipe
 from ..source import Source
 
@@ -19,6 +22,36 @@ def vllm_lora_rank(r: int) -> int:
         if rank >= r:
             return rank
     raise RecipeError(f"lora.r {r} is over the largest LoRA rank vLLM serves ({VLLM_LORA_RANKS[-1]}): merge it first")
+
+
+VLLM_ENV_VAR = "CODETUNE_VLLM"
+VLLM_SETUP = (
+    "vLLM pins an older transformers than codetune's, so it lives in its own environment: "
+    "`python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm` (or `make vllm-env`), then "
+    "--vllm .venv-vllm/bin/vllm (or CODETUNE_VLLM=...)"
+)
+
+
+def find_vllm(explicit: str | Path | None = None) -> Path:
+    """The ``vllm`` executable of vLLM's own environment: ``explicit`` (--vllm: the executable or the
+    environment's folder), else $CODETUNE_VLLM, else ``vllm`` on PATH. One in codetune's own environment is
+    refused: installing vLLM there replaced the transformers codetune needs."""
+    given = explicit or os.environ.get(VLLM_ENV_VAR)
+    if given:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            path = path / "bin" / "vllm"
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            origin = "--vllm" if explicit else VLLM_ENV_VAR
+            raise InputError(f"{origin} {given}: {path} is not an executable vllm; {VLLM_SETUP}")
+    else:
+        found = shutil.which("vllm")
+        if found is None:
+            raise InputError(f"vLLM is not found (no vllm on PATH, no --vllm); {VLLM_SETUP}")
+        path = Path(found)
+    if path.absolute().parent == Path(sys.executable).absolute().parent:
+        raise InputError(f"{path} is in codetune's own environment (uninstall it there): {VLLM_SETUP}")
+    return path
 
 
 def vllm_command(
