@@ -5,6 +5,7 @@ traceback, one ``error:`` line naming the input, and no file that existed before
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -605,3 +606,75 @@ def test_the_card_carries_only_the_adapters_own_results(run_copy, work, monkeypa
     evaluation = card.split("## Evaluation", 1)[1].split("## Chat format", 1)[0]
     assert "rougeL" in evaluation and "100.0" not in card
     assert "humaneval" not in evaluation and "mbpp" not in evaluation and "completions" not in evaluation
+
+
+# ---------------------------------------------------------------------------------------
+# T4, H1: a damaged run file (eval/summary.json, train_summary.json, a metrics.jsonl line) is one error naming
+# it, in the report, the card and the page at `codetune serve`'s GET /; never a traceback or a 500
+
+
+def _summary(**suites) -> dict:
+    rouge = {"samples": 2, "rouge1": 20.0, "rouge2": 2.0, "rougeL": 12.5, "rougeLsum": 20.0, "parse_rate": 50.0}
+    executed = {"tasks": 5, "tasks_in_suite": 164, "partial": True, "samples": 5, "n_per_task": 1,
+                "sandbox": "processes", "pass@1": 40.0, "parse_rate": 100.0}  # fmt: skip
+    tuned = {"rouge": {**rouge, **suites.get("rouge", {})}, "humaneval": {**executed, **suites.get("humaneval", {})}}
+    return {"source": "run", "suites": ["rouge", "humaneval"], "results": {"fine-tuned": tuned}}
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+RUN_FILE_DAMAGES = {
+    "summary nested 100k deep": ("eval/summary.json", _deep(100_000)),
+    "summary nested 100 deep": ("eval/summary.json", json.dumps({"results": json.loads(_deep(100))})),
+    "rouge1 a string": ("eval/summary.json", json.dumps(_summary(rouge={"rouge1": "high"}))),
+    "pass@1 null": ("eval/summary.json", json.dumps(_summary(humaneval={"pass@1": None}))),
+    "results a string": ("eval/summary.json", json.dumps({**_summary(), "results": "x"})),
+    "summary not UTF-8": ("eval/summary.json", b'{"results": {"\xff\xfe": {}}}'),
+    "train summary nested deep": ("train_summary.json", '{"a": ' * 100_000 + "1" + "}" * 100_000),
+    "train summary steps a string": ("train_summary.json", json.dumps({"global_step": "many", "tokens": 10})),
+    "metrics step 1e999": ("metrics.jsonl", '{"step": 1, "train_loss": 2.0}\n{"step": 1e999, "train_loss": 1.0}\n'),
+    "metrics loss a list": ("metrics.jsonl", '{"step": 1, "train_loss": [2.0]}\n'),
+}
+
+
+def _damage(run, name: str) -> Path:
+    relative, content = RUN_FILE_DAMAGES[name]
+    path = run / relative
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _served_root(run) -> tuple[int, str]:
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from codetune.serve import create_app
+
+    engine = SimpleNamespace(name="stub", source=str(run))  # GET / reads the run, never the model
+    with TestClient(create_app(engine), raise_server_exceptions=False) as client:
+        res = client.get("/")
+    return res.status_code, res.text
+
+
+@pytest.mark.parametrize("damage", list(RUN_FILE_DAMAGES))
+@pytest.mark.parametrize("command", ["report", "card", "serve"])
+def test_a_damaged_run_file(trained_run, work, damage, command):
+    import html
+
+    path = _damage(trained_run, damage)
+    if command == "card" and path.name == "metrics.jsonl":
+        pytest.skip("the card reads the loss table training wrote, not metrics.jsonl")
+    if command == "serve":
+        status, text = _served_root(trained_run)
+        assert status == 200 and "No run report" in text
+        assert html.escape(str(path)) in text
+        return
+    before = snapshot(work)
+    code, output = cli(command, trained_run)
+    assert code == 2
+    assert_clear_error(code, output, str(path))
+    assert snapshot(work) == before
