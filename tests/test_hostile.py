@@ -609,6 +609,64 @@ def test_the_card_carries_only_the_adapters_own_results(run_copy, work, monkeypa
 
 
 # ---------------------------------------------------------------------------------------
+# D1, D2, M5, M9 (report): `codetune report` writes as `card` does: an existing file is replaced only with
+# --overwrite and only when it is a report codetune wrote; a folder is no report file; a full disk is named
+
+
+@pytest.mark.parametrize("target", ["adapter/adapter_model.safetensors", "recipe.yaml", "metrics.jsonl"])
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_report_never_writes_over_a_file_it_did_not_write(trained_run, work, target, extra):
+    before = snapshot(work)
+    code, output = cli("report", trained_run, "--out", trained_run / target, *extra)
+    line = assert_clear_error(code, output, str(trained_run / target))
+    assert code == 2
+    assert ("not a codetune report" in line) if extra else ("--overwrite" in line)
+    assert snapshot(work) == before
+
+
+def test_report_keeps_a_users_own_report_html(trained_run, work):
+    mine = trained_run / "report.html"
+    mine.write_text("<html><body>my own notes</body></html>\n")
+    before = snapshot(work)
+    for extra, says in (([], "pass --overwrite"), (["--overwrite"], "not a codetune report")):
+        code, output = cli("report", trained_run, *extra)
+        line = assert_clear_error(code, output, str(mine), says)
+        assert code == 2, line
+    assert snapshot(work) == before
+
+
+def test_report_replaces_its_own_report_only_with_overwrite(trained_run, work):
+    report = trained_run / "report.html"
+    assert cli("report", trained_run)[0] == 0
+    before = snapshot(work)
+    code, output = cli("report", trained_run)  # as `card` does: its own earlier output too, only when asked
+    assert_clear_error(code, output, str(report), "--overwrite")
+    assert snapshot(work) == before
+    code, output = cli("report", trained_run, "--overwrite")
+    assert code == 0, output
+    assert "codetune report" in report.read_text()
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_report_out_an_existing_folder(trained_run, work, extra):
+    folder = work / "reports"
+    folder.mkdir()
+    before = snapshot(work)
+    code, output = cli("report", trained_run, "--out", folder, *extra)
+    line = assert_clear_error(code, output, str(folder), "is a folder")
+    assert code == 2 and ".tmp" not in line
+    assert snapshot(work) == before
+
+
+def test_a_full_disk_while_writing_the_report(trained_run, work):
+    before = snapshot(work)
+    code, output = cli_limited("report", trained_run, cwd=work, limit=4 * 1024)
+    line = assert_clear_error(code, output, str(trained_run / "report.html"), "File too large")
+    assert code == 2 and "nothing was replaced" in line
+    assert snapshot(work) == before  # no staging folder, no temporary file left
+
+
+# ---------------------------------------------------------------------------------------
 # T4, H1: a damaged run file (eval/summary.json, train_summary.json, a metrics.jsonl line) is one error naming
 # it, in the report, the card and the page at `codetune serve`'s GET /; never a traceback or a 500
 

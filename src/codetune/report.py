@@ -22,9 +22,7 @@ import functools
 import hashlib
 import html
 import io
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -32,8 +30,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from .errors import RecipeError
-from .rundir import EVAL_SUMMARY, RunDir
+from .errors import OutputError, RecipeError
+from .rundir import EVAL_SUMMARY, RunDir, check_target, is_report, staged_file
 from .runfiles import read_eval_summary
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -486,18 +484,19 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
     return page(f"codetune report: {recipe_name}", "\n".join(parts), _asset("report.js"))
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``RUN_DIR/report.html`` (or ``out``) atomically: an earlier report stays whole until the new one is."""
-    text = render_report(run_dir)
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``) as ``card`` writes its card: an existing file is replaced only
+    with ``overwrite``, and only when it is a report codetune wrote; the new one is staged and renamed into
+    place, so an earlier report stays whole until the new one is, and a full disk is one error naming it."""
+    run_dir = Path(run_dir)
     path = Path(out) if out is not None else RunDir(run_dir).report
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    elsewhere = "choose another --out"
+    if path.is_dir() and not path.is_symlink():
+        hint = f"--out takes the path of the HTML file to write (say {path / 'index.html'})"
+        raise OutputError(f"report {path} is a folder: {hint if out is not None else 'move it away, or ' + elsewhere}")
+    rules = dict(overwrite=overwrite, protect=[run_dir], ours=is_report, what="report", elsewhere=elsewhere)
+    check_target(path, "report", **rules)
+    text = render_report(run_dir)
+    with staged_file(path, "report", **rules) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -210,8 +210,9 @@ def check_target(
                 f"is replaced){other.replace(';', ', or', 1)}"
             )
         if not (ours(target) if ours is not None else is_kind(target, kind)):
+            why = f"no {MARKER} of that kind" if target.is_dir() else "a file codetune did not write"
             raise OutputError(
-                f"{what} {target} exists and is not a codetune {kind} output (no {MARKER} of that kind): "
+                f"{what} {target} exists and is not a codetune {kind} output ({why}): "
                 f"codetune will not replace it, even with --overwrite{other or '; move it away first'}"
             )
 
