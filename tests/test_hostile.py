@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .test_cli_sweep import assert_clear_error, cli, snapshot
 
@@ -736,3 +738,104 @@ def test_a_damaged_run_file(trained_run, work, damage, command):
     assert code == 2
     assert_clear_error(code, output, str(path))
     assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------------------------------
+# T4, H1 fuzzed: whatever lands in a trained run's eval/summary.json, train_summary.json or a metrics.jsonl
+# line (deep nesting, wrong types, huge numbers, null, text, bytes that are not UTF-8), the report, the card
+# and GET / give their page or one CodetuneError: never another exception, a traceback or a 5xx
+
+_SCALARS = st.none() | st.booleans() | st.integers(-(10**40), 10**40) | st.floats() | st.text(max_size=12)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3),
+    max_leaves=10,
+)
+_RAW = st.one_of(
+    st.binary(max_size=40),
+    st.integers(1, 200_000).map(lambda d: ("[" * d + "]" * d).encode()),
+    st.integers(1, 200_000).map(lambda d: ('{"results": ' * d + "{}" + "}" * d).encode()),
+    st.sampled_from([b"1e999", b"-1e999", b"NaN", b"1" * 5000, b"\xff\xfe{}", b"", b"null", b'"x"', b"{" * 3]),
+)
+_FIELDS = {
+    "eval/summary.json": [
+        (), ("results",), ("suites",), ("adapter_sha256",), ("results", "fine-tuned"), ("results", "base"),
+        ("results", "fine-tuned", "rouge"), ("results", "fine-tuned", "rouge", "rouge1"),
+        ("results", "fine-tuned", "rouge", "samples"), ("results", "base", "rouge", "rougeL"),
+        ("results", "fine-tuned", "rouge", "adapter_sha256"), ("results", "fine-tuned", "humaneval", "pass@1"),
+        ("results", "fine-tuned", "humaneval", "n_per_task"), ("results", "fine-tuned", "humaneval", "tasks"),
+        ("results", "fine-tuned", "humaneval", "partial"), ("results", "fine-tuned", "humaneval", "sandbox"),
+        ("results", "fine-tuned", "humaneval", "parse_rate"),
+    ],
+    "train_summary.json": [(), ("global_step",), ("epochs",), ("tokens",), ("trainable_parameters",),
+                           ("total_parameters",), ("device",), ("world_size",), ("wall_s_this_session",)],
+    "metrics.jsonl": [(), ("step",), ("train_loss",), ("eval_loss",), ("learning_rate",)],
+}  # fmt: skip
+
+
+@st.composite
+def _run_file_damage(draw) -> tuple[str, tuple | None, object]:
+    name = draw(st.sampled_from(list(_FIELDS)))
+    if draw(st.integers(0, 3)) == 0:
+        return name, None, draw(_RAW)
+    return name, draw(st.sampled_from(_FIELDS[name])), draw(_JSON)
+
+
+def _good_files(run) -> dict[str, object]:
+    from codetune.rundir import RunDir
+
+    summary = _summary()
+    summary["results"]["base"] = json.loads(json.dumps(summary["results"]["fine-tuned"]))
+    summary["adapter_sha256"] = sha = RunDir(run).adapter_fingerprint()
+    for suite in summary["results"]["fine-tuned"].values():
+        suite["adapter_sha256"] = sha
+    train = json.loads((run / "train_summary.json").read_text())
+    line = {"step": 2, "epoch": 0.1, "train_loss": 3.5, "eval_loss": 3.9, "learning_rate": 1e-4, "tokens": 10}
+    return {"eval/summary.json": summary, "train_summary.json": train, "metrics.jsonl": line}
+
+
+def _set(obj, path: tuple, value):
+    if not path:
+        return value
+    obj = json.loads(json.dumps(obj))
+    inner = obj
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = value
+    return obj
+
+
+def _write_damaged(run, good: dict, name: str, path: tuple | None, value) -> None:
+    first = json.dumps({"step": 1, "train_loss": 4.0}) + "\n"  # metrics.jsonl: a sound line, then the one drawn
+    for each, content in good.items():  # the other files as codetune writes them
+        (run / each).write_text((first if each == "metrics.jsonl" else "") + json.dumps(content) + "\n")
+    data = value if path is None else json.dumps(_set(good[name], path, value), allow_nan=True).encode()
+    if name == "metrics.jsonl":
+        data = first.encode() + data + b"\n"
+    (run / name).write_bytes(data)
+
+
+def test_damaged_run_files_fuzzed(run_copy, work):
+    from codetune.card import render_card
+    from codetune.errors import CodetuneError
+
+    (run_copy / "eval").mkdir()
+    good = _good_files(run_copy)
+    _write_damaged(run_copy, good, "metrics.jsonl", (), good["metrics.jsonl"])
+    assert cli("report", run_copy, "--out", work / "r.html")[0] == 0  # the skeleton itself is sound
+    assert "## Evaluation" in render_card(run_copy) and "rougeL" in render_card(run_copy)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_run_file_damage())
+    def holds(damage):
+        _write_damaged(run_copy, good, *damage)
+        code, output = cli("report", run_copy, "--out", work / "r.html", "--overwrite")
+        assert code in (0, 2) and "Traceback" not in output, output
+        try:
+            render_card(run_copy)
+        except CodetuneError:
+            pass
+        status, text = _served_root(run_copy)
+        assert status == 200, text
+
+    holds()
