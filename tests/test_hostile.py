@@ -839,3 +839,17 @@ def test_damaged_run_files_fuzzed(run_copy, work):
         assert status == 200, text
 
     holds()
+
+
+@pytest.mark.parametrize("pattern", [{"q_proj": "x"}, {"q_proj": 0}, "x"])
+def test_serve_vllm_reads_the_adapter_config_through_the_loader(tmp_path, work, pattern):
+    from .test_serve import _phi3_run
+
+    run = _phi3_run(tmp_path, r=8)
+    config = run / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "rank_pattern": pattern}))
+    before = snapshot(tmp_path)
+    code, output = cli("serve", run, "--engine", "vllm", "--dry-run")
+    assert code == 2
+    assert_clear_error(code, output, str(config), "rank_pattern")
+    assert snapshot(tmp_path) == before

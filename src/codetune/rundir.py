@@ -501,6 +501,10 @@ class RunDir:
         """The lines of metrics.jsonl, checked; None when there is none."""
         return read_metrics(self.metrics)
 
+    def read_adapter_config(self) -> dict:
+        """The adapter's adapter_config.json, checked (a LoRA's fields); a missing or damaged one is refused."""
+        return _read_adapter_config(self.adapter_config)
+
     def read_eval_summary(self) -> dict | None:
         """eval/summary.json, checked; None when the run has not been evaluated."""
         return read_eval_summary(self.eval_summary)

@@ -47,6 +47,7 @@ class AdapterConfig(_Model):
     r: int = Field(gt=0)
     lora_alpha: int | float
     target_modules: list[str] | str | None = None
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None  # per-module ranks (vLLM's serve reads them)
 
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
