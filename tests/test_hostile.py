@@ -5,8 +5,11 @@ traceback, one ``error:`` line naming the input, and no file that existed before
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .test_cli_sweep import assert_clear_error, cli, snapshot
 
@@ -605,3 +608,248 @@ def test_the_card_carries_only_the_adapters_own_results(run_copy, work, monkeypa
     evaluation = card.split("## Evaluation", 1)[1].split("## Chat format", 1)[0]
     assert "rougeL" in evaluation and "100.0" not in card
     assert "humaneval" not in evaluation and "mbpp" not in evaluation and "completions" not in evaluation
+
+
+# ---------------------------------------------------------------------------------------
+# D1, D2, M5, M9 (report): `codetune report` writes as `card` does: an existing file is replaced only with
+# --overwrite and only when it is a report codetune wrote; a folder is no report file; a full disk is named
+
+
+@pytest.mark.parametrize("target", ["adapter/adapter_model.safetensors", "recipe.yaml", "metrics.jsonl"])
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_report_never_writes_over_a_file_it_did_not_write(trained_run, work, target, extra):
+    before = snapshot(work)
+    code, output = cli("report", trained_run, "--out", trained_run / target, *extra)
+    line = assert_clear_error(code, output, str(trained_run / target))
+    assert code == 2
+    assert ("not a codetune report" in line) if extra else ("--overwrite" in line)
+    assert snapshot(work) == before
+
+
+def test_report_keeps_a_users_own_report_html(trained_run, work):
+    mine = trained_run / "report.html"
+    mine.write_text("<html><body>my own notes</body></html>\n")
+    before = snapshot(work)
+    for extra, says in (([], "pass --overwrite"), (["--overwrite"], "not a codetune report")):
+        code, output = cli("report", trained_run, *extra)
+        line = assert_clear_error(code, output, str(mine), says)
+        assert code == 2, line
+    assert snapshot(work) == before
+
+
+def test_report_replaces_its_own_report_only_with_overwrite(trained_run, work):
+    report = trained_run / "report.html"
+    assert cli("report", trained_run)[0] == 0
+    before = snapshot(work)
+    code, output = cli("report", trained_run)  # as `card` does: its own earlier output too, only when asked
+    assert_clear_error(code, output, str(report), "--overwrite")
+    assert snapshot(work) == before
+    code, output = cli("report", trained_run, "--overwrite")
+    assert code == 0, output
+    assert "codetune report" in report.read_text()
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_report_out_an_existing_folder(trained_run, work, extra):
+    folder = work / "reports"
+    folder.mkdir()
+    before = snapshot(work)
+    code, output = cli("report", trained_run, "--out", folder, *extra)
+    line = assert_clear_error(code, output, str(folder), "is a folder")
+    assert code == 2 and ".tmp" not in line
+    assert snapshot(work) == before
+
+
+def test_a_full_disk_while_writing_the_report(trained_run, work):
+    before = snapshot(work)
+    code, output = cli_limited("report", trained_run, cwd=work, limit=4 * 1024)
+    line = assert_clear_error(code, output, str(trained_run / "report.html"), "File too large")
+    assert code == 2 and "nothing was replaced" in line
+    assert snapshot(work) == before  # no staging folder, no temporary file left
+
+
+# ---------------------------------------------------------------------------------------
+# T4, H1: a damaged run file (eval/summary.json, train_summary.json, a metrics.jsonl line) is one error naming
+# it, in the report, the card and the page at `codetune serve`'s GET /; never a traceback or a 500
+
+
+def _summary(**suites) -> dict:
+    rouge = {"samples": 2, "rouge1": 20.0, "rouge2": 2.0, "rougeL": 12.5, "rougeLsum": 20.0, "parse_rate": 50.0}
+    executed = {"tasks": 5, "tasks_in_suite": 164, "partial": True, "samples": 5, "n_per_task": 1,
+                "sandbox": "processes", "pass@1": 40.0, "parse_rate": 100.0}  # fmt: skip
+    tuned = {"rouge": {**rouge, **suites.get("rouge", {})}, "humaneval": {**executed, **suites.get("humaneval", {})}}
+    return {"source": "run", "suites": ["rouge", "humaneval"], "results": {"fine-tuned": tuned}}
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+RUN_FILE_DAMAGES = {
+    "summary nested 100k deep": ("eval/summary.json", _deep(100_000)),
+    "summary nested 100 deep": ("eval/summary.json", json.dumps({"results": json.loads(_deep(100))})),
+    "rouge1 a string": ("eval/summary.json", json.dumps(_summary(rouge={"rouge1": "high"}))),
+    "pass@1 null": ("eval/summary.json", json.dumps(_summary(humaneval={"pass@1": None}))),
+    "results a string": ("eval/summary.json", json.dumps({**_summary(), "results": "x"})),
+    "summary not UTF-8": ("eval/summary.json", b'{"results": {"\xff\xfe": {}}}'),
+    "train summary nested deep": ("train_summary.json", '{"a": ' * 100_000 + "1" + "}" * 100_000),
+    "train summary steps a string": ("train_summary.json", json.dumps({"global_step": "many", "tokens": 10})),
+    "metrics step 1e999": ("metrics.jsonl", '{"step": 1, "train_loss": 2.0}\n{"step": 1e999, "train_loss": 1.0}\n'),
+    "metrics loss a list": ("metrics.jsonl", '{"step": 1, "train_loss": [2.0]}\n'),
+}
+
+
+def _damage(run, name: str) -> Path:
+    relative, content = RUN_FILE_DAMAGES[name]
+    path = run / relative
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _served_root(run) -> tuple[int, str]:
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from codetune.serve import create_app
+
+    engine = SimpleNamespace(name="stub", source=str(run))  # GET / reads the run, never the model
+    with TestClient(create_app(engine), raise_server_exceptions=False) as client:
+        res = client.get("/")
+    return res.status_code, res.text
+
+
+@pytest.mark.parametrize("damage", list(RUN_FILE_DAMAGES))
+@pytest.mark.parametrize("command", ["report", "card", "serve"])
+def test_a_damaged_run_file(trained_run, work, damage, command):
+    import html
+
+    path = _damage(trained_run, damage)
+    if command == "card" and path.name == "metrics.jsonl":
+        pytest.skip("the card reads the loss table training wrote, not metrics.jsonl")
+    if command == "serve":
+        status, text = _served_root(trained_run)
+        assert status == 200 and "No run report" in text
+        assert html.escape(str(path)) in text
+        return
+    before = snapshot(work)
+    code, output = cli(command, trained_run)
+    assert code == 2
+    assert_clear_error(code, output, str(path))
+    assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------------------------------
+# T4, H1 fuzzed: whatever lands in a trained run's eval/summary.json, train_summary.json or a metrics.jsonl
+# line (deep nesting, wrong types, huge numbers, null, text, bytes that are not UTF-8), the report, the card
+# and GET / give their page or one CodetuneError: never another exception, a traceback or a 5xx
+
+_SCALARS = st.none() | st.booleans() | st.integers(-(10**40), 10**40) | st.floats() | st.text(max_size=12)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3),
+    max_leaves=10,
+)
+_RAW = st.one_of(
+    st.binary(max_size=40),
+    st.integers(1, 200_000).map(lambda d: ("[" * d + "]" * d).encode()),
+    st.integers(1, 200_000).map(lambda d: ('{"results": ' * d + "{}" + "}" * d).encode()),
+    st.sampled_from([b"1e999", b"-1e999", b"NaN", b"1" * 5000, b"\xff\xfe{}", b"", b"null", b'"x"', b"{" * 3]),
+)
+_FIELDS = {
+    "eval/summary.json": [
+        (), ("results",), ("suites",), ("adapter_sha256",), ("results", "fine-tuned"), ("results", "base"),
+        ("results", "fine-tuned", "rouge"), ("results", "fine-tuned", "rouge", "rouge1"),
+        ("results", "fine-tuned", "rouge", "samples"), ("results", "base", "rouge", "rougeL"),
+        ("results", "fine-tuned", "rouge", "adapter_sha256"), ("results", "fine-tuned", "humaneval", "pass@1"),
+        ("results", "fine-tuned", "humaneval", "n_per_task"), ("results", "fine-tuned", "humaneval", "tasks"),
+        ("results", "fine-tuned", "humaneval", "partial"), ("results", "fine-tuned", "humaneval", "sandbox"),
+        ("results", "fine-tuned", "humaneval", "parse_rate"),
+    ],
+    "train_summary.json": [(), ("global_step",), ("epochs",), ("tokens",), ("trainable_parameters",),
+                           ("total_parameters",), ("device",), ("world_size",), ("wall_s_this_session",)],
+    "metrics.jsonl": [(), ("step",), ("train_loss",), ("eval_loss",), ("learning_rate",)],
+}  # fmt: skip
+
+
+@st.composite
+def _run_file_damage(draw) -> tuple[str, tuple | None, object]:
+    name = draw(st.sampled_from(list(_FIELDS)))
+    if draw(st.integers(0, 3)) == 0:
+        return name, None, draw(_RAW)
+    return name, draw(st.sampled_from(_FIELDS[name])), draw(_JSON)
+
+
+def _good_files(run) -> dict[str, object]:
+    from codetune.rundir import RunDir
+
+    summary = _summary()
+    summary["results"]["base"] = json.loads(json.dumps(summary["results"]["fine-tuned"]))
+    summary["adapter_sha256"] = sha = RunDir(run).adapter_fingerprint()
+    for suite in summary["results"]["fine-tuned"].values():
+        suite["adapter_sha256"] = sha
+    train = json.loads((run / "train_summary.json").read_text())
+    line = {"step": 2, "epoch": 0.1, "train_loss": 3.5, "eval_loss": 3.9, "learning_rate": 1e-4, "tokens": 10}
+    return {"eval/summary.json": summary, "train_summary.json": train, "metrics.jsonl": line}
+
+
+def _set(obj, path: tuple, value):
+    if not path:
+        return value
+    obj = json.loads(json.dumps(obj))
+    inner = obj
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = value
+    return obj
+
+
+def _write_damaged(run, good: dict, name: str, path: tuple | None, value) -> None:
+    first = json.dumps({"step": 1, "train_loss": 4.0}) + "\n"  # metrics.jsonl: a sound line, then the one drawn
+    for each, content in good.items():  # the other files as codetune writes them
+        (run / each).write_text((first if each == "metrics.jsonl" else "") + json.dumps(content) + "\n")
+    data = value if path is None else json.dumps(_set(good[name], path, value), allow_nan=True).encode()
+    if name == "metrics.jsonl":
+        data = first.encode() + data + b"\n"
+    (run / name).write_bytes(data)
+
+
+def test_damaged_run_files_fuzzed(run_copy, work):
+    from codetune.card import render_card
+    from codetune.errors import CodetuneError
+
+    (run_copy / "eval").mkdir()
+    good = _good_files(run_copy)
+    _write_damaged(run_copy, good, "metrics.jsonl", (), good["metrics.jsonl"])
+    assert cli("report", run_copy, "--out", work / "r.html")[0] == 0  # the skeleton itself is sound
+    assert "## Evaluation" in render_card(run_copy) and "rougeL" in render_card(run_copy)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_run_file_damage())
+    def holds(damage):
+        _write_damaged(run_copy, good, *damage)
+        code, output = cli("report", run_copy, "--out", work / "r.html", "--overwrite")
+        assert code in (0, 2) and "Traceback" not in output, output
+        try:
+            render_card(run_copy)
+        except CodetuneError:
+            pass
+        status, text = _served_root(run_copy)
+        assert status == 200, text
+
+    holds()
+
+
+@pytest.mark.parametrize("pattern", [{"q_proj": "x"}, {"q_proj": 0}, "x"])
+def test_serve_vllm_reads_the_adapter_config_through_the_loader(tmp_path, work, pattern):
+    from .test_serve import _phi3_run
+
+    run = _phi3_run(tmp_path, r=8)
+    config = run / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "rank_pattern": pattern}))
+    before = snapshot(tmp_path)
+    code, output = cli("serve", run, "--engine", "vllm", "--dry-run")
+    assert code == 2
+    assert_clear_error(code, output, str(config), "rank_pattern")
+    assert snapshot(tmp_path) == before

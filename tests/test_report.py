@@ -165,7 +165,7 @@ def test_report_errors_name_the_file_and_keep_the_earlier_report(run, tmp_path):
     earlier = write_report(run).read_bytes()
     with (run / "eval" / "starter.jsonl").open("a") as fh:
         fh.write("{not json\n")
-    res = runner.invoke(app, ["report", str(run)])
+    res = runner.invoke(app, ["report", str(run), "--overwrite"])  # a report codetune wrote: replaced when asked
     assert res.exit_code == 2 and "starter.jsonl, row 6: not valid JSON" in res.output
     assert (run / "report.html").read_bytes() == earlier
     assert not list(run.glob(".report-*"))

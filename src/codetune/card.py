@@ -73,16 +73,9 @@ def _eval_summary(run_dir: Path) -> dict | None:
     another adapter is refused; None when there is nothing of the adapter's own to show."""
     rd = RunDir(run_dir)
     path = rd.eval_summary
-    if not path.is_file():
+    summary = rd.read_eval_summary()  # a damaged one is one error naming it and the field
+    if summary is None:
         return None
-    try:
-        summary = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        summary = None
-    if not isinstance(summary, dict) or not isinstance(summary.get("results"), dict):
-        raise RecipeError(
-            f"{path} is not an evaluation summary: run `codetune eval {run_dir} --overwrite`, then the card"
-        )
     made_from, current = summary.get("adapter_sha256"), rd.adapter_fingerprint()
     if made_from is None or made_from != current:
         what = "does not record the adapter it scores" if made_from is None else "scores another adapter than"
@@ -125,6 +118,8 @@ def _eval_results(summary: dict | None, dataset: str) -> list:
         if not info:
             continue
         if suite.scoring == "rouge":
+            if "rougeL" not in info:  # no samples scored: no ROUGE to publish
+                continue
             results += _rouge_results(info, suite.card_dataset or (dataset, None, "test"))
         # a partial suite's score is not the suite's score, nor is one on tasks not known to be held out
         elif suite.card_dataset and not (info.get("partial") or (suite.held_out and info.get("held_out") is False)):
@@ -320,13 +315,14 @@ def _training_section(run_dir: Path) -> list[str]:
     """What training did (train_summary.json), its loss table and plot."""
     lines = ["## Training", ""]
     rd = RunDir(run_dir)
-    path = rd.train_summary
-    if path.is_file():
-        done = json.loads(path.read_text())
+    done = rd.read_train_summary()  # checked: a damaged one is one error naming it and the field
+    if done is not None:
         lines += [
-            f"- optimizer steps: {done['global_step']}, epochs: {done['epochs']:.2f}, tokens seen: {done['tokens']:,}",
-            f"- trainable parameters: {done['trainable_parameters']:,} of {done['total_parameters']:,}",
-            f"- device: {done['device']}, processes: {done['world_size']}",
+            f"- optimizer steps: {_n(done.get('global_step'))}, epochs: {_n(done.get('epochs'), '.2f')}, "
+            f"tokens seen: {_n(done.get('tokens'), ',')}",
+            f"- trainable parameters: {_n(done.get('trainable_parameters'), ',')} of "
+            f"{_n(done.get('total_parameters'), ',')}",
+            f"- device: {_code(done.get('device') or '?')}, processes: {_n(done.get('world_size'))}",
             "",
         ]
     if rd.loss_table.is_file():
@@ -334,6 +330,11 @@ def _training_section(run_dir: Path) -> list[str]:
     if rd.loss_plot.is_file():
         lines += [f"![training and validation loss]({RunDir.LOSS_PLOT})", ""]
     return lines
+
+
+def _n(value: int | float | None, spec: str = "") -> str:
+    """A number of train_summary.json as the card shows it; "?" for one the file does not record."""
+    return "?" if value is None else format(value, spec)
 
 
 def _recipe_section(recipe: Recipe) -> list[str]:

@@ -554,11 +554,12 @@ def card_cmd(
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (or an `eval --out` folder)")],
     out_file: Annotated[Path | None, typer.Option("--out", help=f"Default: RUN_DIR/{RunDir.REPORT}")] = None,
+    overwrite: ReplaceOpt = False,
 ) -> None:
     """Write RUN_DIR/report.html: loss curves, base vs fine-tuned scores and every sample, in one offline page."""
     from .report import write_report
 
-    path = write_report(run_dir, out_file)
+    path = write_report(run_dir, out_file, overwrite=overwrite)
     out.print(f"report   -> {path}", highlight=False)
 
 

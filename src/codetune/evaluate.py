@@ -30,6 +30,7 @@ from .rundir import (
     run_of_eval,
     staged_dir,
 )
+from .runfiles import EVAL_FIX, read_eval_summary
 from .source import Source
 from .suites import (
     REGISTRY,
@@ -102,6 +103,11 @@ def generate_completions(
     return [answers[i * n : (i + 1) * n] for i in range(len(tasks))]
 
 
+def _cell(value, spec: str) -> str:
+    """A score in a table; "—" where there is none."""
+    return format(value, spec) if isinstance(value, int | float) and not isinstance(value, bool) else "—"
+
+
 def summary_markdown(results: dict[str, dict[str, dict]], title: str) -> str:
     """One table per kind of score; a column per model (fine-tuned, base)."""
     models = list(results)
@@ -117,7 +123,7 @@ def summary_markdown(results: dict[str, dict[str, dict]], title: str) -> str:
             "|---|" + "---:|" * len(rouge),
         ]
         for t in ROUGE_TYPES:
-            lines.append(f"| {t} | " + " | ".join(f"{rouge[m][t]:.2f}" for m in rouge) + " |")
+            lines.append(f"| {t} | " + " | ".join(_cell(rouge[m].get(t), ".2f") for m in rouge) + " |")
         lines.append("")
     suites = [s for s in executed_suites() if any(s in r for r in results.values())]
     if suites:
@@ -132,10 +138,7 @@ def summary_markdown(results: dict[str, dict[str, dict]], title: str) -> str:
                 {k for r in results.values() if s in r for k in r[s] if k.startswith("pass@")} | {"parse_rate"}
             )
             for metric in metrics:
-                cells = [
-                    f"{results[m][s][metric]:.1f}" if s in results[m] and metric in results[m][s] else "—"
-                    for m in models
-                ]
+                cells = [_cell(results[m].get(s, {}).get(metric), ".1f") for m in models]
                 lines.append(f"| {suite_label(s, suite_info(results, s))} | {metric} | " + " | ".join(cells) + " |")
         lines.append("")
         levels = sorted({str(r[s].get("sandbox")) for r in results.values() for s in suites if s in r})
@@ -270,15 +273,13 @@ def _earlier_summary(out_dir: Path, overwrite: bool) -> dict | None:
     if not out_dir.is_dir() or not path.is_file() or path.is_symlink():
         return None
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(summary, dict) or not isinstance(summary.get("results"), dict):
-            raise ValueError
-        return summary
-    except (OSError, ValueError, RecursionError):
+        return read_eval_summary(path)  # runfiles' checked loader
+    except InputError as exc:
         if overwrite:
             return None  # replaced whole
+        why = str(exc).removeprefix(str(path)).removesuffix(f"; {EVAL_FIX}").lstrip(",: ")
         raise OutputError(
-            f"{path} is not an evaluation summary codetune can add to: pass --overwrite to replace {out_dir}"
+            f"{path} is not an evaluation summary codetune can add to ({why}): pass --overwrite to replace {out_dir}"
         ) from None
 
 

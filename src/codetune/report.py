@@ -22,10 +22,7 @@ import functools
 import hashlib
 import html
 import io
-import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -33,8 +30,9 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from .errors import RecipeError
-from .rundir import EVAL_SUMMARY, RunDir
+from .errors import OutputError, RecipeError
+from .rundir import EVAL_SUMMARY, RunDir, check_target, is_report, staged_file
+from .runfiles import read_eval_summary
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -45,18 +43,6 @@ def _e(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Reading the run
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a JSON object")
-    return data
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -82,22 +68,14 @@ def eval_dir_of(run_dir: Path) -> Path | None:
 
 
 def _loss_points(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    path = RunDir(run_dir).metrics
-    if not path.is_file():
-        return [], []
+    """The training and validation losses by step, from metrics.jsonl (read through RunDir's checked loader)."""
     train: dict[int, float] = {}
     evals: dict[int, float] = {}
-    for row in _read_rows(path):
-        step = row.get("step")
-        if not isinstance(step, int | float):
-            raise RecipeError(f"{path}, row {row['__row__']}, field 'step': missing or not a number")
+    for row in RunDir(run_dir).read_metrics() or []:
         # a resumed run logs some steps twice: the later line is the one that counts
         for key, into in (("train_loss", train), ("eval_loss", evals)):
-            value = row.get(key)
-            if value is not None:
-                if not isinstance(value, int | float):
-                    raise RecipeError(f"{path}, row {row['__row__']}, field {key!r}: not a number")
-                into[int(step)] = float(value)
+            if row.get(key) is not None:
+                into[row["step"]] = float(row[key])
     return sorted(train.items()), sorted(evals.items())
 
 
@@ -419,7 +397,11 @@ def _loss_section(run_dir: Path, recipe_name: str) -> list[str]:
             last.append(f"last training loss {train[-1][1]:.4f} (step {train[-1][0]})")
         if evals:
             last.append(f"last validation loss {evals[-1][1]:.4f} (step {evals[-1][0]})")
-        parts.append(loss_svg(train, evals, f"{recipe_name}: loss") + f'<p class="muted">{_e(", ".join(last))}</p>')
+        try:
+            chart = loss_svg(train, evals, f"{recipe_name}: loss")
+        except (ValueError, OverflowError):  # losses too far apart for matplotlib's axes (1e308 and -1e308)
+            chart = f'<p class="muted">The losses in {RunDir.METRICS} span too wide a range to draw.</p>'
+        parts.append(chart + f'<p class="muted">{_e(", ".join(last))}</p>')
     else:
         parts.append(f'<p class="muted">No training metrics here ({RunDir.METRICS}).</p>')
     parts.append("</section>")
@@ -492,8 +474,8 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
     run_dir = Path(run_dir)
     eval_dir = _check_reportable(run_dir)
     recipe_name, base_model = _recipe_names(run_dir)
-    train_summary = _read_json(RunDir(run_dir).train_summary) or {}
-    summary = _read_json(eval_dir / EVAL_SUMMARY) if eval_dir else None
+    train_summary = RunDir(run_dir).read_train_summary() or {}
+    summary = read_eval_summary(eval_dir / EVAL_SUMMARY) if eval_dir else None
     parts = [_header(run_dir, recipe_name, base_model, train_summary, chat_link)]
     parts += _loss_section(run_dir, recipe_name)
     parts += _eval_section(summary)
@@ -502,18 +484,19 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
     return page(f"codetune report: {recipe_name}", "\n".join(parts), _asset("report.js"))
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``RUN_DIR/report.html`` (or ``out``) atomically: an earlier report stays whole until the new one is."""
-    text = render_report(run_dir)
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``) as ``card`` writes its card: an existing file is replaced only
+    with ``overwrite``, and only when it is a report codetune wrote; the new one is staged and renamed into
+    place, so an earlier report stays whole until the new one is, and a full disk is one error naming it."""
+    run_dir = Path(run_dir)
     path = Path(out) if out is not None else RunDir(run_dir).report
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    elsewhere = "choose another --out"
+    if path.is_dir() and not path.is_symlink():
+        hint = f"--out takes the path of the HTML file to write (say {path / 'index.html'})"
+        raise OutputError(f"report {path} is a folder: {hint if out is not None else 'move it away, or ' + elsewhere}")
+    rules = dict(overwrite=overwrite, protect=[run_dir], ours=is_report, what="report", elsewhere=elsewhere)
+    check_target(path, "report", **rules)
+    text = render_report(run_dir)
+    with staged_file(path, "report", **rules) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError, OutputError, RecipeError
+from .runfiles import read_adapter_config, read_eval_summary, read_metrics, read_train_summary
 from .version import __version__
 
 MARKER = ".codetune.json"
@@ -209,8 +210,9 @@ def check_target(
                 f"is replaced){other.replace(';', ', or', 1)}"
             )
         if not (ours(target) if ours is not None else is_kind(target, kind)):
+            why = f"no {MARKER} of that kind" if target.is_dir() else "a file codetune did not write"
             raise OutputError(
-                f"{what} {target} exists and is not a codetune {kind} output (no {MARKER} of that kind): "
+                f"{what} {target} exists and is not a codetune {kind} output ({why}): "
                 f"codetune will not replace it, even with --overwrite{other or '; move it away first'}"
             )
 
@@ -490,6 +492,23 @@ class RunDir:
     def split_file(name: str) -> str:
         return f"{name}.parquet"
 
+    # The run's JSON files, read through runfiles' validated loaders: a damaged one is one error naming it.
+    def read_train_summary(self) -> dict | None:
+        """train_summary.json, checked; None when training has not written one."""
+        return read_train_summary(self.train_summary)
+
+    def read_metrics(self) -> list[dict] | None:
+        """The lines of metrics.jsonl, checked; None when there is none."""
+        return read_metrics(self.metrics)
+
+    def read_adapter_config(self) -> dict:
+        """The adapter's adapter_config.json, checked (a LoRA's fields); a missing or damaged one is refused."""
+        return _read_adapter_config(self.adapter_config)
+
+    def read_eval_summary(self) -> dict | None:
+        """eval/summary.json, checked; None when the run has not been evaluated."""
+        return read_eval_summary(self.eval_summary)
+
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoints the Trainer finished writing (trainer_state.json is written last), oldest first."""
         if not self.checkpoints.is_dir():
@@ -637,29 +656,11 @@ def run_of_eval(path: Path) -> RunDir | None:
 
 
 def _read_adapter_config(path: Path) -> dict:
-    """PEFT's adapter_config.json, validated for the fields codetune and PEFT rely on."""
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-    class AdapterConfig(BaseModel):
-        model_config = ConfigDict(extra="allow", strict=True)
-        peft_type: str = Field(pattern="^LORA$")
-        r: int = Field(gt=0)
-        lora_alpha: int | float
-        target_modules: list[str] | str | None = None
-
-    try:
-        raw = json.loads(path.read_bytes()[: 1 << 20].decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not JSON"
-        raise InputError(f"{path}: {reason}: the adapter is damaged; train the run again or restore the file") from None
-    try:
-        return AdapterConfig.model_validate(raw).model_dump()
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(file)"
-        raise InputError(
-            f"{path}, field {field!r}: {err['msg']}: not a LoRA adapter's config; train the run again or restore it"
-        ) from None
+    """PEFT's adapter_config.json, validated for the fields codetune and PEFT rely on (runfiles' loader)."""
+    config = read_adapter_config(path)
+    if config is None:
+        raise InputError(f"{path} is missing: the adapter is incomplete; train the run again")
+    return config
 
 
 def is_report(path: Path) -> bool:

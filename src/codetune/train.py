@@ -44,6 +44,7 @@ from .model import (
 )
 from .recipe import Recipe, RecipeError, check_integrations, data_fingerprint, load_recipe
 from .rundir import ADAPTER_CONFIG, RunDir, append_line, atomic_path, atomic_write, read_marker, staged_dir
+from .runfiles import read_metrics
 from .tiny import resolve_model_path
 
 
@@ -168,7 +169,7 @@ def _finished(rd: RunDir) -> TrainResult | None:
     path = rd.train_summary
     if not ckpts or not path.is_file() or not rd.adapter_config.is_file():
         return None
-    summary = json.loads(path.read_text())
+    summary = rd.read_train_summary() or {}  # checked: a damaged one is one error naming it
     if summary.get("global_step") != int(ckpts[-1].name.split("-")[-1]):
         return None
     return TrainResult(
@@ -196,9 +197,8 @@ def check_fresh(run_dir: Path, overwrite: bool) -> bool:
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The lines of metrics.jsonl, checked (runfiles' loader): a damaged line is one error naming it."""
+    return read_metrics(path) or []
 
 
 def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
@@ -218,7 +218,7 @@ def _metrics_callback(run_dir: Path, console, epochs_per_pass: float = 1.0):
             self.tokens0 = state.num_input_tokens_seen
             self.step0 = state.global_step
             rows = [r for r in _read_metrics(self.path) if r["step"] <= state.global_step]
-            self.elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
+            self.elapsed0 = (rows[-1].get("elapsed_s") or 0.0) if rows else 0.0
             if state.is_world_process_zero:
                 # A resumed run rewinds the log to its checkpoint: steps past it are done again.
                 atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from ..errors import RecipeError
+from ..errors import CodetuneError
 from ..report import page, render_report
 from ..rundir import RunDir
 
@@ -55,8 +55,11 @@ def add_pages(app, engine, source: str | Path | None, *, auth: bool = False) -> 
             return HTMLResponse(no_report_page(f"{source or engine.name} is a model, not a run directory."))
         try:
             return HTMLResponse(render_report(source, chat_link=True))
-        except RecipeError as exc:  # a run with a damaged file: say which, keep serving
+        except CodetuneError as exc:  # a run with a damaged file (the loaders name it): say which, keep serving
             return HTMLResponse(no_report_page(str(exc)))
+        except OSError as exc:  # a file the server may not read, or one removed while it read
+            where = f"{exc.filename}: " if exc.filename else ""
+            return HTMLResponse(no_report_page(f"{where}{exc.strerror or exc}"))
 
     @app.get("/chat", response_class=HTMLResponse, include_in_schema=False)
     def chat():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -75,7 +74,7 @@ def vllm_command(
         adapter = src.adapter
         run = src.run
         lora_name = name or path.resolve().name
-        config = json.loads(run.adapter_config.read_text())
+        config = run.read_adapter_config()  # checked (runfiles): r and rank_pattern are whole numbers
         # the adapter's own ranks, per-module ones included, are what vLLM must hold
         rank = max([int(config.get("r") or recipe.lora.r), *map(int, (config.get("rank_pattern") or {}).values())])
         cmd += [recipe.model.name_or_path]
