@@ -201,6 +201,26 @@ def _tokenizer_json_as_written(path: str, revision: str | None, field: str):
     return tokenizer
 
 
+SAMPLE_CONVERSATION = [
+    {"role": "user", "content": "Write a Python function add(a, b) that returns a + b."},
+    {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+]
+
+
+def check_chat_template(tokenizer) -> None:
+    """The chat template renders a user turn and an answer, and a prompt ready for one: checked before any
+    data is prepared, so a template that cannot is one error naming the field, not a traceback mid-run."""
+    try:
+        text = tokenizer.apply_chat_template(SAMPLE_CONVERSATION, tokenize=False)
+        prompt = tokenizer.apply_chat_template(SAMPLE_CONVERSATION[:1], tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja's TemplateError, a raise_exception() in the template, a bad filter
+        raise RecipeError(
+            f"tokenizer.chat_template cannot render a user turn and an answer: {' '.join(str(exc).split())[:300]}"
+        ) from None
+    if not isinstance(text, str) or "return a + b" not in text or "add(a, b)" not in prompt:
+        raise RecipeError("tokenizer.chat_template: a sample conversation renders without its messages' text")
+
+
 def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
     """The ids of ``stop_tokens``; none named: the tokenizer's eos (a model family codetune does not know)."""
     if not stop_tokens:
@@ -245,15 +265,22 @@ def linear_module_names(model) -> list[str]:
 
 
 def check_lora_targets(model, lora: LoraSection) -> None:
-    if lora.target_modules == "all-linear":
+    """Every module ``lora.target_modules`` names must be a linear layer of ``model``: PEFT would silently
+    train only the ones that match (a Phi-3 list on a Qwen2 model trains o_proj and down_proj alone).
+    ``lora.unmatched_targets: allow`` (the reference notebook's list, reproduced on purpose) refuses only
+    a list that matches nothing."""
+    if lora.target_modules in ("all-linear", "family"):
         return
     available = linear_module_names(model)
     missing = [m for m in lora.target_modules if m not in available]
-    # PEFT matches a target against any suffix of a module name, so a name can still match
-    # nothing; the reference recipe names q/k/v_proj on a model that fuses them, which is a
-    # known and reproduced fault, so only a recipe matching nothing at all is an error.
-    if len(missing) == len(lora.target_modules):
-        raise RecipeError(f"lora.target_modules: none of {missing} is a linear layer of this model; it has {available}")
+    if not missing or (lora.unmatched_targets == "allow" and len(missing) < len(lora.target_modules)):
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None) or "this model"
+    raise RecipeError(
+        f"lora.target_modules: {', '.join(missing)} match{'es' if len(missing) == 1 else ''} no linear layer of "
+        f"{model_type}, which has {', '.join(available)}; use `family` (the model family's attention and mlp "
+        "modules), all-linear, or names from that list"
+    )
 
 
 def count_trainable_lora_params(config, lora: LoraSection) -> tuple[int, int]:
