@@ -16,7 +16,7 @@ from codetune.recipe import FAMILY_FIELDS, load_recipe, resolve_family
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("name", ["phi3", "qwen2", "llama"])
+@pytest.mark.parametrize("name", ["phi3", "qwen2", "qwen3", "llama"])
 def test_one_flag_swaps_the_family_and_its_defaults(name):
     fam = families()[name]
     recipe = load_recipe("tiny-cpu", [f"model.name_or_path={fam.builtin}"])
@@ -29,7 +29,11 @@ def test_one_flag_swaps_the_family_and_its_defaults(name):
 def test_a_field_the_recipe_sets_keeps_its_value():
     recipe = load_recipe(
         "tiny-cpu",
-        ["model.name_or_path=builtin:tiny-qwen2", "generation.stop_tokens=[<|im_end|>]", "lora.target_modules=all-linear"],
+        [
+            "model.name_or_path=builtin:tiny-qwen2",
+            "generation.stop_tokens=[<|im_end|>]",
+            "lora.target_modules=all-linear",
+        ],
     )
     assert recipe.generation.stop_tokens == ["<|im_end|>"] and recipe.lora.target_modules == "all-linear"
     assert recipe.tokenizer.pad_token == "<|endoftext|>"  # still the family's
@@ -43,7 +47,9 @@ def test_a_field_the_recipe_sets_keeps_its_value():
 
 def test_a_hub_model_whose_family_cannot_be_known_offline_is_one_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RecipeError, match=r"model.name_or_path: cannot read the config of 'nobody/nothing-here'") as err:
+    with pytest.raises(
+        RecipeError, match=r"model.name_or_path: cannot read the config of 'nobody/nothing-here'"
+    ) as err:
         load_recipe("tiny-cpu", ["model.name_or_path=nobody/nothing-here"])
     assert "generation.stop_tokens" in str(err.value) and "set them in the recipe" in str(err.value)
     # naming the values makes it loadable (the model is then only needed when it is used)
@@ -88,7 +94,9 @@ def test_a_stop_token_the_tokenizer_lacks_fails_before_any_work(tmp_path, codetu
 
 def test_lora_targets_of_another_family_fail_before_any_work(tmp_path, codetune_home):
     out = _train_fails_fast(
-        tmp_path, "model.name_or_path=builtin:tiny-qwen2", "lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"
+        tmp_path,
+        "model.name_or_path=builtin:tiny-qwen2",
+        "lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
     )
     assert out.startswith("error: lora.target_modules: qkv_proj, gate_up_proj match no linear layer of qwen2"), out
     assert "family" in out and "q_proj" in out
@@ -97,7 +105,9 @@ def test_lora_targets_of_another_family_fail_before_any_work(tmp_path, codetune_
 def test_a_template_that_cannot_render_fails_before_any_work(tmp_path, codetune_home):
     template = json.dumps("{{ raise_exception('no answers here') }}")
     out = _train_fails_fast(tmp_path, f"tokenizer.chat_template={template}")
-    assert out.startswith("error: tokenizer.chat_template cannot render a user turn and an answer: no answers here"), out
+    assert out.startswith("error: tokenizer.chat_template cannot render a user turn and an answer: no answers here"), (
+        out
+    )
 
 
 def test_the_seed_recipes_unmatched_targets_are_allowed_on_purpose_only():

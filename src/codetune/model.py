@@ -10,11 +10,12 @@ import os
 import warnings
 from pathlib import Path
 
+from .families import family_for_source
 from .families import phi3 as _phi3
 from .recipe import LoraConfig as LoraSection
 from .recipe import Recipe, RecipeError
 from .rundir import ADAPTER_CONFIG
-from .templates import REFERENCE_TOKENIZERS, ReferenceTokenizer, resolve_template
+from .templates import REFERENCE_TOKENIZERS, ReferenceTokenizer, resolve_template, with_template_defaults
 from .tiny import resolve_model_path
 
 # The Phi-3-mini-4k-instruct architecture, kept under its old name.
@@ -60,6 +61,9 @@ def load_tokenizer(recipe: Recipe):
         tokenizer.chat_template = template
     if not tokenizer.chat_template:
         raise RecipeError(f"tokenizer.chat_template: the tokenizer at {path!r} has no chat template; name one")
+    defaults = family_for_source(recipe.model.name_or_path, revision=recipe.model.revision).template_defaults
+    if defaults:
+        tokenizer.chat_template = with_template_defaults(tokenizer.chat_template, defaults)
     if cfg.pad_token is not None:
         if cfg.pad_token not in tokenizer.get_vocab():
             raise RecipeError(f"tokenizer.pad_token: {cfg.pad_token!r} is not in the tokenizer's vocabulary")
@@ -111,6 +115,7 @@ def _hub_unreachable(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
 
 class ReferenceTokenizerWarning(UserWarning):
     """The tokenizer is not the one ``tokenizer.reference`` names, and ``tokenizer.reference_mismatch`` is warn."""

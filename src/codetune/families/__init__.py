@@ -66,6 +66,8 @@ class Family:
     tiny: TinySpec | None = None
     # Its llama.cpp architecture; None: GGUF export refuses this family.
     gguf_plan: GGUFPlan | None = None
+    # Defaults for the chat template's variables (Qwen3: enable_thinking false), written into the template
+    template_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def builtin(self) -> str | None:
