@@ -72,15 +72,14 @@ def tiny_families() -> list[str]:
 
 
 def family_recipe(family, *overrides: str):
-    """tiny-cpu on ``builtin:tiny-<family>``, with the family's template, pad and stop tokens."""
+    """tiny-cpu on ``builtin:tiny-<family>``: one flag, the family fills in its template, pad and stop tokens
+    and LoRA targets."""
     from codetune.recipe import load_recipe
 
     return load_recipe(
         "tiny-cpu",
         [
             f"model.name_or_path={family.builtin}",
-            *family.recipe_overrides(),
-            "lora.target_modules=all-linear",
             f"training.max_steps={FAMILY_STEPS}",
             f"training.batch_size={FAMILY_BATCH}",
             "training.eval_steps=null",

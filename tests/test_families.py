@@ -6,17 +6,19 @@ import pytest
 
 from codetune.families import GENERIC, families, family_for, family_for_source, gguf_families
 from codetune.families import qwen2 as qwen2_family
+from codetune.families import qwen3 as qwen3_family
 from codetune.source import recipe_for_source
 
 
 def test_family_matched_on_model_type_and_unknown_types_are_generic():
-    assert set(families()) == {"phi3", "qwen2", "llama"}
+    assert set(families()) == {"phi3", "qwen2", "qwen3", "llama"}
     assert family_for("phi3").name == "phi3"
     assert family_for({"model_type": "qwen2"}).name == "qwen2"
     assert family_for(qwen2_family.full_config()).name == "qwen2"
     assert family_for("llama").name == "llama"
     assert family_for("mistral") is GENERIC and family_for(None) is GENERIC
-    assert gguf_families() == ["llama", "phi3", "qwen2"]
+    assert gguf_families() == ["llama", "phi3", "qwen2", "qwen3"]
+    assert family_for(qwen3_family.full_config()).name == "qwen3"
 
 
 def test_lora_targets_by_role():
@@ -93,7 +95,7 @@ def test_gguf_export_of_an_unsupported_family_names_the_supported_ones(tmp_path)
     folder = tmp_path / "mistral"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
-    refused = r"MistralForCausalLM \(model_type 'mistral'\); GGUF export supports the families: llama, phi3, qwen2"
+    refused = r"MistralForCausalLM \(model_type 'mistral'\); GGUF export supports the families: llama, phi3, qwen2, qwen3"
     with pytest.raises(GGUFExportError, match=refused):
         export_gguf(folder, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
@@ -159,7 +161,7 @@ def test_a_new_family_file_is_discovered_matched_and_gets_its_builtin(family_fol
     from codetune.families import builtin_models, family_named
 
     _write(family_folder, "mistralish", name="mistralish", model_types='"mistral", "mixtral"')
-    assert set(families()) == {"phi3", "qwen2", "llama", "mistralish"}
+    assert set(families()) == {"phi3", "qwen2", "qwen3", "llama", "mistralish"}
     fam = family_for("mistral")
     assert fam.name == "mistralish" and family_for({"model_type": "mixtral"}) is fam
     assert family_named("mistralish") is fam and fam.builtin == "builtin:tiny-mistralish"
@@ -218,3 +220,36 @@ def test_the_readmes_family_example_is_one_working_file(family_folder):
     assert tok.convert_tokens_to_ids(fam.turn_end) == tok.eos_token_id and tok.pad_token == fam.pad_token
     config = fam.tiny.config(tok)
     assert family_for(config) is fam and config.vocab_size >= len(tok)
+
+
+def test_qwen3_17b_all_linear_lora_trains_17_432_576_parameters():
+    from codetune.model import count_trainable_lora_params
+    from codetune.recipe import load_recipe
+
+    recipe = load_recipe("qwen3-1.7b-python")
+    assert recipe.model.name_or_path == "Qwen/Qwen3-1.7B" and recipe.lora.target_modules == "all-linear"
+    config = qwen3_family.full_config()
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim) == (2048, 28, 16, 128)
+    assert (config.num_key_value_heads, config.intermediate_size, config.attention_bias) == (8, 6144, False)
+    trainable, total = count_trainable_lora_params(config, recipe.lora)
+    # 28 layers x r=16 x (q 2048+2048, k 2048+1024, v 2048+1024, o 2048+2048, gate/up/down 3 x (2048+6144))
+    assert trainable == 28 * 16 * (4096 + 3072 + 3072 + 4096 + 3 * 8192) == 17_432_576
+    assert total - trainable == 1_720_574_976  # Qwen3-1.7B: 1.72B with the tied embedding counted once
+
+
+def test_qwen3_answers_without_thinking(codetune_home):
+    """The family's template default: a prompt ends with an empty think block, so the answer is the code;
+    the conversation a model trains on renders that block before the answer, so the prompt is its prefix.
+    A caller who asks for thinking gets the bare assistant header."""
+    from codetune.model import load_tokenizer
+    from codetune.recipe import load_recipe
+
+    tok = load_tokenizer(load_recipe("tiny-cpu", ["model.name_or_path=builtin:tiny-qwen3"]))
+    user = [{"role": "user", "content": "Write f()."}]
+    prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nWrite f().<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    whole = tok.apply_chat_template([*user, {"role": "assistant", "content": "def f(): pass"}], tokenize=False)
+    assert whole == prompt + "def f(): pass<|im_end|>\n"
+    thinking = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert thinking.endswith("<|im_start|>assistant\n")
+    assert tok.convert_tokens_to_ids("<think>") != tok.unk_token_id  # one token each, as in Qwen3's vocabulary

@@ -175,7 +175,7 @@ def test_card_shows_the_familys_chat_format(family_run):
     assert turn.rstrip("\n") in card
     assert f"It ends its answer with `{fr.family.stop_tokens[0]}`" in card
     for other in families().values():  # no other family's end of turn leaks in (Phi-3's <|end|>, ...)
-        if other is not fr.family:
+        if other.stop_tokens[0] not in fr.family.stop_tokens:  # qwen2 and qwen3 share ChatML's <|im_end|>
             assert other.stop_tokens[0] not in card
 
 
@@ -242,9 +242,7 @@ def test_an_unknown_model_type_trains_evaluates_and_merges_with_its_tokenizers_t
     recipe = load_recipe(
         "tiny-cpu",
         [
-            f"model.name_or_path={unknown_model}",
-            *GENERIC.recipe_overrides(),  # the tokenizer's own template, pad token and eos
-            "lora.target_modules=all-linear",
+            f"model.name_or_path={unknown_model}",  # the generic family: the tokenizer's own template, pad, eos
             "training.max_steps=4",
             "training.batch_size=2",
             "training.eval_steps=null",

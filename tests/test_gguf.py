@@ -156,7 +156,7 @@ def test_bad_folders_give_clear_errors(tmp_path, tiny_dir):
     (llama / "config.json").write_text(
         json.dumps({**config, "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
     )
-    unsupported = r"GPTNeoXForCausalLM \(model_type 'gpt_neox'\); GGUF export supports the families: llama, phi3, qwen2"
+    unsupported = r"GPTNeoXForCausalLM \(model_type 'gpt_neox'\); GGUF export supports the families: llama, phi3, qwen2, qwen3"
     with pytest.raises(GGUFExportError, match=unsupported):
         export_gguf(llama, out)
 

@@ -328,7 +328,7 @@ def test_unknown_model_type_names_the_supported_families(tiny_dirs, tmp_path):
         export_gguf(src, tmp_path / "out.gguf")
     assert str(err.value) == (
         f"{src}: this folder holds MistralForCausalLM (model_type 'mistral'); "
-        "GGUF export supports the families: llama, phi3, qwen2"
+        "GGUF export supports the families: llama, phi3, qwen2, qwen3"
     )
     assert not (tmp_path / "out.gguf").exists()
 
@@ -490,7 +490,7 @@ def test_export_formats_registry_drives_the_cli(tmp_path):
     from codetune.export import FORMATS, export
 
     assert list(FORMATS) == ["gguf", "merged"]
-    assert FORMATS["gguf"].supported_families() == "llama, phi3, qwen2"
+    assert FORMATS["gguf"].supported_families() == "llama, phi3, qwen2, qwen3"
     assert FORMATS["merged"].supported_families() == "every model family"
     assert FORMATS["gguf"].default_outtype == "f16" and FORMATS["merged"].default_outtype == "bfloat16"
     with pytest.raises(InputError, match=r"^--format 'onnx': choose one of gguf, merged$"):

@@ -10,7 +10,9 @@ runner = CliRunner()
 
 def test_shipped_recipes_load_and_validate():
     names = shipped_recipes()
-    assert set(names) == {"phi3-mini-python-seed", "phi3-mini-python", "qwen2.5-coder-1.5b-python", "tiny-cpu"}
+    assert set(names) == {
+        "phi3-mini-python-seed", "phi3-mini-python", "qwen2.5-coder-1.5b-python", "qwen3-1.7b-python", "tiny-cpu"
+    }  # fmt: skip
     for name in names:
         assert load_recipe(name).name == name
 

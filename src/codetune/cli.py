@@ -235,8 +235,11 @@ def recipes_cmd() -> None:
 
 @recipe_app.command("show")
 def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Print a recipe fully resolved (defaults filled in, overrides applied) as YAML."""
-    _emit(_load(recipe, set_).to_yaml())
+    """Print a recipe fully resolved (defaults filled in, overrides applied) as YAML; a field left to the
+    model's family says `family`, with its value and the family as a comment."""
+    from .recipe import annotated_yaml
+
+    _emit(annotated_yaml(load_recipe(recipe, _overrides(set_), resolve=False)))
 
 
 def _print_prepared(result) -> None:

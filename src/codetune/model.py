@@ -10,11 +10,12 @@ import os
 import warnings
 from pathlib import Path
 
+from .families import family_for_source
 from .families import phi3 as _phi3
 from .recipe import LoraConfig as LoraSection
 from .recipe import Recipe, RecipeError
 from .rundir import ADAPTER_CONFIG
-from .templates import REFERENCE_TOKENIZERS, ReferenceTokenizer, resolve_template
+from .templates import REFERENCE_TOKENIZERS, ReferenceTokenizer, resolve_template, with_template_defaults
 from .tiny import resolve_model_path
 
 # The Phi-3-mini-4k-instruct architecture, kept under its old name.
@@ -60,6 +61,9 @@ def load_tokenizer(recipe: Recipe):
         tokenizer.chat_template = template
     if not tokenizer.chat_template:
         raise RecipeError(f"tokenizer.chat_template: the tokenizer at {path!r} has no chat template; name one")
+    defaults = family_for_source(recipe.model.name_or_path, revision=recipe.model.revision).template_defaults
+    if defaults:
+        tokenizer.chat_template = with_template_defaults(tokenizer.chat_template, defaults)
     if cfg.pad_token is not None:
         if cfg.pad_token not in tokenizer.get_vocab():
             raise RecipeError(f"tokenizer.pad_token: {cfg.pad_token!r} is not in the tokenizer's vocabulary")
@@ -111,6 +115,7 @@ def _hub_unreachable(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
 
 class ReferenceTokenizerWarning(UserWarning):
     """The tokenizer is not the one ``tokenizer.reference`` names, and ``tokenizer.reference_mismatch`` is warn."""
@@ -201,6 +206,26 @@ def _tokenizer_json_as_written(path: str, revision: str | None, field: str):
     return tokenizer
 
 
+SAMPLE_CONVERSATION = [
+    {"role": "user", "content": "Write a Python function add(a, b) that returns a + b."},
+    {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+]
+
+
+def check_chat_template(tokenizer) -> None:
+    """The chat template renders a user turn and an answer, and a prompt ready for one: checked before any
+    data is prepared, so a template that cannot is one error naming the field, not a traceback mid-run."""
+    try:
+        text = tokenizer.apply_chat_template(SAMPLE_CONVERSATION, tokenize=False)
+        prompt = tokenizer.apply_chat_template(SAMPLE_CONVERSATION[:1], tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja's TemplateError, a raise_exception() in the template, a bad filter
+        raise RecipeError(
+            f"tokenizer.chat_template cannot render a user turn and an answer: {' '.join(str(exc).split())[:300]}"
+        ) from None
+    if not isinstance(text, str) or "return a + b" not in text or "add(a, b)" not in prompt:
+        raise RecipeError("tokenizer.chat_template: a sample conversation renders without its messages' text")
+
+
 def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
     """The ids of ``stop_tokens``; none named: the tokenizer's eos (a model family codetune does not know)."""
     if not stop_tokens:
@@ -245,15 +270,22 @@ def linear_module_names(model) -> list[str]:
 
 
 def check_lora_targets(model, lora: LoraSection) -> None:
-    if lora.target_modules == "all-linear":
+    """Every module ``lora.target_modules`` names must be a linear layer of ``model``: PEFT would silently
+    train only the ones that match (a Phi-3 list on a Qwen2 model trains o_proj and down_proj alone).
+    ``lora.unmatched_targets: allow`` (the reference notebook's list, reproduced on purpose) refuses only
+    a list that matches nothing."""
+    if lora.target_modules in ("all-linear", "family"):
         return
     available = linear_module_names(model)
     missing = [m for m in lora.target_modules if m not in available]
-    # PEFT matches a target against any suffix of a module name, so a name can still match
-    # nothing; the reference recipe names q/k/v_proj on a model that fuses them, which is a
-    # known and reproduced fault, so only a recipe matching nothing at all is an error.
-    if len(missing) == len(lora.target_modules):
-        raise RecipeError(f"lora.target_modules: none of {missing} is a linear layer of this model; it has {available}")
+    if not missing or (lora.unmatched_targets == "allow" and len(missing) < len(lora.target_modules)):
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None) or "this model"
+    raise RecipeError(
+        f"lora.target_modules: {', '.join(missing)} match{'es' if len(missing) == 1 else ''} no linear layer of "
+        f"{model_type}, which has {', '.join(available)}; use `family` (the model family's attention and mlp "
+        "modules), all-linear, or names from that list"
+    )
 
 
 def count_trainable_lora_params(config, lora: LoraSection) -> tuple[int, int]:

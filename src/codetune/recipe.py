@@ -110,6 +110,9 @@ SEED_MAX = 2**32 - 1
 # the Python package each training.report_to integration needs
 INTEGRATIONS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# The value of a field whose default is the model family's (codetune.families), resolved by resolve_family
+FROM_FAMILY = "family"
+FAMILY_FIELDS = ("tokenizer.chat_template", "tokenizer.pad_token", "lora.target_modules", "generation.stop_tokens")
 
 
 def _only(names: list[str], allowed: list[str], what: str) -> list[str]:
@@ -151,9 +154,13 @@ class TokenizerConfig(_Section):
     name_or_path: str | None = Field(None, description="Defaults to the model's")
     revision: str | None = Field(None, description="Defaults to the model's revision")
     chat_template: str | None = Field(
-        None, description="None = the tokenizer's own; a builtin name (see codetune.templates) or a Jinja string"
+        FROM_FAMILY,
+        description="family = the model family's choice; None = the tokenizer's own; a builtin name (see "
+        "codetune.templates) or a Jinja string",
     )
-    pad_token: str | None = Field(None, description="None = the tokenizer's own pad token")
+    pad_token: str | None = Field(
+        FROM_FAMILY, description="family = the model family's choice; None = the tokenizer's own pad token"
+    )
     padding_side: Literal["left", "right"] = "right"
     model_max_length: int | None = Field(None, gt=0)
     # Special tokens added around the rendered chat text when it is tokenized, the way a
@@ -190,7 +197,12 @@ class LoraConfig(_Section):
     r: int = Field(16, gt=0, le=1024)
     alpha: int = Field(16, gt=0, le=65536)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # family: every module of the family's roles (attention, mlp); all-linear: PEFT's every linear but the head
+    target_modules: list[str] | Literal["all-linear", "family"] = FROM_FAMILY
+    # error: a named module that matches no linear layer of the model is refused before any work. allow:
+    # the reference notebook names q/k/v_proj, gate/up_proj on a model that fuses them (phi3-mini-python-seed
+    # reproduces that on purpose); only a list that matches nothing at all is still refused.
+    unmatched_targets: Literal["error", "allow"] = "error"
     bias: Literal["none", "all", "lora_only"] = "none"
     # float32: LoRA weights in fp32, the embeddings and lm_head as prepare_model_for_kbit_training leaves
     # them (fp32). bfloat16: what TRL 0.8.6's SFTTrainer did when training in bf16 on a 4-bit base
@@ -305,7 +317,8 @@ class GenerationConfig(_Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     num_beams: int = Field(1, gt=0, le=64)
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
-    stop_tokens: list[str] = ["<|end|>", "<|endoftext|>"]
+    # family: the model family's end-of-turn and end-of-text tokens; []: the tokenizer's eos only
+    stop_tokens: list[str] | Literal["family"] = FROM_FAMILY
     seed: int = Field(0, ge=0, le=SEED_MAX)
     # true: answers are decoded as transformers 4.40's text-generation pipeline did
     # (clean_up_tokenization_spaces=True: "from . import" -> "from. import", "do n't" -> "don't").
@@ -567,19 +580,92 @@ def _short_repr(value: Any) -> str:
         return "(nested too deeply to show)"
 
 
-def load_recipe(name_or_path: str | Path | Recipe, overrides: list[str] | None = None) -> Recipe:
-    """Load a shipped recipe by name, a YAML file or a ``Recipe``, apply ``--set`` overrides, validate."""
+def load_recipe(
+    name_or_path: str | Path | Recipe, overrides: list[str] | None = None, *, resolve: bool = True
+) -> Recipe:
+    """Load a shipped recipe by name, a YAML file or a ``Recipe``, apply ``--set`` overrides, validate, and
+    (``resolve``) fill the fields left to the model's family with its values (``resolve_family``)."""
     if isinstance(name_or_path, Recipe):
         if not overrides:
-            return name_or_path
+            return resolve_family(name_or_path)[0] if resolve else name_or_path
         raw, where = name_or_path.model_dump(mode="json"), f"recipe {name_or_path.name}"
     else:
         raw, where = _read_recipe_yaml(str(name_or_path))
     raw = apply_overrides(raw, overrides or [])
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, where)) from None
+    return resolve_family(recipe)[0] if resolve else recipe
+
+
+def _field(recipe: Recipe, path: str) -> Any:
+    section, name = path.split(".")
+    return getattr(getattr(recipe, section), name)
+
+
+def annotated_yaml(recipe: Recipe) -> str:
+    """The recipe as YAML, each field left to the model's family kept as ``family`` (so the file still
+    follows a model swap) with what it resolves to, and from which family, as a comment."""
+    import json
+
+    text = recipe.to_yaml()
+    try:
+        resolved, filled = resolve_family(recipe)
+        notes = {
+            p: f"{fam} family: " + ("null (the tokenizer's own)" if v is None else json.dumps(v))
+            for p, fam in filled.items()
+            for v in [_field(resolved, p)]
+        }
+    except RecipeError:
+        notes = {p: "from the model's family, once its config can be read" for p in FAMILY_FIELDS}
+    lines, section = [], None
+    for line in text.splitlines():
+        if line and not line.startswith(" "):
+            section = line.split(":", 1)[0]
+        key = line.strip().split(":", 1)[0]
+        note = notes.get(f"{section}.{key}")
+        if note and line.startswith("  ") and line.rstrip().endswith(f": {FROM_FAMILY}"):
+            line = f"{line}  # {note}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def family_values(family) -> dict[str, Any]:
+    """What a family says for each of FAMILY_FIELDS."""
+    roles = [m for modules in family.lora_targets.values() for m in modules]
+    return {
+        "tokenizer.chat_template": family.chat_template,
+        "tokenizer.pad_token": family.pad_token,
+        "lora.target_modules": roles or "all-linear",
+        "generation.stop_tokens": list(family.stop_tokens),
+    }
+
+
+def resolve_family(recipe: Recipe) -> tuple[Recipe, dict[str, str]]:
+    """``recipe`` with every field that says ``family`` set to the model family's value, and, for each field
+    so filled, the family it came from. A field the recipe sets keeps its value. The family is the one of
+    ``model.name_or_path`` (a builtin's by name, a folder's or hub id's from its config.json); a hub model
+    whose config cannot be read (offline, nothing cached) is an error, since the values would be guesses."""
+    pending = [f for f in FAMILY_FIELDS if _field(recipe, f) == FROM_FAMILY]
+    if not pending:
+        return recipe, {}
+    from .families import FamilyConfigError, family_for_source
+
+    try:
+        family = family_for_source(recipe.model.name_or_path, revision=recipe.model.revision, strict=True)
+    except FamilyConfigError as exc:
+        raise RecipeError(
+            f"model.name_or_path: {exc}; {', '.join(pending)} say 'family' and need it: connect to the hub "
+            "(or point model.name_or_path at a local copy), or set them in the recipe"
+        ) from None
+    values = family_values(family)
+    sections: dict[str, dict[str, Any]] = {}
+    for path in pending:
+        section, name = path.split(".")
+        sections.setdefault(section, {})[name] = values[path]
+    updates = {name: getattr(recipe, name).model_copy(update=fields) for name, fields in sections.items()}
+    return recipe.model_copy(update=updates), dict.fromkeys(pending, family.name)
 
 
 def save_recipe(recipe: Recipe, run_dir: Path) -> Path:

@@ -50,7 +50,37 @@ LLAMA3 = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
 )
 
-BUILTIN_TEMPLATES = {"phi3-2024-05": PHI3_2024_05, "phi3": PHI3, "qwen2": QWEN2, "llama3": LLAMA3}
+# Qwen3's template without tools: ChatML, no default system turn, and the thinking switch. The answer
+# that ends a conversation carries an empty think block ("<think>\n\n</think>\n\n") before its text,
+# and the generation prompt writes that block when enable_thinking is false, so the prompt stays a
+# prefix of the conversation and the model answers without thinking. An earlier answer loses its think.
+QWEN3 = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- set content = message['content'].split('</think>')[-1].lstrip('\n') %}"
+    "{%- if loop.last %}{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + content + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+BUILTIN_TEMPLATES = {"phi3-2024-05": PHI3_2024_05, "phi3": PHI3, "qwen2": QWEN2, "qwen3": QWEN3, "llama3": LLAMA3}
+
+
+def with_template_defaults(template: str, defaults: dict) -> str:
+    """``template`` with ``defaults`` for the variables a caller may pass to apply_chat_template (Qwen3's
+    enable_thinking): each is set unless the caller gives it. Written into the template itself, so every
+    renderer (prepare, generation, the server, vLLM, llama.cpp) sees the same default."""
+    import json
+
+    prefix = "".join(
+        f"{{%- if {name} is not defined %}}{{%- set {name} = {json.dumps(value)} %}}{{%- endif %}}"
+        for name, value in defaults.items()
+    )
+    return template if template.startswith(prefix) else prefix + template
 
 
 def resolve_template(value: str | None) -> str | None:

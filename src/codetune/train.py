@@ -33,6 +33,7 @@ from .errors import CodetuneError
 from .loss import add_lean_loss
 from .model import (
     attach_lora,
+    check_chat_template,
     check_lora_targets_from_config,
     check_model_source,
     check_sharded_qlora,
@@ -41,6 +42,7 @@ from .model import (
     load_tokenizer,
     lora_in_bf16,
     sharded_mode,
+    stop_token_ids,
 )
 from .recipe import Recipe, RecipeError, check_integrations, data_fingerprint, load_recipe
 from .rundir import ADAPTER_CONFIG, RunDir, append_line, atomic_path, atomic_write, read_marker, staged_dir
@@ -659,6 +661,8 @@ def check(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: boo
     check_integrations(recipe)
     start_over = not resume and check_fresh(run_dir, overwrite)
     tokenizer = load_tokenizer(recipe)
+    check_chat_template(tokenizer)
+    stop_token_ids(tokenizer, recipe.generation.stop_tokens)  # evaluation's stop tokens exist, before training
     check_lora_targets_from_config(recipe, resolve_model_path(recipe.model.name_or_path))
     matches = data_matches(recipe, run_dir)
     if resume and not matches and rd.complete_checkpoints():

@@ -66,6 +66,8 @@ class Family:
     tiny: TinySpec | None = None
     # Its llama.cpp architecture; None: GGUF export refuses this family.
     gguf_plan: GGUFPlan | None = None
+    # Defaults for the chat template's variables (Qwen3: enable_thinking false), written into the template
+    template_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def builtin(self) -> str | None:
@@ -185,11 +187,16 @@ def gguf_families() -> list[str]:
     return [f.name for f in families().values() if f.gguf_plan is not None]
 
 
-def family_for_source(source: str | Path, *, revision: str | None = None) -> Family:
+class FamilyConfigError(CodetuneError):
+    """A hub model's config.json could not be read, so its family is not known."""
+
+
+def family_for_source(source: str | Path, *, revision: str | None = None, strict: bool = False) -> Family:
     """The family of a builtin name, model folder or hub id, from its config.json; GENERIC when unreadable.
 
     Reading the config is cheap (one small file, cached by the hub client); a source whose config cannot
-    be read fails later, where the model itself is loaded, with that stage's own message.
+    be read fails later, where the model itself is loaded, with that stage's own message. ``strict``: a hub
+    id whose config cannot be read is a FamilyConfigError instead (its family would be a guess).
     """
     name = str(source)
     if name in builtin_models():
@@ -206,13 +213,17 @@ def family_for_source(source: str | Path, *, revision: str | None = None) -> Fam
         from transformers import AutoConfig
 
         return family_for(AutoConfig.from_pretrained(name, revision=revision))
-    except Exception:  # offline, unknown id, remote code: nothing family-specific is known
+    except Exception as exc:  # offline, unknown id, remote code: nothing family-specific is known
+        if strict:
+            reason = " ".join(str(exc).split()).split(". ")[0][:160]
+            raise FamilyConfigError(f"cannot read the config of {name!r} to know its model family ({reason})") from None
         return GENERIC
 
 
 __all__ = [
     "GENERIC",
     "Family",
+    "FamilyConfigError",
     "FamilyError",
     "GGUFPlan",
     "TinySpec",
