@@ -1,0 +1,156 @@
+"""The reward of reinforcement learning on code: the sandbox's verdict on each completion.
+
+It is eval's scoring path, not a second one: the answer's code is found by ``extract_code``, packed with
+the task's tests by ``scored_program`` and run by the sandbox's ``run_programs`` with the same limits and
+isolation as ``codetune eval``, so a completion is rewarded exactly when eval would count it passed. The
+candidate's calls cross a pipe as plain data and the verdict travels on a descriptor the candidate never
+holds (docs/sandbox.md): exiting early, results equal to anything, reading the tests from frames, writing
+to descriptors and planting files all fail there, and so they earn nothing here.
+
+Three things a reward needs beyond eval's pass/fail:
+
+- **masking**: a verdict of ``error`` is the sandbox's failure (no free uid, a full disk), not the
+  program's; its reward is None, which TRL's GRPOTrainer leaves out of the group's baseline;
+- **held-back tests**: a task's tests are split into the rewarded ones and held-back ones that are only
+  measured, so that learning the visible tests rather than the task shows as a gap between the two;
+- **signals**: code that reaches for the harness's ways in (``sys.exit``, ``__eq__`` overrides, frame or gc
+  introspection, ``/proc``, descriptors) is counted, never rewarded or punished, so a drift towards them
+  is seen in the metrics even though the sandbox fails it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from .sandbox import Limits, Program, run_programs
+from .suites import Task, extract_code, scored_program
+
+RewardKind = Literal["all_pass", "pass_fraction"]
+REWARDS: tuple[str, ...] = ("all_pass", "pass_fraction")
+
+# Ways into the harness; each is counted per completion (see the module's docstring).
+SIGNALS: dict[str, re.Pattern[str]] = {
+    name: re.compile(pattern)
+    for name, pattern in {
+        "exit": r"\b(?:sys\.exit|os\._exit|os\.abort|exit\(|quit\()",
+        "eq_override": r"def\s+__(?:eq|ne|hash|bool|len)__\s*\(",
+        "introspection": r"\b(?:inspect\.|sys\._getframe|f_back|f_globals|f_locals|gc\.get_(?:objects|referrers))",
+        "proc": r"/proc/",
+        "descriptors": r"\bos\.(?:write|dup2?|fdopen|close|closerange|read)\s*\(",
+        "builtins": r"__builtins__|\bimport\s+builtins\b|\bsys\.modules\b",
+    }.items()
+}
+
+
+@dataclass(frozen=True)
+class RewardTask:
+    """A task to reward completions on: its prompt, entry point and setup (``task``), the tests whose
+    verdict is the reward, and held-back tests that are only measured."""
+
+    task: Task
+    rewarded: tuple[str, ...]
+    heldback: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.rewarded:
+            raise ValueError(f"task {self.task.task_id}: no rewarded tests; a reward needs at least one")
+
+    @classmethod
+    def split(cls, task: Task, tests: Sequence[str], *, hold_back_every: int = 3) -> RewardTask:
+        """Hold back every ``hold_back_every``-th test (the 3rd, 6th, ...), never all of them: a task with
+        fewer tests than that holds none back."""
+        tests = [t for t in tests if t.strip()]
+        heldback = tests[hold_back_every - 1 :: hold_back_every] if hold_back_every > 0 else []
+        rewarded = [t for i, t in enumerate(tests) if (i + 1) % hold_back_every != 0] if heldback else tests
+        return cls(task, tuple(rewarded), tuple(heldback))
+
+
+@dataclass(frozen=True)
+class Reward:
+    """One completion's reward: ``value`` 0..1, or None when masked (the sandbox failed, not the program)."""
+
+    value: float | None
+    verdict: str  # the rewarded run's: passed, failed, timeout, killed, error
+    heldback: bool | None  # the held-back tests passed; None: the task holds none back, or masked
+    signals: tuple[str, ...]
+    code: str
+
+
+def signals(code: str) -> tuple[str, ...]:
+    """The names of SIGNALS that ``code`` matches, in SIGNALS' order."""
+    return tuple(name for name, pattern in SIGNALS.items() if pattern.search(code))
+
+
+def _programs(rt: RewardTask, code: str, kind: RewardKind) -> list[Program]:
+    """The rewarded runs (one for all_pass; one per test for pass_fraction), then the held-back run."""
+    if kind == "all_pass":
+        runs = [replace(rt.task, tests="\n".join(rt.rewarded) + "\n")]
+    else:
+        runs = [replace(rt.task, tests=test + "\n") for test in rt.rewarded]
+    if rt.heldback:
+        runs.append(replace(rt.task, tests="\n".join(rt.heldback) + "\n"))
+    return [scored_program(task, code) for task in runs]
+
+
+def score(
+    tasks: Sequence[RewardTask],
+    completions: Sequence[str],
+    *,
+    kind: RewardKind = "all_pass",
+    limits: Limits = Limits(),
+    workers: int | None = None,
+) -> list[Reward]:
+    """The reward of ``completions[i]`` as an answer to ``tasks[i]``: every program of every completion
+    runs in one call of the sandbox, in parallel on the machine's cores."""
+    if kind not in REWARDS:
+        raise ValueError(f"reward {kind!r}: use one of {', '.join(REWARDS)}")
+    if len(tasks) != len(completions):
+        raise ValueError(f"{len(tasks)} tasks for {len(completions)} completions")
+    codes = [extract_code(c, rt.task.entry_point) for rt, c in zip(tasks, completions, strict=True)]
+    per_completion = [_programs(rt, code, kind) for rt, code in zip(tasks, codes, strict=True)]
+    flat = [p for programs in per_completion for p in programs]
+    verdicts = iter(run_programs(flat, limits, workers=workers))
+    rewards = []
+    for rt, code, programs in zip(tasks, codes, per_completion, strict=True):
+        ran = [next(verdicts) for _ in programs]
+        rewarded, held = (ran[:-1], ran[-1]) if rt.heldback else (ran, None)
+        status = next((v.status for v in rewarded if v.status == "error"), None) or _worst(rewarded)
+        if status == "error" or (held is not None and held.status == "error"):
+            rewards.append(Reward(None, "error", None, signals(code), code))
+            continue
+        value = sum(v.passed for v in rewarded) / len(rewarded)
+        rewards.append(Reward(value, status, None if held is None else held.passed, signals(code), code))
+    return rewards
+
+
+def _worst(verdicts) -> str:
+    """The status that says most about a failure: a timeout or kill over a plain failure."""
+    order = ("timeout", "killed", "failed", "passed")
+    return min((v.status for v in verdicts), key=lambda s: order.index(s) if s in order else 0)
+
+
+def reward_function(
+    tasks_by_id: dict[str, RewardTask],
+    *,
+    kind: RewardKind = "all_pass",
+    limits: Limits = Limits(),
+    on_scored: Callable[[list[Reward]], None] | None = None,
+) -> Callable[..., list[float | None]]:
+    """A reward function as TRL's GRPOTrainer calls it: ``f(prompts, completions, task_id=[...], **kw)``,
+    the dataset's ``task_id`` column naming each row's task. Chat completions (a list of messages) are
+    read as their last message's text. ``on_scored`` sees every batch's rewards (metrics, tests)."""
+
+    def execution_reward(prompts: list[Any], completions: list[Any], task_id: list[str], **_: Any):
+        texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        rewards = score([tasks_by_id[t] for t in task_id], texts, kind=kind, limits=limits)
+        if on_scored is not None:
+            on_scored(rewards)
+        return [r.value for r in rewards]
+
+    return execution_reward
+
+
+__all__ = ["REWARDS", "SIGNALS", "Reward", "RewardKind", "RewardTask", "reward_function", "score", "signals"]
