@@ -70,7 +70,9 @@ def test_a_correct_policy_gets_full_reward_and_every_cheat_gets_zero(palindrome)
     fn = reward_function({palindrome.task.task_id: palindrome}, on_scored=seen.extend)
     names = ["correct", *CHEATS]
     completions = [CORRECT, *CHEATS.values()]
-    values = fn(prompts=[palindrome.task.prompt] * len(names), completions=completions, task_id=["starter/0"] * len(names))
+    values = fn(
+        prompts=[palindrome.task.prompt] * len(names), completions=completions, task_id=["starter/0"] * len(names)
+    )
     got = dict(zip(names, values, strict=True))
     assert got["correct"] == 1.0
     for name in CHEATS:

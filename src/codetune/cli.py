@@ -540,6 +540,24 @@ def export_cmd(
     out.print(f"{format_:<8} -> {path}")
 
 
+@app.command("rl")
+def rl_cmd(run_dir: RunDirArg, set_: SetOpt = None) -> None:
+    """GRPO on a trained run's adapter, rewarded by the sandbox's verdict (writes RUN_DIR/rl/; docs/rl.md)."""
+    from .rl import rl
+
+    overrides = _overrides(set_)
+    other = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("rl.")]
+    if other:
+        _fail(f"--set {other[0]!r}: a trained run keeps its recipe; `codetune rl` takes rl.* settings only")
+    rd = RunDir(run_dir)
+    rd.require_adapter()
+    recipe = load_recipe(rd.recipe_file)
+    if overrides:
+        recipe = load_recipe(recipe, overrides)
+    result = rl(recipe, run_dir, console=console)
+    out.print(f"rl       -> {result.adapter} ({result.steps} steps on {result.tasks} tasks, {result.wall_s:.0f} s)")
+
+
 @app.command("card")
 def card_cmd(
     run_dir: RunDirArg,

@@ -334,6 +334,34 @@ class GenerationConfig(_Section):
         return data
 
 
+class RLConfig(_Section):
+    """GRPO after SFT (``codetune rl``): TRL's GRPOTrainer on the run's adapter, rewarded by the sandbox's verdict
+    (codetune.reward). The names of TRL's GRPOConfig where one exists."""
+
+    tasks: Literal["trained"] = Field(
+        "trained", description="trained: the starter tasks of the run's training split, with their tests"
+    )
+    max_tasks: int | None = Field(None, gt=0, description="At most this many tasks (the first, in id order)")
+    reward: Literal["all_pass", "pass_fraction"] = "all_pass"
+    hold_back_every: int = Field(3, ge=2, description="Every n-th test of a task is measured, never rewarded")
+    num_generations: int = Field(4, ge=2, le=64, description="Completions per prompt: one group")
+    prompts_per_step: int = Field(2, gt=0, description="Groups per optimizer step")
+    max_completion_length: int = Field(128, gt=0, le=65536)
+    temperature: float = Field(1.0, gt=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    beta: float = Field(0.0, ge=0.0, description="KL coefficient; 0 loads no reference model")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0)
+    epsilon_high: float | None = Field(None, gt=0.0, lt=1.0, description="None: epsilon")
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    mask_truncated_completions: bool = True
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    max_steps: int = Field(20, gt=0)
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int | None = Field(None, gt=0, description="None: no checkpoints")
+    seed: int = Field(42, ge=0, le=SEED_MAX)
+
+
 class EvaluationConfig(_Section):
     samples: int = Field(500, gt=0, description="Test rows scored with ROUGE (the first N)")
     suites: list[str] = Field(["rouge"], description="Names of codetune.suites modules' suites")
@@ -394,6 +422,7 @@ class Recipe(_Section):
     training: TrainingConfig = TrainingConfig()
     generation: GenerationConfig = GenerationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    rl: RLConfig | None = Field(None, description="GRPO after SFT (codetune rl); None: no RL")
 
     @field_validator("name")
     @classmethod

@@ -29,6 +29,7 @@ from .sandbox import Limits, Program, run_programs
 from .suites import Task, extract_code, scored_program
 
 RewardKind = Literal["all_pass", "pass_fraction"]
+EVAL_LIMITS = Limits()  # eval's own limits
 REWARDS: tuple[str, ...] = ("all_pass", "pass_fraction")
 
 # Ways into the harness; each is counted per completion (see the module's docstring).
@@ -100,7 +101,7 @@ def score(
     completions: Sequence[str],
     *,
     kind: RewardKind = "all_pass",
-    limits: Limits = Limits(),
+    limits: Limits = EVAL_LIMITS,
     workers: int | None = None,
 ) -> list[Reward]:
     """The reward of ``completions[i]`` as an answer to ``tasks[i]``: every program of every completion
@@ -136,7 +137,7 @@ def reward_function(
     tasks_by_id: dict[str, RewardTask],
     *,
     kind: RewardKind = "all_pass",
-    limits: Limits = Limits(),
+    limits: Limits = EVAL_LIMITS,
     on_scored: Callable[[list[Reward]], None] | None = None,
 ) -> Callable[..., list[float | None]]:
     """A reward function as TRL's GRPOTrainer calls it: ``f(prompts, completions, task_id=[...], **kw)``,

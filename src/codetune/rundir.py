@@ -450,7 +450,9 @@ class RunDir:
     MERGED = "merged"
     CARD = "README.md"
     REPORT = "report.html"
-    TRAINING_OUTPUTS = (CHECKPOINTS, ADAPTER, METRICS, TRAIN_SUMMARY, LOSS_TABLE, LOSS_PLOT)
+    RL = "rl"  # codetune rl: adapter/, checkpoints/, metrics.jsonl, rl_summary.json
+    RL_SUMMARY = "rl_summary.json"
+    TRAINING_OUTPUTS = (CHECKPOINTS, ADAPTER, METRICS, TRAIN_SUMMARY, LOSS_TABLE, LOSS_PLOT, RL)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -477,6 +479,11 @@ class RunDir:
     merged = property(lambda self: self.path / self.MERGED)
     card = property(lambda self: self.path / self.CARD)
     report = property(lambda self: self.path / self.REPORT)
+    rl = property(lambda self: self.path / self.RL)
+    rl_adapter = property(lambda self: self.rl / self.ADAPTER)
+    rl_checkpoints = property(lambda self: self.rl / self.CHECKPOINTS)
+    rl_metrics = property(lambda self: self.rl / self.METRICS)
+    rl_summary = property(lambda self: self.rl / self.RL_SUMMARY)
 
     @property
     def is_run(self) -> bool:

@@ -1,0 +1,204 @@
+"""``codetune rl``: GRPO after SFT, rewarded by the sandbox's verdict on the code the model writes.
+
+The steps: check (a trained run, tasks with tests, the stop tokens), then TRL's ``GRPOTrainer`` on the run's
+SFT adapter (trainable, on the recipe's 4-bit base) with ``codetune.reward.reward_function`` as its only
+reward, then save ``rl/adapter`` and ``rl/rl_summary.json``. Every logging step appends one line to
+``rl/metrics.jsonl``: TRL's own metrics (reward mean and std, the share of groups whose rewards do not
+differ, completion lengths, KL when ``beta`` > 0) and the reward's (verdict counts, masked completions,
+the held-back tests' pass rate beside the rewarded one, the harness's ways in that completions touched).
+
+Known limits of this first version (docs/rl.md): the tasks are the run's own training tasks (``rl.tasks:
+trained``); rollouts use TRL's generation; ``codetune run`` does not run this stage, and ``eval`` scores
+``adapter/`` (the SFT adapter), not ``rl/adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import trained_task_ids
+from .errors import RecipeError
+from .model import load_base_model, load_tokenizer, stop_token_ids
+from .recipe import Recipe, RLConfig
+from .reward import Reward, RewardTask, reward_function
+from .rundir import RunDir, append_line, atomic_write
+from .suites import Task
+from .suites.starter import prompt as starter_prompt
+
+
+@dataclass
+class RLResult:
+    run_dir: Path
+    adapter: Path
+    steps: int
+    tasks: int
+    wall_s: float
+    summary: dict
+
+
+def rl_tasks(recipe: Recipe, run_dir: Path) -> list[RewardTask]:
+    """The run's training tasks that have tests (starter rows), as reward tasks with held-back tests."""
+    from .starter import load_starter
+
+    cfg = recipe.rl or RLConfig()
+    trained = trained_task_ids(run_dir)
+    rows = sorted((r for r in load_starter() if r["task_id"] in trained), key=lambda r: r["task_id"])
+    if cfg.max_tasks is not None:
+        rows = rows[: cfg.max_tasks]
+    tasks = []
+    for r in rows:
+        task = Task(
+            suite="rl",
+            task_id=r["task_id"],
+            prompt=[{"role": "user", "content": starter_prompt(r, recipe.data.formatting)}],
+            reference=r["output"],
+            entry_point=r["entry_point"],
+        )
+        tasks.append(RewardTask.split(task, r["test_list"], hold_back_every=cfg.hold_back_every))
+    return tasks
+
+
+def check(recipe: Recipe, run_dir: Path) -> list[RewardTask]:
+    """Everything that can fail cheaply, before a model loads: a trained run, tasks with tests, the batch."""
+    rd = RunDir(run_dir)
+    rd.require_adapter()
+    cfg = recipe.rl or RLConfig()
+    tasks = rl_tasks(recipe, run_dir)
+    if not tasks:
+        raise RecipeError(
+            f"rl.tasks trained: {run_dir} trained on no task with tests (starter rows); RL needs prompts with tests"
+        )
+    if len(tasks) < cfg.prompts_per_step:
+        raise RecipeError(f"rl.prompts_per_step {cfg.prompts_per_step} is more than the {len(tasks)} tasks there are")
+    stop_token_ids(load_tokenizer(recipe), recipe.generation.stop_tokens)
+    return tasks
+
+
+class _Log:
+    """Collects the reward's view of each batch, and writes one metrics line per TRL log."""
+
+    def __init__(self, path: Path, console):
+        self.path, self.console, self.pending = path, console, []
+
+    def scored(self, rewards: list[Reward]) -> None:
+        self.pending.extend(rewards)
+
+    def line(self, logs: dict, step: int) -> dict:
+        rewards, self.pending = self.pending, []
+        scored = [r for r in rewards if r.value is not None]
+        measured = [r for r in scored if r.heldback is not None]
+        row = {"step": step, **{k: v for k, v in logs.items() if isinstance(v, int | float)}}
+        row.update(
+            completions=len(rewards),
+            masked=len(rewards) - len(scored),
+            verdicts=dict(Counter(r.verdict for r in rewards)),
+            rewarded_pass_rate=sum(r.value == 1.0 for r in measured) / len(measured) if measured else None,
+            heldback_pass_rate=sum(bool(r.heldback) for r in measured) / len(measured) if measured else None,
+            signals=dict(Counter(s for r in rewards for s in r.signals)),
+        )
+        append_line(self.path, json.dumps(row) + "\n")
+        if self.console is not None:
+            mean = logs.get("reward")
+            shown = f"reward {mean:.3f}" if isinstance(mean, int | float) else "reward -"
+            self.console.print(
+                f"rl step {step} | {shown} | verdicts {row['verdicts']} | masked {row['masked']}",
+                highlight=False,
+                markup=False,
+            )
+        return row
+
+
+def _config(cfg: RLConfig, rd: RunDir, stops: list[int], cuda: bool):
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(rd.rl_checkpoints),
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
+        scale_rewards=cfg.scale_rewards,
+        mask_truncated_completions=cfg.mask_truncated_completions,
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        seed=cfg.seed,
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=False,
+        disable_tqdm=True,
+        generation_kwargs={"eos_token_id": stops},
+    )
+
+
+def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
+    """GRPO on ``run_dir``'s SFT adapter (see the module's docstring); writes ``rl/`` in the run directory."""
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    rd, cfg = RunDir(run_dir), recipe.rl or RLConfig()
+    tasks = check(recipe, run_dir)
+    tokenizer = load_tokenizer(recipe)
+    tokenizer.padding_side = "left"  # generation pads on the left
+    stops = stop_token_ids(tokenizer, recipe.generation.stop_tokens)
+    model = PeftModel.from_pretrained(load_base_model(recipe), str(rd.adapter), is_trainable=True)
+    rd.rl.mkdir(exist_ok=True)
+    rd.rl_metrics.unlink(missing_ok=True)
+    log = _Log(rd.rl_metrics, console)
+
+    class _Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                log.line(logs, state.global_step)
+
+    dataset = Dataset.from_list([{"prompt": t.task.prompt, "task_id": t.task.task_id} for t in tasks])
+    reward = reward_function({t.task.task_id: t for t in tasks}, kind=cfg.reward, on_scored=log.scored)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[reward],
+        args=_config(cfg, rd, stops, torch.cuda.is_available()),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[_Metrics()],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our line per step instead of the dict TRL prints
+    if recipe.lora.dtype == "float32":
+        # TRL casts a quantized model's LoRA weights to bf16 (QLoRA's paper); the recipe's lora.dtype decides
+        # here, as in SFT: on a CPU without fast bf16 (tiny-cpu) fp32 is faster and keeps the SFT weights exact
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    t0 = time.perf_counter()
+    output = trainer.train()
+    wall = time.perf_counter() - t0
+    trainer.model.save_pretrained(str(rd.rl_adapter))
+    tokenizer.save_pretrained(str(rd.rl_adapter))
+    summary = {
+        "steps": int(output.global_step),
+        "tasks": len(tasks),
+        "wall_s": round(wall, 1),
+        "reward": cfg.reward,
+        "rl": cfg.model_dump(mode="json"),
+        "started_from": str(RunDir.ADAPTER),
+    }
+    atomic_write(rd.rl_summary, json.dumps(summary, indent=2))
+    return RLResult(Path(run_dir), rd.rl_adapter, summary["steps"], len(tasks), wall, summary)
+
+
+__all__ = ["RLResult", "check", "rl", "rl_tasks"]

@@ -1,0 +1,92 @@
+"""`codetune rl` (issue 20, first part): GRPO through TRL's GRPOTrainer on a trained run's adapter, rewarded by
+the sandbox. A smoke run on the tiny model: it must train the adapter (rl/adapter differs from adapter/),
+log the reward's view of every step, and refuse what cannot work before a model loads."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
+
+from codetune.cli import app
+from codetune.recipe import load_recipe
+from codetune.rl import rl_tasks
+
+runner = CliRunner()
+QUICK = [
+    "rl.max_steps=2",
+    "rl.num_generations=2",
+    "rl.prompts_per_step=2",
+    "rl.max_completion_length=24",
+    "rl.max_tasks=4",
+    "rl.learning_rate=0.01",
+]
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("rl", "eval"))
+    return copy
+
+
+def test_rl_trains_the_adapter_and_logs_every_step(run):
+    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in QUICK), [])])
+    assert res.exit_code == 0, res.output
+    assert "rl step 1 |" in res.output and "rl step 2 |" in res.output
+    sft = load_file(run / "adapter" / "adapter_model.safetensors")
+    after = load_file(run / "rl" / "adapter" / "adapter_model.safetensors")
+    assert sft.keys() == after.keys() and all(after[k].dtype == sft[k].dtype for k in sft)  # lora.dtype kept
+    lines = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    for line in lines:
+        assert line["completions"] == 4 and sum(line["verdicts"].values()) == 4
+        assert 0.0 <= line["reward"] <= 1.0 and "frac_reward_zero_std" in line
+        assert line["heldback_pass_rate"] is not None  # every starter task holds a test back
+    summary = json.loads((run / "rl" / "rl_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["tasks"] == 4 and summary["rl"]["num_generations"] == 2
+    # the run's own recipe and SFT adapter are untouched
+    assert load_recipe(run / "recipe.yaml").rl is None
+
+
+def test_rewards_that_differ_within_a_group_move_the_weights(run, monkeypatch):
+    """The tiny run trained 40 steps passes no task, so every group's rewards are equal and GRPO has nothing
+    to learn from (reward_std 0, as logged above). A reward that differs within each group must move the
+    adapter through the same trainer."""
+    import codetune.rl as rl_mod
+
+    def alternating(tasks_by_id, *, kind, on_scored=None, **_):
+        return lambda prompts, completions, task_id, **kw: [float(i % 2) for i in range(len(completions))]
+
+    monkeypatch.setattr(rl_mod, "reward_function", alternating)
+    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in QUICK), [])])
+    assert res.exit_code == 0, res.output
+    sft = load_file(run / "adapter" / "adapter_model.safetensors")
+    after = load_file(run / "rl" / "adapter" / "adapter_model.safetensors")
+    assert any((sft[k] != after[k]).any() for k in sft)
+    lines = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["reward_std"] > 0 and lines[0]["grad_norm"] > 0
+
+
+def test_rl_tasks_are_the_runs_training_tasks_with_held_back_tests(run):
+    from codetune.data import trained_task_ids
+
+    recipe = load_recipe(run / "recipe.yaml")
+    tasks = rl_tasks(recipe, run)
+    assert tasks and {t.task.task_id for t in tasks} <= trained_task_ids(run)
+    assert all(len(t.rewarded) >= 2 and len(t.heldback) == 1 for t in tasks)
+
+
+def test_rl_refuses_what_cannot_work_before_a_model_loads(run, tmp_path):
+    res = runner.invoke(app, ["rl", str(run), "--set", "training.learning_rate=1"])
+    assert res.exit_code == 2 and "takes rl.* settings only" in res.output
+    res = runner.invoke(app, ["rl", str(run), "--set", "rl.prompts_per_step=100000"])
+    assert res.exit_code == 2 and "rl.prompts_per_step 100000 is more than" in res.output
+    res = runner.invoke(app, ["rl", str(run), "--set", "rl.loss_type=ppo"])
+    assert res.exit_code == 2 and "rl.loss_type" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(app, ["rl", str(empty)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert not (run / "rl").exists()
