@@ -322,6 +322,8 @@ def test_serve_pages_over_http(engine, served_run):
     from codetune.serve import create_app
 
     client = TestClient(create_app(engine, api_key="k"))
+    assert client.get("/").status_code == 401  # the report names the run's prompts and path: behind the key
+    client.auth = ("anyone", "k")  # HTTP Basic, the key as password: what a browser's prompt sends
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "codetune report: tiny-cpu" in page.text and 'href="/chat"' in page.text
@@ -329,7 +331,7 @@ def test_serve_pages_over_http(engine, served_run):
     assert not (served_run / "report.html").exists()  # the server renders, it never writes into the run
     chat = client.get("/chat")
     assert chat.status_code == 200 and 'id="key" type=password' in chat.text  # auth on: the page asks for the key
-    assert client.get("/v1/models").status_code == 401  # the API stays behind the key
+    assert client.get("/v1/models", auth=("anyone", "wrong")).status_code == 401  # the API stays behind the key
     merged = TestClient(create_app(dataclasses.replace(engine, source="some/merged-model")))
     assert "is a model, not a run directory" in merged.get("/").text
 
@@ -368,9 +370,11 @@ def test_serve_report_and_chat_in_a_headless_browser(browser, engine, tmp_path):
         assert _errors(browser) == []
         browser.save_screenshot(str(tmp_path / "chat.png"))
         _check_png(tmp_path / "chat.png")
-    # with auth on and no key typed, the page shows the server's error instead of an answer
+    # with auth on, the page itself needs the key (HTTP Basic, the key as password: here in the URL, as a
+    # person types it into the browser's prompt); a wrong key typed into its field gets the server's error
     with LiveServer(create_app(engine, api_key="k")) as url:
-        browser.get(f"{url}/chat")
+        browser.get(url.replace("http://", "http://anyone:k@") + "/chat")
+        browser.find_element(By.ID, "key").send_keys("wrong")
         browser.find_element(By.ID, "prompt").send_keys("hello")
         browser.find_element(By.ID, "send").click()
         err = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))

@@ -231,7 +231,13 @@ def _phi3_run(root: Path, r: int) -> Path:
     from codetune.recipe import save_recipe
 
     run = root / "mine"
-    save_recipe(load_recipe("tiny-cpu", ["model.name_or_path=microsoft/Phi-3-mini-4k-instruct", f"lora.r={r}"]), run)
+    # a run's recipe.yaml holds the family's values resolved (no hub needed to read it back)
+    phi3 = [
+        "model.name_or_path=microsoft/Phi-3-mini-4k-instruct", "tokenizer.chat_template=phi3",
+        "tokenizer.pad_token=<|endoftext|>", "lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
+        "generation.stop_tokens=[<|end|>,<|endoftext|>]", f"lora.r={r}",
+    ]  # fmt: skip
+    save_recipe(load_recipe("tiny-cpu", phi3), run)
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}))
     (run / "adapter" / "chat_template.jinja").write_text("{{ messages }}")

@@ -31,7 +31,8 @@
     const headers = {"Content-Type": "application/json"};
     if (key && key.value) headers["Authorization"] = "Bearer " + key.value;
     try {
-      const res = await fetch("/v1/chat/completions", {method: "POST", headers,
+      const res = await fetch(location.origin + "/v1/chat/completions", {  // origin: never the credentials a URL may carry
+        method: "POST", headers,
         body: JSON.stringify({model: cfg.model, messages: history, stream: true,
                               max_tokens: Number(document.getElementById("max").value) || 256})});
       if (!res.ok) {
