@@ -202,8 +202,8 @@ def test_bad_setup_fails_before_the_model_loads(tmp_path, tiny_dir, monkeypatch)
         )
     with pytest.raises(
         RecipeError,
-        match=r"lora.target_modules: none of \['q_proj', 'v_proj'\] .* it has "
-        r"\['down_proj', 'gate_up_proj', 'lm_head', 'o_proj', 'qkv_proj'\]",
+        match=r"lora.target_modules: q_proj, v_proj match no linear layer of phi3, which has "
+        r"down_proj, gate_up_proj, lm_head, o_proj, qkv_proj; use `family`",
     ):
         train(tiny_recipe("lora.target_modules=[q_proj, v_proj]"), tmp_path / "b")
     with pytest.raises(RecipeError, match="training.precision fp16 needs a CUDA GPU: use --set training.precision"):

@@ -209,6 +209,8 @@ def family_for_source(source: str | Path, *, revision: str | None = None, strict
             return family_for(json.loads((path / "config.json").read_text(encoding="utf-8")))
         except (OSError, ValueError):
             return GENERIC
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return GENERIC  # a local path that is not there: the stage that loads it names it
     try:
         from transformers import AutoConfig
 
