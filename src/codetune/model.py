@@ -10,7 +10,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .families import family_for_source
+from .families import family_for_source, looks_local
 from .families import phi3 as _phi3
 from .recipe import LoraConfig as LoraSection
 from .recipe import Recipe, RecipeError
@@ -22,15 +22,11 @@ from .tiny import resolve_model_path
 phi3_mini_config = _phi3.full_config
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
-
-
 def check_model_source(name_or_path: str, field: str) -> None:
     """Fail early, naming the field, when a local-looking path does not exist."""
     if name_or_path.startswith("builtin:"):
         return
-    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise RecipeError(f"{field}: local path {name_or_path!r} does not exist")
 
 
@@ -81,7 +77,7 @@ def load_tokenizer(recipe: Recipe):
 def _tokenizer_error(field: str, path: str, revision: str | None, exc: Exception) -> str:
     """One line: a hub tokenizer that is not cached while the hub is unreachable says so, and how to point the
     recipe at local files; any other failure keeps the library's reason, on one line."""
-    if not _looks_local(path) and not _cached(path, revision) and _hub_unreachable(exc):
+    if not looks_local(path) and not _cached(path, revision) and _hub_unreachable(exc):
         at = f" at revision {revision}" if revision else ""
         return (
             f"{field}: the tokenizer of {path!r}{at} is not on this machine and needs the Hugging Face hub, which "

@@ -660,17 +660,6 @@ def annotated_yaml(recipe: Recipe) -> str:
     return "\n".join(lines) + "\n"
 
 
-def family_values(family) -> dict[str, Any]:
-    """What a family says for each of FAMILY_FIELDS."""
-    roles = [m for modules in family.lora_targets.values() for m in modules]
-    return {
-        "tokenizer.chat_template": family.chat_template,
-        "tokenizer.pad_token": family.pad_token,
-        "lora.target_modules": roles or "all-linear",
-        "generation.stop_tokens": list(family.stop_tokens),
-    }
-
-
 def resolve_family(recipe: Recipe) -> tuple[Recipe, dict[str, str]]:
     """``recipe`` with every field that says ``family`` set to the model family's value, and, for each field
     so filled, the family it came from. A field the recipe sets keeps its value. The family is the one of
@@ -688,7 +677,7 @@ def resolve_family(recipe: Recipe) -> tuple[Recipe, dict[str, str]]:
             f"model.name_or_path: {exc}; {', '.join(pending)} say 'family' and need it: connect to the hub "
             "(or point model.name_or_path at a local copy), or set them in the recipe"
         ) from None
-    values = family_values(family)
+    values = family.recipe_values()
     sections: dict[str, dict[str, Any]] = {}
     for path in pending:
         section, name = path.split(".")

@@ -62,8 +62,18 @@ def rl_tasks(recipe: Recipe, run_dir: Path) -> list[RewardTask]:
     return tasks
 
 
-def check(recipe: Recipe, run_dir: Path) -> list[RewardTask]:
-    """Everything that can fail cheaply, before a model loads: a trained run, tasks with tests, the batch."""
+@dataclass
+class Checked:
+    """What ``check`` found, for ``rl`` to use rather than work out again."""
+
+    tasks: list[RewardTask]
+    tokenizer: object
+    stops: list[int]
+
+
+def check(recipe: Recipe, run_dir: Path) -> Checked:
+    """Everything that can fail cheaply, before a model loads: a trained run, tasks with tests, the batch,
+    the tokenizer and its stop tokens."""
     rd = RunDir(run_dir)
     rd.require_adapter()
     cfg = recipe.rl or RLConfig()
@@ -74,8 +84,8 @@ def check(recipe: Recipe, run_dir: Path) -> list[RewardTask]:
         )
     if len(tasks) < cfg.prompts_per_step:
         raise RecipeError(f"rl.prompts_per_step {cfg.prompts_per_step} is more than the {len(tasks)} tasks there are")
-    stop_token_ids(load_tokenizer(recipe), recipe.generation.stop_tokens)
-    return tasks
+    tokenizer = load_tokenizer(recipe)
+    return Checked(tasks, tokenizer, stop_token_ids(tokenizer, recipe.generation.stop_tokens))
 
 
 class _Log:
@@ -151,10 +161,9 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
     from trl import GRPOTrainer
 
     rd, cfg = RunDir(run_dir), recipe.rl or RLConfig()
-    tasks = check(recipe, run_dir)
-    tokenizer = load_tokenizer(recipe)
+    checked = check(recipe, run_dir)
+    tasks, tokenizer, stops = checked.tasks, checked.tokenizer, checked.stops
     tokenizer.padding_side = "left"  # generation pads on the left
-    stops = stop_token_ids(tokenizer, recipe.generation.stop_tokens)
     model = PeftModel.from_pretrained(load_base_model(recipe), str(rd.adapter), is_trainable=True)
     rd.rl.mkdir(exist_ok=True)
     rd.rl_metrics.unlink(missing_ok=True)
@@ -201,4 +210,4 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
     return RLResult(Path(run_dir), rd.rl_adapter, summary["steps"], len(tasks), wall, summary)
 
 
-__all__ = ["RLResult", "check", "rl", "rl_tasks"]
+__all__ = ["Checked", "RLResult", "check", "rl", "rl_tasks"]

@@ -80,15 +80,24 @@ class Family:
             raise KeyError(f"family {self.name}: no LoRA role {unknown[0]!r}; it has {', '.join(self.lora_targets)}")
         return [m for r in roles for m in self.lora_targets[r]]
 
+    def recipe_values(self) -> dict[str, Any]:
+        """What this family says for each recipe field that defaults to ``family`` (recipe.FAMILY_FIELDS):
+        its template, pad and stop tokens, and LoRA on every module of its roles (all-linear without roles)."""
+        return {
+            "tokenizer.chat_template": self.chat_template,
+            "tokenizer.pad_token": self.pad_token,
+            "lora.target_modules": self.lora_modules(*self.lora_targets) or "all-linear",
+            "generation.stop_tokens": list(self.stop_tokens),
+        }
+
     def recipe_overrides(self) -> list[str]:
-        """``--set`` items that fit a recipe written for another family to this one."""
+        """``--set`` items that fit a recipe written for another family to this one (its template, pad and
+        stop tokens; the recipe's LoRA targets stay)."""
         import json
 
-        return [
-            f"tokenizer.chat_template={json.dumps(self.chat_template)}",
-            f"tokenizer.pad_token={json.dumps(self.pad_token)}",
-            f"generation.stop_tokens={json.dumps(list(self.stop_tokens))}",
-        ]
+        values = self.recipe_values()
+        values.pop("lora.target_modules")
+        return [f"{field}={json.dumps(value)}" for field, value in values.items()]
 
 
 GENERIC = Family(
@@ -187,6 +196,11 @@ def gguf_families() -> list[str]:
     return [f.name for f in families().values() if f.gguf_plan is not None]
 
 
+def looks_local(name: str) -> bool:
+    """A model name meant as a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``, or one that exists), not a hub id."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
 class FamilyConfigError(CodetuneError):
     """A hub model's config.json could not be read, so its family is not known."""
 
@@ -209,7 +223,7 @@ def family_for_source(source: str | Path, *, revision: str | None = None, strict
             return family_for(json.loads((path / "config.json").read_text(encoding="utf-8")))
         except (OSError, ValueError):
             return GENERIC
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+    if looks_local(name):
         return GENERIC  # a local path that is not there: the stage that loads it names it
     try:
         from transformers import AutoConfig
@@ -235,5 +249,6 @@ __all__ = [
     "family_for_source",
     "family_named",
     "gguf_families",
+    "looks_local",
     "tiny_shape",
 ]
