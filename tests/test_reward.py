@@ -6,6 +6,8 @@ masked None, which would hide it from the group's baseline); a sandbox failure i
 that learns the rewarded tests rather than the task is caught by the held-back ones.
 """
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from codetune.reward import RewardTask, reward_function, score, signals
 from codetune.sandbox import Verdict
 from codetune.starter import load_starter
 from codetune.suites import Task
+
+from .conftest import MBPP_JSONL, needs_mbpp
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +140,80 @@ def test_splitting_tests_and_the_signals():
         score([split], ["x"], kind="most")
     assert signals("def f(x):\n    return x + 1\n") == ()
     assert signals("import sys\nsys.modules['x'] = 1\n__builtins__.print = None") == ("builtins",)
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks as data (point 2): a user's JSONL file, MBPP's train split
+
+
+def test_a_task_file_is_read_and_scored_through_the_same_path(tmp_path):
+    from codetune.reward import load_task_file
+
+    path = tmp_path / "tasks.jsonl"
+    rows = [
+        {"task_id": "add", "prompt": "Write add(a, b).", "tests": ["assert add(1, 2) == 3", "assert add(0, 0) == 0",
+                                                                    "assert add(-1, 1) == 0"], "entry_point": "add"},
+        {"prompt": "Write twice(x) using HALF.", "tests": ["assert twice(2) == 4"], "setup": "HALF = 0.5"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    tasks = load_task_file(path)
+    assert [t.task.task_id for t in tasks] == ["add", "line-2"]
+    assert tasks[0].rewarded == ("assert add(1, 2) == 3", "assert add(0, 0) == 0")
+    assert tasks[0].heldback == ("assert add(-1, 1) == 0",)
+    assert tasks[1].task.setup == "HALF = 0.5" and tasks[1].heldback == ()
+    rewards = score(tasks, ["def add(a, b):\n    return a + b\n", "def twice(x):\n    return x / HALF\n"])
+    assert [(r.value, r.heldback) for r in rewards] == [(1.0, True), (1.0, None)]
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("{not json", "line 2: not JSON"),
+        ('["a list"]', "line 2: a task is a JSON object"),
+        ('{"prompt": "p", "tests": ["assert f()"], "answer": "x"}', "line 2: unknown field 'answer'"),
+        ('{"prompt": "", "tests": ["assert f()"]}', "line 2: field 'prompt'"),
+        ('{"prompt": "p", "tests": []}', "line 2: field 'tests' must be a non-empty list"),
+        ('{"prompt": "p", "tests": ["assert f("]}', "line 2: field 'tests'[0] is not Python"),
+        ('{"prompt": "p", "tests": ["assert f()"], "entry_point": 3}', "line 2: field 'entry_point'"),
+        ('{"task_id": "one", "prompt": "p", "tests": ["assert f()"]}', "line 2: field 'task_id': 'one' is used"),
+    ],
+)
+def test_a_bad_task_line_is_named_by_file_line_and_field(tmp_path, line, named):
+    from codetune.reward import load_task_file
+
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"task_id": "one", "prompt": "Write f().", "tests": ["assert f() == 1"]}\n' + line + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path} {named}")):
+        load_task_file(path)
+
+
+def test_rl_tasks_from_a_file_or_mbpp_train_and_a_bad_source_is_refused(tmp_path):
+    from codetune.errors import RecipeError
+    from codetune.recipe import load_recipe
+    from codetune.rl import rl_tasks
+
+    with pytest.raises(RecipeError, match=r"rl.tasks: use trained, mbpp-train or a .jsonl file"):
+        load_recipe("tiny-cpu", ["rl.tasks=starter"])
+    missing = tmp_path / "none.jsonl"
+    with pytest.raises(RecipeError, match=f"rl.tasks: file not found: {re.escape(str(missing))}"):
+        rl_tasks(load_recipe("tiny-cpu", [f"rl.tasks={missing}"]), tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')
+    with pytest.raises(RecipeError, match=r"rl.tasks: .*bad.jsonl line 1: field 'tests'"):
+        rl_tasks(load_recipe("tiny-cpu", [f"rl.tasks={bad}"]), tmp_path)
+
+
+@needs_mbpp
+def test_mbpp_train_tasks_are_the_train_split_and_never_a_test_row():
+    from codetune.recipe import load_recipe
+    from codetune.rl import rl_tasks
+
+    recipe = load_recipe("tiny-cpu", ["rl.tasks=mbpp-train", f"evaluation.mbpp_source={MBPP_JSONL}"])
+    tasks = rl_tasks(recipe, Path("unused"))
+    ids = [int(t.task.task_id.split("/")[1]) for t in tasks]
+    assert len(ids) == 374 and min(ids) == 601 and max(ids) == 974
+    first = tasks[0]
+    shown = first.task.prompt[0]["content"]
+    # the rewarded asserts are in the prompt (MBPP's format), the held-back one is not
+    assert all(t in shown for t in first.rewarded) and first.heldback and first.heldback[0] not in shown
+    assert score([first], [f"```python\n{first.task.reference}\n```"])[0].value == 1.0

@@ -90,3 +90,90 @@ def test_rl_refuses_what_cannot_work_before_a_model_loads(run, tmp_path):
     res = runner.invoke(app, ["rl", str(empty)])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert not (run / "rl").exists()
+
+
+def test_the_difficulty_filter_keeps_the_tasks_passed_sometimes_but_not_always(run, monkeypatch):
+    """The filter samples through codetune's generation and scores through the reward; here the scoring is
+    scripted per task (always, never, every other sample) so what it keeps is known."""
+    import codetune.reward as reward_mod
+    from codetune.model import load_base_model
+    from codetune.reward import Reward
+    from codetune.rl import difficulty_filter
+
+    recipe = load_recipe(run / "recipe.yaml", [*QUICK, "rl.filter_samples=4"])
+    tasks = rl_tasks(recipe, run)
+    plan = {t.task.task_id: ("always", "never", "sometimes", "sometimes")[i % 4] for i, t in enumerate(tasks)}
+
+    def scripted(reward_tasks, texts, kind="all_pass", **_):
+        assert len(texts) == 4 * len(tasks) and all(isinstance(t, str) for t in texts)
+        out = []
+        for i, rt in enumerate(reward_tasks):
+            value = {"always": 1.0, "never": 0.0, "sometimes": float(i % 2)}[plan[rt.task.task_id]]
+            out.append(Reward(value, "passed" if value else "failed", None, (), ""))
+        return out
+
+    monkeypatch.setattr(reward_mod, "score", scripted)
+    from peft import PeftModel
+
+    from codetune.model import load_tokenizer
+
+    model = PeftModel.from_pretrained(load_base_model(recipe), str(run / "adapter"))
+    found = difficulty_filter(model, load_tokenizer(recipe), recipe, tasks)
+    assert [t.task.task_id for t in found.kept] == [t for t, p in plan.items() if p == "sometimes"]
+    assert found.counts() == {"candidates": 4, "kept": 2, "always_passed": 1, "never_passed": 1}
+    assert found.rates == {t: {"always": 1.0, "never": 0.0, "sometimes": 0.5}[p] for t, p in plan.items()}
+
+
+def test_a_filter_that_leaves_too_few_tasks_is_one_error_and_one_sample_is_refused(run):
+    # the 40-step tiny run passes none of its tasks: nothing has reward spread
+    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in [*QUICK, "rl.filter_samples=2"]), [])])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "rl.filter_samples: the starting policy passed 0 task(s) sometimes" in " ".join(res.output.split())
+    assert "difficulty filter: kept 0 of 4 tasks" in res.output
+    assert json.loads((run / "rl" / "filter.json").read_text())["samples"] == 2
+    assert not (run / "rl" / "adapter").exists()
+    res = runner.invoke(app, ["rl", str(run), "--set", "rl.filter_samples=1"])
+    assert res.exit_code == 2 and "needs 2 or more" in " ".join(res.output.split())
+
+
+def test_eval_scores_the_rl_adapter_into_rl_eval_and_leaves_the_sft_results(run):
+    res = runner.invoke(app, ["eval", str(run), "--adapter", "rl", "--suite", "starter-family"])
+    assert res.exit_code == 2 and "rl/adapter is missing): run `codetune rl` first" in " ".join(res.output.split())
+    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in QUICK), [])])
+    assert res.exit_code == 0, res.output
+    settings = ["--set", "generation.max_new_tokens=8", "--set", "evaluation.batch_size=64"]
+    res = runner.invoke(app, ["eval", str(run), "--suite", "starter-family", *settings])
+    assert res.exit_code == 0, res.output
+    sft = json.loads((run / "eval" / "summary.json").read_text())
+    res = runner.invoke(app, ["eval", str(run), "--adapter", "rl", "--suite", "starter-family", *settings])
+    assert res.exit_code == 0, res.output
+    assert f"results  -> {run / 'rl' / 'eval'}" in res.output
+    rl = json.loads((run / "rl" / "eval" / "summary.json").read_text())
+    assert json.loads((run / "eval" / "summary.json").read_text()) == sft  # untouched
+    assert rl["adapter_sha256"] != sft["adapter_sha256"]
+    res = runner.invoke(app, ["generate", str(run), "--adapter", "rl", "--prompt", "hi", *settings])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["eval", "builtin:tiny-phi3", "--adapter", "rl", "--out", str(run / "x")])
+    assert res.exit_code == 2 and "is not a run directory; only a run has an rl adapter" in res.output
+
+
+def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapters(tmp_path):
+    run = tmp_path / "run"
+    settings = [
+        "training.max_steps=20",
+        "training.eval_steps=null",
+        "training.save_strategy=no",
+        "generation.max_new_tokens=8",
+        "evaluation.batch_size=64",
+        "evaluation.compare_base=false",
+        "evaluation.suites=[starter-family]",
+        *QUICK,
+    ]
+    res = runner.invoke(app, ["run", "tiny-cpu", "--run-dir", str(run), *sum((["--set", s] for s in settings), [])])
+    assert res.exit_code == 0, res.output
+    assert "rl step 2 |" in res.output and "after GRPO (rl/adapter):" in res.output
+    assert json.loads((run / "rl" / "rl_summary.json").read_text())["steps"] == 2
+    sft = json.loads((run / "eval" / "summary.json").read_text())
+    rl = json.loads((run / "rl" / "eval" / "summary.json").read_text())
+    assert "starter-family" in rl["results"]["fine-tuned"] and rl["adapter_sha256"] != sft["adapter_sha256"]
+    assert load_recipe(run / "recipe.yaml").rl.max_steps == 2  # the run's recipe keeps its rl: section

@@ -69,4 +69,4 @@ def test_codetune_run_is_the_python_api():
     import codetune
     from codetune import pipeline
 
-    assert callable(codetune.run) and pipeline.STAGES == ("prepare", "train", "evaluate", "card")
+    assert callable(codetune.run) and pipeline.STAGES == ("prepare", "train", "rl", "evaluate", "card")

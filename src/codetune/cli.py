@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -345,10 +346,26 @@ def train_cmd(
     _print_trained(result.trained)
 
 
-def _source(source: str, recipe: str | None, overrides: list[str] | None) -> tuple[Source, Recipe]:
-    """SOURCE resolved, and the recipe whose settings apply (``Source.recipe``)."""
-    src = Source.of(source)
+def _source(
+    source: str, recipe: str | None, overrides: list[str] | None, stage: str = "sft"
+) -> tuple[Source, Recipe]:
+    """SOURCE resolved (a run's ``stage`` adapter), and the recipe whose settings apply (``Source.recipe``)."""
+    src = Source.of(source, stage=stage)
     return src, src.recipe(recipe, overrides or [])
+
+
+class AdapterStage(str, Enum):
+    sft = "sft"
+    rl = "rl"
+
+
+AdapterOpt = Annotated[
+    AdapterStage,
+    typer.Option(
+        "--adapter",
+        help="A run's adapter: sft (adapter/, results in eval/) or rl (rl/adapter from codetune rl, results in rl/eval/)",
+    ),
+]
 
 
 SourceArg = Annotated[str, typer.Argument(help="A run directory, a merged model folder or a hub id")]
@@ -400,6 +417,7 @@ def eval_cmd(
     overwrite: ReplaceOpt = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
+    adapter: AdapterOpt = AdapterStage.sft,
 ) -> None:
     """Score a model: ROUGE as the reference card did, and pass@k of executed tests in a sandbox."""
     from .evaluate import completions_out_dir, evaluate, score_completions_file
@@ -417,8 +435,8 @@ def eval_cmd(
     else:
         if source is None:
             _fail("give a SOURCE to evaluate, or --completions FILE")
-        src, r = _source(source, recipe, set_)
-        summary = evaluate(  # out_dir None: the run's eval/ (a model folder or hub id needs --out)
+        src, r = _source(source, recipe, set_, adapter.value)
+        summary = evaluate(  # out_dir None: the run's eval/, or rl/eval/ (a model folder or hub id needs --out)
             src,
             suite or r.evaluation.suites,
             recipe=r,
@@ -441,6 +459,7 @@ def generate_cmd(
     overwrite: ReplaceOpt = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
+    adapter: AdapterOpt = AdapterStage.sft,
 ) -> None:
     """Answer one prompt, or a file of prompts written to JSON lines."""
     from .data import read_prompts, write_jsonl_new
@@ -450,7 +469,7 @@ def generate_cmd(
         _fail("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
     if prompt is not None:
         _check_text("--prompt", prompt)
-    src, r = _source(source, recipe, set_)
+    src, r = _source(source, recipe, set_, adapter.value)
     if file is not None:
         convs = read_prompts(file)
         target = out_file or file.with_name(file.stem + ".completions.jsonl")
@@ -675,7 +694,8 @@ def run_cmd(
     overwrite: OverwriteOpt = False,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Run every stage in one go: prepare, train, evaluate on the recipe's suites, write the model card."""
+    """Run every stage in one go: prepare, train, GRPO when the recipe has rl:, evaluate on the recipe's suites,
+    write the model card."""
     from .pipeline import STAGES
 
     result = _pipeline(recipe, run_dir, set_, STAGES, resume=resume, overwrite=overwrite, skip_invalid=skip_invalid)
@@ -685,6 +705,12 @@ def run_cmd(
         return
     _print_summary(result.summary)
     out.print(f"results  -> {RunDir(result.run_dir).eval}")
+    if result.rl is not None:
+        out.print(f"rl       -> {result.rl.adapter} ({result.rl.steps} steps on {result.rl.tasks} tasks)")
+    if result.rl_summary is not None:
+        out.print("after GRPO (rl/adapter):")
+        _print_summary(result.rl_summary)
+        out.print(f"results  -> {RunDir(result.run_dir).rl_eval}")
     out.print(f"card     -> {result.card}")
     out.print(f"run      -> {result.run_dir}")
 

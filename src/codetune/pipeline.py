@@ -1,6 +1,6 @@
 """``codetune.run``: the stages of a fine-tune, chained on one run directory.
 
-    prepare -> train -> evaluate -> card
+    prepare -> train -> rl (when the recipe has ``rl:``) -> evaluate -> card
 
 Every check that can fail runs first, once, before anything is written (the recipe, the run directory,
 the model source, the tokenizer, the LoRA targets, an earlier training that ``overwrite`` would replace);
@@ -19,11 +19,14 @@ from .card import write_card
 from .evaluate import evaluate
 from .prepare import PrepareResult, prepare
 from .recipe import Recipe, load_recipe, run_recipe, save_recipe
+from .rl import RLResult
+from .rl import rl as rl_stage
 from .rundir import RunDir
+from .source import Source
 from .train import TrainResult, check, data_matches, process_state
 from .train import train as train_stage
 
-STAGES = ("prepare", "train", "evaluate", "card")
+STAGES = ("prepare", "train", "rl", "evaluate", "card")
 
 
 @dataclass
@@ -36,6 +39,8 @@ class RunResult:
     prepared: PrepareResult | None = None
     trained: TrainResult | None = None
     summary: dict[str, Any] | None = None  # the evaluation's
+    rl: RLResult | None = None
+    rl_summary: dict[str, Any] | None = None  # the evaluation of rl/adapter, in rl/eval/
     card: Path | None = None
 
 
@@ -98,10 +103,14 @@ def run(
         result.trained = train_stage(recipe, rd, resume=resume, console=console, callbacks=callbacks, checked=checked)
     if not _is_main():
         return result
+    if "rl" in stages and recipe.rl is not None and not (resume and RunDir(rd).rl_summary.is_file()):
+        result.rl = rl_stage(recipe, rd, console=console)
     if "evaluate" in stages:
         suites = recipe.evaluation.suites
-        kw = dict(recipe=recipe, console=console, compare_base=recipe.evaluation.compare_base)
-        result.summary = evaluate(rd, suites, overwrite=overwrite or resume, **kw)
+        kw = dict(recipe=recipe, console=console, overwrite=overwrite or resume)
+        result.summary = evaluate(rd, suites, compare_base=recipe.evaluation.compare_base, **kw)
+        if recipe.rl is not None and RunDir(rd).rl_adapter.is_dir():  # GRPO's adapter, beside SFT's: rl/eval/
+            result.rl_summary = evaluate(Source.of(rd, stage="rl"), suites, compare_base=False, **kw)
     if "card" in stages:
         result.card = write_card(rd, overwrite=overwrite or resume)
     return result

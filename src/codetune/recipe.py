@@ -338,10 +338,20 @@ class RLConfig(_Section):
     """GRPO after SFT (``codetune rl``): TRL's GRPOTrainer on the run's adapter, rewarded by the sandbox's verdict
     (codetune.reward). The names of TRL's GRPOConfig where one exists."""
 
-    tasks: Literal["trained"] = Field(
-        "trained", description="trained: the starter tasks of the run's training split, with their tests"
+    tasks: str = Field(
+        "trained",
+        description="trained: the starter tasks of the run's training split, with their tests; mbpp-train: "
+        "MBPP's train split (ids 601-974, never a test row) from evaluation.mbpp_source; or a .jsonl file of "
+        "tasks (prompt, tests, optional task_id, entry_point, setup: docs/rl.md)",
     )
     max_tasks: int | None = Field(None, gt=0, description="At most this many tasks (the first, in id order)")
+    filter_samples: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Difficulty filter: sample each task this many times with the starting policy (at rl.temperature) "
+        "and keep those it passes sometimes but not always (0: keep every task; groups without reward spread teach nothing)",
+    )
     reward: Literal["all_pass", "pass_fraction"] = "all_pass"
     hold_back_every: int = Field(3, ge=2, description="Every n-th test of a task is measured, never rewarded")
     num_generations: int = Field(4, ge=2, le=64, description="Completions per prompt: one group")
@@ -360,6 +370,20 @@ class RLConfig(_Section):
     logging_steps: int = Field(1, gt=0)
     save_steps: int | None = Field(None, gt=0, description="None: no checkpoints")
     seed: int = Field(42, ge=0, le=SEED_MAX)
+
+    @field_validator("filter_samples")
+    @classmethod
+    def _filter_needs_two(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one sample passes or fails: a pass rate strictly between 0 and 1 needs 2 or more (0: no filter)")
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_source(cls, value: str) -> str:
+        if value in ("trained", "mbpp-train") or value.endswith(".jsonl"):
+            return value
+        raise ValueError(f"use trained, mbpp-train or a .jsonl file of tasks (got {value!r})")
 
 
 class EvaluationConfig(_Section):

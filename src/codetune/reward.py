@@ -133,6 +133,90 @@ def _worst(verdicts) -> str:
     return min((v.status for v in verdicts), key=lambda s: order.index(s) if s in order else 0)
 
 
+# MBPP's train split (task ids 601-974): the tasks RL may learn from; its test ids (11-510) are eval's and its
+# validation (511-600) and prompt (1-10) ids are left alone too
+MBPP_TRAIN_IDS = range(601, 975)
+TASK_FIELDS = ("task_id", "prompt", "tests", "entry_point", "setup")
+
+
+def mbpp_train_tasks(source: str, *, hold_back_every: int = 3) -> list[RewardTask]:
+    """MBPP's train split as reward tasks (the mbpp suite's prompt: the text and its asserts), never a test row.
+    The rewarded asserts are shown in the prompt, as MBPP's format has them; held-back ones are not."""
+    from .suites._benchmarks import load_mbpp
+    from .suites.mbpp import mbpp_prompt
+
+    tasks = []
+    for r in load_mbpp(source, test_only=False):
+        if int(r["task_id"]) not in MBPP_TRAIN_IDS:
+            continue
+        tests = [t for t in r["test_list"] if t.strip()]
+        match = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", tests[0]) if tests else None
+        task = Task(
+            suite="rl",
+            task_id=f"mbpp/{r['task_id']}",
+            prompt=[],
+            reference=r["code"].replace("\r\n", "\n"),
+            entry_point=match.group(1) if match else None,
+            setup=(r.get("test_setup_code") or "").replace("\r\n", "\n"),
+        )
+        rt = RewardTask.split(task, tests, hold_back_every=hold_back_every)
+        prompt = [{"role": "user", "content": mbpp_prompt(r["text"], list(rt.rewarded))}]
+        tasks.append(replace(rt, task=replace(task, prompt=prompt)))
+    return tasks
+
+
+def load_task_file(path, *, hold_back_every: int = 3) -> list[RewardTask]:
+    """A user's tasks: one JSON object per line with ``prompt`` (the user turn), ``tests`` (assert lines, at
+    least one), and optionally ``task_id`` (default: the line number), ``entry_point`` and ``setup``. A bad
+    line is a ValueError naming the file, the line and the field; nothing is half-read."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    tasks, seen = [], set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a task is a JSON object with {', '.join(TASK_FIELDS)}")
+        unknown = sorted(set(row) - set(TASK_FIELDS))
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}; a task has {', '.join(TASK_FIELDS)}")
+        prompt, tests = row.get("prompt"), row.get("tests")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: field 'prompt' must be a non-empty string")
+        if not isinstance(tests, list) or not tests or not all(isinstance(t, str) and t.strip() for t in tests):
+            raise ValueError(f"{where}: field 'tests' must be a non-empty list of test lines (asserts)")
+        for name in ("task_id", "entry_point", "setup"):
+            if row.get(name) is not None and not isinstance(row[name], str):
+                raise ValueError(f"{where}: field {name!r} must be a string")
+        task_id = row.get("task_id") or f"line-{n}"
+        if task_id in seen:
+            raise ValueError(f"{where}: field 'task_id': {task_id!r} is used by an earlier line")
+        seen.add(task_id)
+        for i, test in enumerate(tests):
+            try:
+                compile(test, f"{where} tests[{i}]", "exec")
+            except SyntaxError as exc:
+                raise ValueError(f"{where}: field 'tests'[{i}] is not Python ({exc.msg})") from None
+        task = Task(
+            suite="rl",
+            task_id=task_id,
+            prompt=[{"role": "user", "content": prompt}],
+            entry_point=row.get("entry_point"),
+            setup=row.get("setup") or "",
+        )
+        tasks.append(RewardTask.split(task, tests, hold_back_every=hold_back_every))
+    if not tasks:
+        raise ValueError(f"{path}: no tasks (an empty file)")
+    return tasks
+
+
 def reward_function(
     tasks_by_id: dict[str, RewardTask],
     *,
@@ -154,4 +238,16 @@ def reward_function(
     return execution_reward
 
 
-__all__ = ["REWARDS", "SIGNALS", "Reward", "RewardKind", "RewardTask", "reward_function", "score", "signals"]
+__all__ = [
+    "MBPP_TRAIN_IDS",
+    "REWARDS",
+    "SIGNALS",
+    "Reward",
+    "RewardKind",
+    "RewardTask",
+    "load_task_file",
+    "mbpp_train_tasks",
+    "reward_function",
+    "score",
+    "signals",
+]

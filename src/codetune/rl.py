@@ -7,9 +7,9 @@ reward, then save ``rl/adapter`` and ``rl/rl_summary.json``. Every logging step 
 differ, completion lengths, KL when ``beta`` > 0) and the reward's (verdict counts, masked completions,
 the held-back tests' pass rate beside the rewarded one, the harness's ways in that completions touched).
 
-Known limits of this first version (docs/rl.md): the tasks are the run's own training tasks (``rl.tasks:
-trained``); rollouts use TRL's generation; ``codetune run`` does not run this stage, and ``eval`` scores
-``adapter/`` (the SFT adapter), not ``rl/adapter``.
+The tasks (``rl.tasks``): the run's trained starter tasks, MBPP's train split, or a JSONL file of tasks.
+Known limits of this version (docs/rl.md): rollouts use TRL's generation; ``codetune run`` does not run
+this stage, and ``eval`` scores ``adapter/`` (the SFT adapter), not ``rl/adapter``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .data import trained_task_ids
 from .errors import RecipeError
 from .model import load_base_model, load_tokenizer, stop_token_ids
 from .recipe import Recipe, RLConfig
-from .reward import Reward, RewardTask, reward_function
+from .reward import Reward, RewardTask, load_task_file, mbpp_train_tasks, reward_function
 from .rundir import RunDir, append_line, atomic_write
 from .suites import Task
 from .suites.starter import prompt as starter_prompt
@@ -41,16 +41,32 @@ class RLResult:
 
 
 def rl_tasks(recipe: Recipe, run_dir: Path) -> list[RewardTask]:
-    """The run's training tasks that have tests (starter rows), as reward tasks with held-back tests."""
+    """The tasks ``rl.tasks`` names, each with its tests split into rewarded and held-back ones: the run's
+    trained starter tasks, MBPP's train split, or a task file (a bad line: RecipeError naming it)."""
+    cfg = recipe.rl or RLConfig()
+    every = cfg.hold_back_every
+    if cfg.tasks == "trained":
+        tasks = _trained_tasks(recipe, run_dir, every)
+    elif cfg.tasks == "mbpp-train":
+        tasks = mbpp_train_tasks(recipe.evaluation.mbpp_source, hold_back_every=every)
+    else:
+        path = Path(cfg.tasks).expanduser()  # as data.source: relative to where codetune runs
+        if not path.is_file():
+            raise RecipeError(f"rl.tasks: file not found: {path}")
+        try:
+            tasks = load_task_file(path, hold_back_every=every)
+        except ValueError as exc:
+            raise RecipeError(f"rl.tasks: {exc}") from None
+    tasks = sorted(tasks, key=lambda t: t.task.task_id) if cfg.tasks == "trained" else tasks
+    return tasks[: cfg.max_tasks] if cfg.max_tasks is not None else tasks
+
+
+def _trained_tasks(recipe: Recipe, run_dir: Path, every: int) -> list[RewardTask]:
     from .starter import load_starter
 
-    cfg = recipe.rl or RLConfig()
     trained = trained_task_ids(run_dir)
-    rows = sorted((r for r in load_starter() if r["task_id"] in trained), key=lambda r: r["task_id"])
-    if cfg.max_tasks is not None:
-        rows = rows[: cfg.max_tasks]
     tasks = []
-    for r in rows:
+    for r in (r for r in load_starter() if r["task_id"] in trained):
         task = Task(
             suite="rl",
             task_id=r["task_id"],
@@ -58,7 +74,7 @@ def rl_tasks(recipe: Recipe, run_dir: Path) -> list[RewardTask]:
             reference=r["output"],
             entry_point=r["entry_point"],
         )
-        tasks.append(RewardTask.split(task, r["test_list"], hold_back_every=cfg.hold_back_every))
+        tasks.append(RewardTask.split(task, r["test_list"], hold_back_every=every))
     return tasks
 
 
@@ -86,6 +102,70 @@ def check(recipe: Recipe, run_dir: Path) -> Checked:
         raise RecipeError(f"rl.prompts_per_step {cfg.prompts_per_step} is more than the {len(tasks)} tasks there are")
     tokenizer = load_tokenizer(recipe)
     return Checked(tasks, tokenizer, stop_token_ids(tokenizer, recipe.generation.stop_tokens))
+
+
+@dataclass
+class Filtered:
+    """What the difficulty filter kept: the tasks the starting policy passes sometimes but not always."""
+
+    kept: list[RewardTask]
+    rates: dict[str, float]  # task id -> pass rate over the samples
+    samples: int
+    wall_s: float
+
+    def counts(self) -> dict[str, int]:
+        rates = list(self.rates.values())
+        return {
+            "candidates": len(rates),
+            "kept": len(self.kept),
+            "always_passed": sum(r == 1.0 for r in rates),
+            "never_passed": sum(r == 0.0 for r in rates),
+        }
+
+
+def difficulty_filter(model, tokenizer, recipe: Recipe, tasks: list[RewardTask], *, console=None) -> Filtered:
+    """Sample every task ``rl.filter_samples`` times with the starting policy (codetune's batched generation, at
+    the rollouts' temperature and length), score the samples with the reward, and keep the tasks whose pass
+    rate is strictly between 0 and 1: a group whose completions all pass or all fail has no reward spread,
+    so GRPO's advantage is zero for all of it and the step learns nothing from it."""
+    from .generate import InferenceSession
+    from .reward import score
+
+    cfg = recipe.rl or RLConfig()
+    k = cfg.filter_samples
+    session = InferenceSession(model, tokenizer, recipe.generation, batch_size=recipe.evaluation.batch_size * 4)
+    sampling = session.config(
+        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+        max_new_tokens=cfg.max_completion_length, seed=cfg.seed,
+    )
+    t0 = time.perf_counter()
+    if console is not None:
+        console.print(
+            f"difficulty filter: {len(tasks)} tasks x {k} samples at temperature {cfg.temperature}, then their tests",
+            highlight=False,
+            markup=False,
+        )
+    was_training = model.training
+    model.eval()
+    texts = session.generate([t.task.prompt for t in tasks for _ in range(k)], sampling)
+    model.train(was_training)
+    rewards = score([t for t in tasks for _ in range(k)], texts, kind=cfg.reward)
+    rates = {}
+    for i, t in enumerate(tasks):
+        values = [r.value for r in rewards[i * k : (i + 1) * k] if r.value is not None]
+        rates[t.task.task_id] = sum(values) / len(values) if values else 0.0
+    kept = [t for t in tasks if 0.0 < rates[t.task.task_id] < 1.0]
+    found = Filtered(kept, rates, k, time.perf_counter() - t0)
+    if console is not None:
+        c = found.counts()
+        console.print(
+            f"difficulty filter: kept {c['kept']} of {c['candidates']} tasks (passed sometimes over {k} samples at "
+            f"temperature {cfg.temperature}); {c['always_passed']} always passed, {c['never_passed']} never "
+            f"({found.wall_s:.0f}s)",
+            highlight=False,
+            markup=False,
+        )
+    return found
 
 
 class _Log:
@@ -152,6 +232,19 @@ def _config(cfg: RLConfig, rd: RunDir, stops: list[int], cuda: bool):
     )
 
 
+def _filter(model, tokenizer, recipe: Recipe, tasks: list[RewardTask], rd: RunDir, console) -> Filtered:
+    """The difficulty filter, its rates written to rl/filter.json; too few tasks left is an error."""
+    cfg = recipe.rl or RLConfig()
+    filtered = difficulty_filter(model, tokenizer, recipe, tasks, console=console)
+    atomic_write(rd.rl_filter, json.dumps({"samples": filtered.samples, "rates": filtered.rates}, indent=1))
+    if len(filtered.kept) < cfg.prompts_per_step:
+        raise RecipeError(
+            f"rl.filter_samples: the starting policy passed {len(filtered.kept)} task(s) sometimes but not always "
+            f"(rl.prompts_per_step is {cfg.prompts_per_step}); lower rl.temperature, or give more tasks"
+        )
+    return filtered
+
+
 def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
     """GRPO on ``run_dir``'s SFT adapter (see the module's docstring); writes ``rl/`` in the run directory."""
     import torch
@@ -168,6 +261,8 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
     rd.rl.mkdir(exist_ok=True)
     rd.rl_metrics.unlink(missing_ok=True)
     log = _Log(rd.rl_metrics, console)
+    filtered = _filter(model, tokenizer, recipe, tasks, rd, console) if cfg.filter_samples else None
+    tasks = filtered.kept if filtered is not None else tasks
 
     class _Metrics(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -205,6 +300,7 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
         "reward": cfg.reward,
         "rl": cfg.model_dump(mode="json"),
         "started_from": str(RunDir.ADAPTER),
+        "filter": filtered.counts() if filtered is not None else None,
     }
     atomic_write(rd.rl_summary, json.dumps(summary, indent=2))
     return RLResult(Path(run_dir), rd.rl_adapter, summary["steps"], len(tasks), wall, summary)

@@ -452,13 +452,23 @@ class RunDir:
     REPORT = "report.html"
     RL = "rl"  # codetune rl: adapter/, checkpoints/, metrics.jsonl, rl_summary.json
     RL_SUMMARY = "rl_summary.json"
+    RL_FILTER = "filter.json"  # in rl/: the difficulty filter's pass rate per task
     TRAINING_OUTPUTS = (CHECKPOINTS, ADAPTER, METRICS, TRAIN_SUMMARY, LOSS_TABLE, LOSS_PLOT, RL)
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    STAGES = ("sft", "rl")  # whose adapter and eval/ the run's adapter-reading commands use
+
+    def __init__(self, path: str | Path, stage: str = "sft"):
+        if stage not in self.STAGES:
+            raise ValueError(f"stage {stage!r}: use one of {', '.join(self.STAGES)}")
+        self.path, self.stage = Path(path), stage
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
+        return f"RunDir({str(self.path)!r})" if self.stage == "sft" else f"RunDir({str(self.path)!r}, stage='rl')"
+
+    @property
+    def _stage_root(self) -> Path:
+        """Where the stage's adapter and eval/ live: the run's root for SFT, rl/ for GRPO (codetune rl)."""
+        return self.path / self.RL if self.stage == "rl" else self.path
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -467,23 +477,25 @@ class RunDir:
     data = property(lambda self: self.path / self.DATA)
     stats = property(lambda self: self.data / self.STATS)
     rejected = property(lambda self: self.data / self.REJECTED)
-    adapter = property(lambda self: self.path / self.ADAPTER)
+    adapter = property(lambda self: self._stage_root / self.ADAPTER)
     adapter_config = property(lambda self: self.adapter / ADAPTER_CONFIG)
     checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
     metrics = property(lambda self: self.path / self.METRICS)
     train_summary = property(lambda self: self.path / self.TRAIN_SUMMARY)
     loss_table = property(lambda self: self.path / self.LOSS_TABLE)
     loss_plot = property(lambda self: self.path / self.LOSS_PLOT)
-    eval = property(lambda self: self.path / self.EVAL)
+    eval = property(lambda self: self._stage_root / self.EVAL)
     eval_summary = property(lambda self: self.eval / EVAL_SUMMARY)
     merged = property(lambda self: self.path / self.MERGED)
     card = property(lambda self: self.path / self.CARD)
     report = property(lambda self: self.path / self.REPORT)
     rl = property(lambda self: self.path / self.RL)
     rl_adapter = property(lambda self: self.rl / self.ADAPTER)
+    rl_eval = property(lambda self: self.rl / self.EVAL)
     rl_checkpoints = property(lambda self: self.rl / self.CHECKPOINTS)
     rl_metrics = property(lambda self: self.rl / self.METRICS)
     rl_summary = property(lambda self: self.rl / self.RL_SUMMARY)
+    rl_filter = property(lambda self: self.rl / self.RL_FILTER)
 
     @property
     def is_run(self) -> bool:
@@ -538,9 +550,8 @@ class RunDir:
         if not self.recipe_file.is_file():
             raise RecipeError(f"{self.path} is not a run directory (no {self.RECIPE})")
         if not self.adapter_config.is_file():
-            raise RecipeError(
-                f"{self.path} has no trained adapter ({self.adapter} is missing): run `codetune train` first"
-            )
+            command = "codetune rl" if self.stage == "rl" else "codetune train"
+            raise RecipeError(f"{self.path} has no trained adapter ({self.adapter} is missing): run `{command}` first")
         return self.check_adapter()
 
     def check_adapter(self) -> Path:
@@ -659,6 +670,8 @@ def run_of_eval(path: Path) -> RunDir | None:
     for folder in (resolved, *resolved.parents):
         if folder.name == RunDir.EVAL and RunDir(folder.parent).is_run:
             return RunDir(folder.parent)
+        if folder.name == RunDir.EVAL and folder.parent.name == RunDir.RL and RunDir(folder.parent.parent).is_run:
+            return RunDir(folder.parent.parent, stage="rl")
     return None
 
 

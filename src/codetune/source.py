@@ -28,12 +28,20 @@ class Source:
     name: str
     kind: Kind
     path: Path | None = None
+    stage: str = "sft"  # a run's adapter: sft (adapter/) or rl (rl/adapter, codetune rl's)
 
     @classmethod
-    def of(cls, source: str | Path | Source) -> Source:
-        if isinstance(source, Source):
-            return source
-        text = str(source)
+    def of(cls, source: str | Path | Source, *, stage: str | None = None) -> Source:
+        """``stage``: a run's adapter to use (sft, rl); None keeps a Source's own (sft for a new one)."""
+        found = source if isinstance(source, Source) else cls._resolve(str(source))
+        if stage is None or stage == found.stage:
+            return found
+        if found.kind != "run":
+            raise RecipeError(f"--adapter {stage}: {found.name} is not a run directory; only a run has an {stage} adapter")
+        return cls(found.name, found.kind, found.path, stage)
+
+    @classmethod
+    def _resolve(cls, text: str) -> Source:
         if text.startswith("builtin:"):
             return cls(text, "builtin")
         path = Path(text).expanduser()
@@ -47,7 +55,7 @@ class Source:
 
     @property
     def run(self) -> RunDir | None:
-        return RunDir(self.path) if self.kind == "run" else None
+        return RunDir(self.path, self.stage) if self.kind == "run" else None
 
     @property
     def folder(self) -> Path | None:
