@@ -217,3 +217,19 @@ def test_mbpp_train_tasks_are_the_train_split_and_never_a_test_row():
     # the rewarded asserts are in the prompt (MBPP's format), the held-back one is not
     assert all(t in shown for t in first.rewarded) and first.heldback and first.heldback[0] not in shown
     assert score([first], [f"```python\n{first.task.reference}\n```"])[0].value == 1.0
+
+
+def test_repeated_answers_in_a_group_are_run_once_and_share_their_verdicts(palindrome, monkeypatch):
+    ran = []
+    real = reward_mod.run_programs
+
+    def counting(programs, limits, workers=None):
+        ran.extend(programs)
+        return real(programs, limits, workers=workers)
+
+    monkeypatch.setattr(reward_mod, "run_programs", counting)
+    wrong = "def is_palindrome(s):\n    return False\n"
+    group = [CORRECT, wrong, CORRECT, CORRECT, wrong, CORRECT, CORRECT, CORRECT]
+    rewards = score([palindrome] * len(group), group)
+    assert [r.value for r in rewards] == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    assert len(ran) == 2 * 2  # two distinct answers, each a rewarded run and a held-back run

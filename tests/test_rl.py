@@ -177,3 +177,29 @@ def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapte
     rl = json.loads((run / "rl" / "eval" / "summary.json").read_text())
     assert "starter-family" in rl["results"]["fine-tuned"] and rl["adapter_sha256"] != sft["adapter_sha256"]
     assert load_recipe(run / "recipe.yaml").rl.max_steps == 2  # the run's recipe keeps its rl: section
+
+
+def test_codetune_rollouts_end_with_their_stop_token_or_run_to_the_limit(tiny_run):
+    """TRL tells a finished completion from a truncated one by its last id: codetune's rollouts keep the stop
+    token that ended a completion, as TRL's own generation does, and the same seed gives the same ids."""
+    from codetune.generate import InferenceSession, load_for_inference
+
+    loaded = load_for_inference(tiny_run)
+    session = InferenceSession.from_loaded(loaded)
+    cfg = session.config(do_sample=True, temperature=1.0, top_k=0, max_new_tokens=12, seed=3)
+    prompts = [session.prompt_ids([{"role": "user", "content": f"Write f{i}."}]) for i in range(6)] * 2
+    ids = session.completion_ids(prompts, cfg)
+    stops = set(session.stop_ids_for(cfg))
+    assert all((row and row[-1] in stops and not stops & set(row[:-1])) or len(row) == 12 for row in ids), ids
+    assert any(row[-1] in stops for row in ids if row)  # the tiny run does stop, sometimes
+    assert session.completion_ids(prompts, cfg) == ids
+    texts = session.generate([[{"role": "user", "content": f"Write f{i}."}] for i in range(6)] * 2, cfg)
+    decoded = [loaded.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
+    assert decoded == texts  # the same answers eval would score
+
+
+def test_trls_own_generation_is_still_a_choice(run):
+    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in [*QUICK, "rl.max_steps=1", "rl.rollouts=trl"]), [])])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "rl" / "rl_summary.json").read_text())
+    assert summary["rl"]["rollouts"] == "trl" and summary["steps"] == 1

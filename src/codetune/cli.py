@@ -699,6 +699,11 @@ def run_cmd(
     from .pipeline import STAGES
 
     result = _pipeline(recipe, run_dir, set_, STAGES, resume=resume, overwrite=overwrite, skip_invalid=skip_invalid)
+    _print_run(result)
+
+
+def _print_run(result) -> None:
+    """What ``codetune run`` made: the training's table, the scores (SFT's, then GRPO's), where things are."""
     if result.trained is not None:
         _print_trained(result.trained)
     if result.summary is None:  # not the main process

@@ -378,10 +378,37 @@ class InferenceSession:
         new = out[0, len(prompt) :].tolist()
         return next((new[:j] for j, t in enumerate(new) if t in stops), new)
 
-    def _batch(
-        self, prompts: list[list[int]], limit: list[int], cfg: GenerationConfig, first_wave: int | None
+    def completion_ids(
+        self, prompts: list[list[int]], cfg: GenerationConfig | None = None, *, first_wave: int | None = 32
     ) -> list[list[int]]:
-        """The new token ids of one batch, in waves, each row cut at its first stop token and its limit."""
+        """Each prompt's new token ids, batched as :meth:`generate` batches (sorted by length, in waves), each
+        ending with the stop token that ended it (none when cut at the limit): what an RL trainer scores and
+        trains on, the stop token included, so that a finished completion is told from a truncated one."""
+        import torch
+
+        cfg = cfg or self.defaults
+        limits = self.fit([len(p) for p in prompts], cfg)
+        torch.manual_seed(cfg.seed)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[list[int]] = [[] for _ in prompts]
+        for start in range(0, len(order), self.batch_size):
+            chosen = order[start : start + self.batch_size]
+            new = self._batch([prompts[i] for i in chosen], [limits[i] for i in chosen], cfg, first_wave, keep_stop=True)
+            for i, ids in zip(chosen, new, strict=True):
+                out[i] = ids
+        return out
+
+    def _batch(
+        self,
+        prompts: list[list[int]],
+        limit: list[int],
+        cfg: GenerationConfig,
+        first_wave: int | None,
+        *,
+        keep_stop: bool = False,
+    ) -> list[list[int]]:
+        """The new token ids of one batch, in waves, each row cut at its first stop token (kept with
+        ``keep_stop``) and its limit."""
         import torch
 
         stops = set(self.stop_ids_for(cfg))
@@ -407,7 +434,7 @@ class InferenceSession:
             for row, i in zip(out[:, enc["input_ids"].shape[1] :].tolist(), pending, strict=True):
                 cut = next((j for j, t in enumerate(row) if t in stops), None)
                 # a row whose context is nearly full stops at its own limit even when the batch goes on
-                new[i] = (new[i] + (row if cut is None else row[:cut]))[: limit[i]]
+                new[i] = (new[i] + (row if cut is None else row[: cut + keep_stop]))[: limit[i]]
                 if cut is None and len(row) == step and len(new[i]) < limit[i]:
                     still.append(i)
             wave *= 2

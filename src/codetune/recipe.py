@@ -352,6 +352,11 @@ class RLConfig(_Section):
         description="Difficulty filter: sample each task this many times with the starting policy (at rl.temperature) "
         "and keep those it passes sometimes but not always (0: keep every task; groups without reward spread teach nothing)",
     )
+    rollouts: Literal["codetune", "trl"] = Field(
+        "codetune",
+        description="codetune: the completions come from codetune's batched generation (sorted batches, waves, a "
+        "static cache on CPU) through the trainer's rollout hook; trl: GRPOTrainer's own generation",
+    )
     reward: Literal["all_pass", "pass_fraction"] = "all_pass"
     hold_back_every: int = Field(3, ge=2, description="Every n-th test of a task is measured, never rewarded")
     num_generations: int = Field(4, ge=2, le=64, description="Completions per prompt: one group")

@@ -104,19 +104,22 @@ def score(
     limits: Limits = EVAL_LIMITS,
     workers: int | None = None,
 ) -> list[Reward]:
-    """The reward of ``completions[i]`` as an answer to ``tasks[i]``: every program of every completion
-    runs in one call of the sandbox, in parallel on the machine's cores."""
+    """The reward of ``completions[i]`` as an answer to ``tasks[i]``: every program of every distinct
+    completion runs in one call of the sandbox, in parallel on the machine's cores."""
     if kind not in REWARDS:
         raise ValueError(f"reward {kind!r}: use one of {', '.join(REWARDS)}")
     if len(tasks) != len(completions):
         raise ValueError(f"{len(tasks)} tasks for {len(completions)} completions")
     codes = [extract_code(c, rt.task.entry_point) for rt, c in zip(tasks, completions, strict=True)]
-    per_completion = [_programs(rt, code, kind) for rt, code in zip(tasks, codes, strict=True)]
-    flat = [p for programs in per_completion for p in programs]
-    verdicts = iter(run_programs(flat, limits, workers=workers))
+    # A group's samples repeat one another (a trained policy at a moderate temperature writes the same answer
+    # often): each distinct (task, code) runs once, and its verdicts are every copy's
+    unique = {(id(rt), code): (rt, code) for rt, code in zip(tasks, codes, strict=True)}
+    programs_of = {key: _programs(rt, code, kind) for key, (rt, code) in unique.items()}
+    verdicts = iter(run_programs([p for programs in programs_of.values() for p in programs], limits, workers=workers))
+    ran_of = {key: [next(verdicts) for _ in programs] for key, programs in programs_of.items()}
     rewards = []
-    for rt, code, programs in zip(tasks, codes, per_completion, strict=True):
-        ran = [next(verdicts) for _ in programs]
+    for rt, code in zip(tasks, codes, strict=True):
+        ran = ran_of[id(rt), code]
         rewarded, held = (ran[:-1], ran[-1]) if rt.heldback else (ran, None)
         status = next((v.status for v in rewarded if v.status == "error"), None) or _worst(rewarded)
         if status == "error" or (held is not None and held.status == "error"):

@@ -8,14 +8,14 @@ differ, completion lengths, KL when ``beta`` > 0) and the reward's (verdict coun
 the held-back tests' pass rate beside the rewarded one, the harness's ways in that completions touched).
 
 The tasks (``rl.tasks``): the run's trained starter tasks, MBPP's train split, or a JSONL file of tasks.
-Known limits of this version (docs/rl.md): rollouts use TRL's generation; ``codetune run`` does not run
-this stage, and ``eval`` scores ``adapter/`` (the SFT adapter), not ``rl/adapter``.
+Rollouts (``rl.rollouts``): codetune's batched generation through the trainer's ``rollout_func``, or TRL's own.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +232,26 @@ def _config(cfg: RLConfig, rd: RunDir, stops: list[int], cuda: bool):
     )
 
 
+def codetune_rollouts(model, tokenizer, recipe: Recipe):
+    """GRPOTrainer's ``rollout_func``: each prompt's completion from codetune's batched generation (what
+    eval and the filter use), sampled at the rollouts' settings with a seed that moves with the step. The
+    ids end with the stop token when one ended them, so TRL tells finished completions from truncated ones."""
+    from .generate import InferenceSession
+
+    cfg = recipe.rl or RLConfig()
+    session = InferenceSession(model, tokenizer, recipe.generation, batch_size=recipe.evaluation.batch_size * 4)
+    sampling = session.config(
+        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_completion_length
+    )
+
+    def rollout(prompts: list, trainer) -> dict:
+        ids = [session.prompt_ids(p) for p in prompts]
+        step = sampling.model_copy(update={"seed": (cfg.seed + 7919 * trainer.state.global_step) % 2**32})
+        return {"prompt_ids": ids, "completion_ids": session.completion_ids(ids, step), "logprobs": None}
+
+    return rollout
+
+
 def _filter(model, tokenizer, recipe: Recipe, tasks: list[RewardTask], rd: RunDir, console) -> Filtered:
     """The difficulty filter, its rates written to rl/filter.json; too few tasks left is an error."""
     cfg = recipe.rl or RLConfig()
@@ -245,13 +265,51 @@ def _filter(model, tokenizer, recipe: Recipe, tasks: list[RewardTask], rd: RunDi
     return filtered
 
 
-def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
-    """GRPO on ``run_dir``'s SFT adapter (see the module's docstring); writes ``rl/`` in the run directory."""
+def _trainer(model, tokenizer, recipe: Recipe, rd: RunDir, tasks: list[RewardTask], stops: list[int], log: _Log):
+    """TRL's GRPOTrainer on ``model`` with the sandbox reward, codetune's rollouts (unless ``rl.rollouts: trl``),
+    our metrics line per step instead of TRL's printed dict, and the LoRA weights in the recipe's dtype."""
     import torch
     from datasets import Dataset
-    from peft import PeftModel
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
+
+    cfg = recipe.rl or RLConfig()
+
+    class _Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                log.line(logs, state.global_step)
+
+    dataset = Dataset.from_list([{"prompt": t.task.prompt, "task_id": t.task.task_id} for t in tasks])
+    reward = reward_function({t.task.task_id: t for t in tasks}, kind=cfg.reward, on_scored=log.scored)
+    # TRL tells a finished completion from a truncated one by the model's eos ids: the recipe's stop tokens
+    model.generation_config.eos_token_id = stops
+    rollout = codetune_rollouts(model, tokenizer, recipe) if cfg.rollouts == "codetune" else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are using 'rollout_func'")  # TRL's "experimental" notice
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=_config(cfg, rd, stops, torch.cuda.is_available()),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[_Metrics()],
+            rollout_func=rollout,
+        )
+    trainer.remove_callback(PrinterCallback)  # our line per step instead of the dict TRL prints
+    if recipe.lora.dtype == "float32":
+        # TRL casts a quantized model's LoRA weights to bf16 (QLoRA's paper); the recipe's lora.dtype decides
+        # here, as in SFT: on a CPU without fast bf16 (tiny-cpu) fp32 is faster and keeps the SFT weights exact
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
+    """GRPO on ``run_dir``'s SFT adapter (see the module's docstring); writes ``rl/`` in the run directory."""
+    from peft import PeftModel
 
     rd, cfg = RunDir(run_dir), recipe.rl or RLConfig()
     checked = check(recipe, run_dir)
@@ -263,31 +321,7 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
     log = _Log(rd.rl_metrics, console)
     filtered = _filter(model, tokenizer, recipe, tasks, rd, console) if cfg.filter_samples else None
     tasks = filtered.kept if filtered is not None else tasks
-
-    class _Metrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs:
-                log.line(logs, state.global_step)
-
-    dataset = Dataset.from_list([{"prompt": t.task.prompt, "task_id": t.task.task_id} for t in tasks])
-    reward = reward_function({t.task.task_id: t for t in tasks}, kind=cfg.reward, on_scored=log.scored)
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=[reward],
-        args=_config(cfg, rd, stops, torch.cuda.is_available()),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[_Metrics()],
-    )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # our line per step instead of the dict TRL prints
-    if recipe.lora.dtype == "float32":
-        # TRL casts a quantized model's LoRA weights to bf16 (QLoRA's paper); the recipe's lora.dtype decides
-        # here, as in SFT: on a CPU without fast bf16 (tiny-cpu) fp32 is faster and keeps the SFT weights exact
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+    trainer = _trainer(model, tokenizer, recipe, rd, tasks, stops, log)
     t0 = time.perf_counter()
     output = trainer.train()
     wall = time.perf_counter() - t0
@@ -306,4 +340,4 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
     return RLResult(Path(run_dir), rd.rl_adapter, summary["steps"], len(tasks), wall, summary)
 
 
-__all__ = ["Checked", "RLResult", "check", "rl", "rl_tasks"]
+__all__ = ["Checked", "Filtered", "RLResult", "check", "codetune_rollouts", "difficulty_filter", "rl", "rl_tasks"]
