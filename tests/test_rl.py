@@ -157,7 +157,7 @@ def test_eval_scores_the_rl_adapter_into_rl_eval_and_leaves_the_sft_results(run)
     assert res.exit_code == 2 and "is not a run directory; only a run has an rl adapter" in res.output
 
 
-def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapters(tmp_path):
+def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapters(tmp_path, monkeypatch):
     run = tmp_path / "run"
     settings = [
         "training.max_steps=20",
@@ -177,6 +177,26 @@ def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapte
     rl = json.loads((run / "rl" / "eval" / "summary.json").read_text())
     assert "starter-family" in rl["results"]["fine-tuned"] and rl["adapter_sha256"] != sft["adapter_sha256"]
     assert load_recipe(run / "recipe.yaml").rl.max_steps == 2  # the run's recipe keeps its rl: section
+    card = (run / "README.md").read_text()
+    section = card.split("## Reinforcement learning (GRPO)", 1)[1].split("\n## ", 1)[0]
+    assert "2 steps on 4 tasks" in section and "`all_pass`" in section
+    sft_score = sft["results"]["fine-tuned"]["starter-family"]["pass@1"]
+    rl_score = rl["results"]["fine-tuned"]["starter-family"]["pass@1"]
+    assert f"| starter-family | {sft_score:.2f} | {rl_score:.2f} |" in section
+    # scores of another adapter than the rl/adapter there now are not shown: GRPO again (with a reward that
+    # differs within groups, so the weights move), then the card
+    import codetune.rl as rl_mod
+
+    def alternating(tasks_by_id, *, kind, on_scored=None, **_):
+        return lambda prompts, completions, task_id, **kw: [float(i % 2) for i in range(len(completions))]
+
+    monkeypatch.setattr(rl_mod, "reward_function", alternating)
+    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in QUICK), [])])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["card", str(run), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    section = (run / "README.md").read_text().split("## Reinforcement learning (GRPO)", 1)[1].split("\n## ", 1)[0]
+    assert "Not evaluated after GRPO" in section and "| starter-family |" not in section
 
 
 def test_codetune_rollouts_end_with_their_stop_token_or_run_to_the_limit(tiny_run):

@@ -269,6 +269,7 @@ def render_card(run_dir: Path, *, repo_id: str | None = None) -> str:
         *_training_section(run_dir),
         *_recipe_section(recipe),
         *_evaluation_section(run_dir, recipe, summary),
+        *_rl_section(run_dir, summary),
         *_chat_format_section(run_dir, recipe),
         *_usage_section(run_dir, recipe, repo_id),
         *_versions_section(),
@@ -386,6 +387,53 @@ def _evaluation_section(run_dir: Path, recipe: Recipe, summary: dict | None) -> 
         lines += ["Not evaluated yet: run `codetune eval` on the run directory, then `codetune card` again.", ""]
     if recipe.model.name_or_path == "builtin:tiny-phi3":
         lines += [TINY_MODEL_NOTE, ""]
+    return lines
+
+
+def _rl_section(run_dir: Path, summary: dict | None) -> list[str]:
+    """GRPO after SFT (``codetune rl``), when the run has it: the method and reward, what the difficulty filter
+    kept, and the executed suites' pass@1 of the SFT adapter beside GRPO's (rl/eval/, shown only when it was
+    made from the rl/adapter there now). The card's weights stay the SFT adapter's."""
+    rd = RunDir(run_dir, stage="rl")
+    if not rd.rl_summary.is_file():
+        return []
+    try:
+        done = json.loads(rd.rl_summary.read_text(encoding="utf-8"))
+        cfg, steps, tasks = done["rl"], int(done["steps"]), int(done["tasks"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RecipeError(f"{rd.rl_summary} is damaged ({type(exc).__name__}: {exc}): run `codetune rl` again") from None
+    kept = done.get("filter") or {}
+    lines = [
+        "## Reinforcement learning (GRPO)",
+        "",
+        f"After SFT, `codetune rl` trained the adapter further with GRPO (TRL's GRPOTrainer): {steps} steps on "
+        f"{tasks} tasks, {cfg.get('num_generations')} completions per prompt, {cfg.get('prompts_per_step')} "
+        f"prompts per step, temperature {cfg.get('temperature')}, learning rate {cfg.get('learning_rate')}, "
+        f"loss `{cfg.get('loss_type')}`, beta {cfg.get('beta')}. The reward is `{cfg.get('reward')}` of the task's "
+        "tests run in codetune's sandbox, eval's own scoring path; every "
+        f"{_n(cfg.get('hold_back_every'))}th test is held back, measured and never rewarded.",
+        "",
+    ]
+    if kept:
+        lines += [
+            f"Difficulty filter: {kept.get('kept')} of {kept.get('candidates')} tasks kept (passed sometimes but "
+            f"not always over {cfg.get('filter_samples')} samples).",
+            "",
+        ]
+    rl_eval, current = rd.read_eval_summary(), rd.adapter_fingerprint()
+    own = _own_results(rl_eval, current) if rl_eval and rl_eval.get("adapter_sha256") == current else None
+    if own is None:  # nothing, or results of another adapter than the rl/adapter there now
+        return lines + ["Not evaluated after GRPO: `codetune eval RUN --adapter rl`, then `codetune card` again.", ""]
+    after = own["results"]["fine-tuned"]
+    before = (summary or {}).get("results", {}).get("fine-tuned", {})
+    executed = [s for s in after if "pass@1" in after[s]]
+    if executed:
+        lines += ["| suite | pass@1 after SFT | pass@1 after GRPO |", "|---|---|---|"]
+        for suite in executed:
+            sft = before.get(suite, {}).get("pass@1")
+            lines.append(f"| {suite} | {'-' if sft is None else f'{sft:.2f}'} | {after[suite]['pass@1']:.2f} |")
+        lines.append("")
+    lines += ["The weights this card describes are the SFT adapter; GRPO's is `rl/adapter/` in the run.", ""]
     return lines
 
 
