@@ -223,3 +223,55 @@ def test_trls_own_generation_is_still_a_choice(run):
     assert res.exit_code == 0, res.output
     summary = json.loads((run / "rl" / "rl_summary.json").read_text())
     assert summary["rl"]["rollouts"] == "trl" and summary["steps"] == 1
+
+
+def test_through_the_trainer_a_cheating_policy_gets_nothing_and_a_correct_one_everything(run, tmp_path, monkeypatch):
+    """A scripted policy (the trainer's rollout hook returns fixed completions) answers one task with the
+    correct code and with every known cheat, in one GRPO group: through GRPOTrainer and the same reward the
+    correct answer scores 1 and each cheat 0, none masked, and the cheats' ways in are counted."""
+    import codetune.rl as rl_mod
+    from codetune.rl import rl
+
+    from .test_reward import CHEATS, CORRECT
+
+    row = next(r for r in __import__("codetune.starter", fromlist=["x"]).load_starter() if r["task_id"] == "starter/0")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"task_id": "palindrome", "prompt": row["instruction"], "tests": row["test_list"],
+                                 "entry_point": row["entry_point"]}) + "\n")
+    answers = [CORRECT, *CHEATS.values()]
+    scored = []
+
+    def scripted(model, tokenizer, recipe):
+        stop = tokenizer.convert_tokens_to_ids(recipe.generation.stop_tokens[0])
+
+        def rollout(prompts, trainer):
+            assert len(prompts) == len(answers)  # one group: the prompt once per generation
+            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+            ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            done = [tokenizer(a, add_special_tokens=False)["input_ids"] + [stop] for a in answers]
+            return {"prompt_ids": ids, "completion_ids": done, "logprobs": None}
+
+        return rollout
+
+    real_reward = rl_mod.reward_function
+
+    def recording(tasks_by_id, *, kind, on_scored=None, **kw):
+        def seen(rewards):
+            scored.extend(rewards)
+            on_scored(rewards)
+
+        return real_reward(tasks_by_id, kind=kind, on_scored=seen, **kw)
+
+    monkeypatch.setattr(rl_mod, "codetune_rollouts", scripted)
+    monkeypatch.setattr(rl_mod, "reward_function", recording)
+    settings = [f"rl.tasks={tasks}", "rl.max_steps=1", f"rl.num_generations={len(answers)}", "rl.prompts_per_step=1",
+                "rl.max_completion_length=256"]
+    recipe = load_recipe(run / "recipe.yaml", settings)
+    rl(recipe, run)
+    assert [r.code.strip() for r in scored] == [a.strip().removeprefix("```python\n").removesuffix("```").strip()
+                                                for a in answers]
+    assert [r.value for r in scored] == [1.0] + [0.0] * len(CHEATS), [(r.verdict, r.value) for r in scored]
+    line = json.loads((run / "rl" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["masked"] == 0 and line["verdicts"].get("passed") == 1
+    assert line["reward"] == pytest.approx(1 / len(answers))
+    assert {"exit", "eq_override", "introspection", "descriptors", "proc"} <= set(line["signals"])
