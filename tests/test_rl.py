@@ -183,6 +183,13 @@ def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapte
     sft_score = sft["results"]["fine-tuned"]["starter-family"]["pass@1"]
     rl_score = rl["results"]["fine-tuned"]["starter-family"]["pass@1"]
     assert f"| starter-family | {sft_score:.2f} | {rl_score:.2f} |" in section
+    res = runner.invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    page = (run / "report.html").read_text()
+    rl_part = page.split("<section id=rl>", 1)[1].split("</section>", 1)[0]
+    assert "reward (mean)" in rl_part and "held-back tests passed" in rl_part and "<svg" in rl_part
+    assert "Verdicts: " in rl_part and "Rewarded tests passed minus held-back tests passed" in rl_part
+    assert f"<td>starter-family</td><td>{sft_score:.2f}</td><td>{rl_score:.2f}</td>" in rl_part
     # scores of another adapter than the rl/adapter there now are not shown: GRPO again (with a reward that
     # differs within groups, so the weights move), then the card
     import codetune.rl as rl_mod
@@ -197,6 +204,9 @@ def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapte
     assert res.exit_code == 0, res.output
     section = (run / "README.md").read_text().split("## Reinforcement learning (GRPO)", 1)[1].split("\n## ", 1)[0]
     assert "Not evaluated after GRPO" in section and "| starter-family |" not in section
+    res = runner.invoke(app, ["report", str(run), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "Not evaluated after GRPO" in (run / "report.html").read_text().split("<section id=rl>", 1)[1]
 
 
 def test_codetune_rollouts_end_with_their_stop_token_or_run_to_the_limit(tiny_run):

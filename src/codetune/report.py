@@ -22,6 +22,7 @@ import functools
 import hashlib
 import html
 import io
+import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,8 +80,16 @@ def _loss_points(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int
     return sorted(train.items()), sorted(evals.items())
 
 
-def loss_svg(train: list[tuple[int, float]], evals: list[tuple[int, float]], title: str) -> str:
-    """The loss curves as an inline ``<svg>`` element (text stays text, so it uses the page's font)."""
+def loss_svg(
+    train: list[tuple[int, float]],
+    evals: list[tuple[int, float]],
+    title: str,
+    *,
+    labels: tuple[str, str] = ("training loss", "validation loss"),
+    ylabel: str = "loss",
+) -> str:
+    """The loss curves (or any two per-step curves: ``labels``) as an inline ``<svg>`` element (text stays
+    text, so it uses the page's font)."""
     import matplotlib
     import matplotlib.ticker
     from matplotlib.figure import Figure  # not pyplot: no global state, so the server may draw from any thread
@@ -89,12 +98,12 @@ def loss_svg(train: list[tuple[int, float]], evals: list[tuple[int, float]], tit
         fig = Figure(figsize=(7.5, 3.4))
         ax = fig.subplots()
         if train:
-            ax.plot(*zip(*train, strict=True), color="#2563eb", lw=1.6, label="training loss")
+            ax.plot(*zip(*train, strict=True), color="#2563eb", lw=1.6, label=labels[0])
         if evals:
-            ax.plot(*zip(*evals, strict=True), color="#dc2626", lw=1.6, marker="o", ms=4, label="validation loss")
+            ax.plot(*zip(*evals, strict=True), color="#dc2626", lw=1.6, marker="o", ms=4, label=labels[1])
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
+        ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=11)
         ax.grid(alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
@@ -469,6 +478,64 @@ def _samples_section(samples: list[Sample]) -> list[str]:
     return parts
 
 
+def _rl_section(run_dir: Path, summary: dict | None) -> list[str]:
+    """GRPO after SFT (``codetune rl``), when the run has it: the reward per step beside the held-back tests'
+    pass rate (a gap between them is a policy learning the visible tests), the verdicts, and pass@1 after SFT
+    beside after GRPO (rl/eval/, only when made from the rl/adapter there now)."""
+    rd = RunDir(run_dir, stage="rl")
+    if not rd.rl_metrics.is_file():
+        return []
+    rows = []
+    for line in rd.rl_metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill: the others still draw
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    num = (int, float)
+    reward = [(r["step"], float(r["reward"])) for r in rows if isinstance(r.get("reward"), num)]
+    held = [(r["step"], float(r["heldback_pass_rate"])) for r in rows if isinstance(r.get("heldback_pass_rate"), num)]
+    parts = ["<section id=rl><h2>Reinforcement learning (GRPO)</h2>"]
+    if reward or held:
+        try:
+            parts.append(loss_svg(reward, held, "GRPO: reward per step", labels=("reward (mean)", "held-back tests passed"),
+                                  ylabel="share"))
+        except (ValueError, OverflowError):
+            parts.append('<p class="muted">The rewards span too wide a range to draw.</p>')
+    rewarded = [float(r["rewarded_pass_rate"]) for r in rows if isinstance(r.get("rewarded_pass_rate"), num)]
+    if rewarded and held:
+        gap = sum(rewarded) / len(rewarded) - sum(v for _, v in held) / len(held)
+        parts.append(f'<p>Rewarded tests passed minus held-back tests passed, mean over the steps: {gap:+.3f}</p>')
+    verdicts: dict[str, int] = {}
+    for r in (r for r in rows if isinstance(r.get("verdicts"), dict)):
+        for k, v in r["verdicts"].items():
+            verdicts[str(k)] = verdicts.get(str(k), 0) + (v if isinstance(v, int) else 0)
+    if verdicts:
+        parts.append("<p>Verdicts: " + _e(", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))) + "</p>")
+    parts += _rl_scores(rd, summary)
+    parts.append("</section>")
+    return parts
+
+
+def _rl_scores(rd: RunDir, summary: dict | None) -> list[str]:
+    rl_eval = read_eval_summary(rd.eval_summary) if rd.eval_summary.is_file() else None
+    current = rd.adapter_fingerprint()
+    if not rl_eval or current is None or rl_eval.get("adapter_sha256") != current:
+        return ['<p class="muted">Not evaluated after GRPO: run <code>codetune eval RUN_DIR --adapter rl</code>.</p>']
+    after = rl_eval["results"].get("fine-tuned") or {}
+    before = ((summary or {}).get("results") or {}).get("fine-tuned") or {}
+    rows = [
+        f"<tr><td>{_e(suite)}</td><td>{_fmt(before.get(suite, {}).get('pass@1'), 2)}</td>"
+        f"<td>{_fmt(info.get('pass@1'), 2)}</td></tr>"
+        for suite, info in after.items()
+        if isinstance(info, dict) and "pass@1" in info
+    ]
+    if not rows:
+        return []
+    return ["<table><tr><th>suite</th><th>pass@1 after SFT</th><th>pass@1 after GRPO</th></tr>", *rows, "</table>"]
+
+
 def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
     """The report of ``run_dir`` as one HTML document."""
     run_dir = Path(run_dir)
@@ -479,6 +546,7 @@ def render_report(run_dir: str | Path, *, chat_link: bool = False) -> str:
     parts = [_header(run_dir, recipe_name, base_model, train_summary, chat_link)]
     parts += _loss_section(run_dir, recipe_name)
     parts += _eval_section(summary)
+    parts += _rl_section(run_dir, summary)
     parts += _samples_section(load_samples(eval_dir) if eval_dir else [])
     parts.append("</main>")
     return page(f"codetune report: {recipe_name}", "\n".join(parts), _asset("report.js"))
