@@ -285,3 +285,29 @@ def test_through_the_trainer_a_cheating_policy_gets_nothing_and_a_correct_one_ev
     assert line["masked"] == 0 and line["verdicts"].get("passed") == 1
     assert line["reward"] == pytest.approx(1 / len(answers))
     assert {"exit", "eq_override", "introspection", "descriptors", "proc"} <= set(line["signals"])
+
+
+def test_grpo_resumed_after_a_kill_ends_where_an_unbroken_run_ends(run, monkeypatch):
+    """Two GRPO steps with a checkpoint after each; then the second step's checkpoint and the adapter are lost
+    (a kill) and `codetune rl --resume` continues from the first: the adapter is the same, bit for bit."""
+    import codetune.rl as rl_mod
+
+    def alternating(tasks_by_id, *, kind, on_scored=None, **_):  # a reward with spread, so weights move
+        return lambda prompts, completions, task_id, **kw: [float(i % 2) for i in range(len(completions))]
+
+    monkeypatch.setattr(rl_mod, "reward_function", alternating)
+    settings = sum((["--set", s] for s in [*QUICK, "rl.save_steps=1"]), [])
+    res = runner.invoke(app, ["rl", str(run), *settings])
+    assert res.exit_code == 0, res.output
+    unbroken = load_file(run / "rl" / "adapter" / "adapter_model.safetensors")
+    shutil.rmtree(run / "rl" / "adapter")
+    shutil.rmtree(run / "rl" / "checkpoints" / "checkpoint-2")
+    res = runner.invoke(app, ["rl", str(run), *settings, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "resuming GRPO from" in res.output and "(step 1)" in res.output
+    assert "rl step 2 |" in res.output and "rl step 1 |" not in res.output  # only the lost step was done again
+    resumed = load_file(run / "rl" / "adapter" / "adapter_model.safetensors")
+    assert unbroken.keys() == resumed.keys() and all((unbroken[k] == resumed[k]).all() for k in unbroken)
+    lines = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]  # step 2's line written once, by the resumed run
+    assert json.loads((run / "rl" / "rl_summary.json").read_text())["resumed_from"] == "rl/checkpoints/checkpoint-1"

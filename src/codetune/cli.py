@@ -560,7 +560,7 @@ def export_cmd(
 
 
 @app.command("rl")
-def rl_cmd(run_dir: RunDirArg, set_: SetOpt = None) -> None:
+def rl_cmd(run_dir: RunDirArg, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
     """GRPO on a trained run's adapter, rewarded by the sandbox's verdict (writes RUN_DIR/rl/; docs/rl.md)."""
     from .rl import rl
 
@@ -573,7 +573,7 @@ def rl_cmd(run_dir: RunDirArg, set_: SetOpt = None) -> None:
     recipe = load_recipe(rd.recipe_file)
     if overrides:
         recipe = load_recipe(recipe, overrides)
-    result = rl(recipe, run_dir, console=console)
+    result = rl(recipe, run_dir, console=console, resume=resume)
     out.print(f"rl       -> {result.adapter} ({result.steps} steps on {result.tasks} tasks, {result.wall_s:.0f} s)")
 
 

@@ -104,7 +104,7 @@ def run(
     if not _is_main():
         return result
     if "rl" in stages and recipe.rl is not None and not (resume and RunDir(rd).rl_summary.is_file()):
-        result.rl = rl_stage(recipe, rd, console=console)
+        result.rl = rl_stage(recipe, rd, console=console, resume=resume)
     if "evaluate" in stages:
         suites = recipe.evaluation.suites
         kw = dict(recipe=recipe, console=console, overwrite=overwrite or resume)

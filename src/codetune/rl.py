@@ -307,8 +307,36 @@ def _trainer(model, tokenizer, recipe: Recipe, rd: RunDir, tasks: list[RewardTas
     return trainer
 
 
-def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
-    """GRPO on ``run_dir``'s SFT adapter (see the module's docstring); writes ``rl/`` in the run directory."""
+def _resume_point(rd: RunDir, resume: bool, console) -> Path | None:
+    """The last complete GRPO checkpoint to continue from (``--resume``); its metrics lines past it go, as
+    those steps are done again. None: start from the SFT adapter."""
+    done = RunDir(rd.path, stage="rl").complete_checkpoints() if resume else []
+    if not done:
+        if resume and console is not None:
+            console.print("no complete GRPO checkpoint to resume from: starting from the SFT adapter", markup=False)
+        rd.rl_metrics.unlink(missing_ok=True)
+        return None
+    step = int(done[-1].name.split("-")[-1])
+    if rd.rl_metrics.is_file():
+        kept = [line for line in rd.rl_metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        atomic_write(rd.rl_metrics, "".join(line + "\n" for line in kept))
+    if console is not None:
+        console.print(f"resuming GRPO from {done[-1]} (step {step})", highlight=False, markup=False)
+    return done[-1]
+
+
+def _resumed_filter(tasks: list[RewardTask], rd: RunDir) -> list[RewardTask] | None:
+    """The tasks an interrupted run's difficulty filter kept (rl/filter.json), so a resumed run trains on the
+    same ones; None when it wrote none."""
+    if not rd.rl_filter.is_file():
+        return None
+    rates = json.loads(rd.rl_filter.read_text())["rates"]
+    return [t for t in tasks if 0.0 < rates.get(t.task.task_id, 0.0) < 1.0]
+
+
+def rl(recipe: Recipe, run_dir: Path, *, console=None, resume: bool = False) -> RLResult:
+    """GRPO on ``run_dir``'s SFT adapter (see the module's docstring); writes ``rl/`` in the run directory.
+    ``resume``: continue from the last complete checkpoint in rl/checkpoints (``rl.save_steps``)."""
     from peft import PeftModel
 
     rd, cfg = RunDir(run_dir), recipe.rl or RLConfig()
@@ -317,13 +345,14 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
     tokenizer.padding_side = "left"  # generation pads on the left
     model = PeftModel.from_pretrained(load_base_model(recipe), str(rd.adapter), is_trainable=True)
     rd.rl.mkdir(exist_ok=True)
-    rd.rl_metrics.unlink(missing_ok=True)
+    resume_from = _resume_point(rd, resume, console)
     log = _Log(rd.rl_metrics, console)
-    filtered = _filter(model, tokenizer, recipe, tasks, rd, console) if cfg.filter_samples else None
-    tasks = filtered.kept if filtered is not None else tasks
+    kept = _resumed_filter(tasks, rd) if resume_from is not None and cfg.filter_samples else None
+    filtered = _filter(model, tokenizer, recipe, tasks, rd, console) if cfg.filter_samples and kept is None else None
+    tasks = kept if kept is not None else filtered.kept if filtered is not None else tasks
     trainer = _trainer(model, tokenizer, recipe, rd, tasks, stops, log)
     t0 = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     wall = time.perf_counter() - t0
     trainer.model.save_pretrained(str(rd.rl_adapter))
     tokenizer.save_pretrained(str(rd.rl_adapter))
@@ -335,6 +364,7 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None) -> RLResult:
         "rl": cfg.model_dump(mode="json"),
         "started_from": str(RunDir.ADAPTER),
         "filter": filtered.counts() if filtered is not None else None,
+        "resumed_from": str(resume_from.relative_to(rd.path)) if resume_from is not None else None,
     }
     atomic_write(rd.rl_summary, json.dumps(summary, indent=2))
     return RLResult(Path(run_dir), rd.rl_adapter, summary["steps"], len(tasks), wall, summary)

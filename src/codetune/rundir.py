@@ -479,7 +479,7 @@ class RunDir:
     rejected = property(lambda self: self.data / self.REJECTED)
     adapter = property(lambda self: self._stage_root / self.ADAPTER)
     adapter_config = property(lambda self: self.adapter / ADAPTER_CONFIG)
-    checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
+    checkpoints = property(lambda self: self._stage_root / self.CHECKPOINTS)
     metrics = property(lambda self: self.path / self.METRICS)
     train_summary = property(lambda self: self.path / self.TRAIN_SUMMARY)
     loss_table = property(lambda self: self.path / self.LOSS_TABLE)
