@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test venv browser sandbox-deps vllm-env clean
+.PHONY: demo test test-parity venv browser sandbox-deps vllm-env clean
 
 $(BIN)/codetune: pyproject.toml
 	@echo "setting up $(VENV): pip installs codetune and its dependencies (a few minutes, once)"
@@ -53,8 +53,15 @@ vllm-env:
 	$(VLLM_VENV)/bin/pip install -q vllm
 	@echo "vLLM is in $(VLLM_VENV): codetune serve RUN --engine vllm --vllm $(VLLM_VENV)"
 
+# Two workers of one thread each (pytest-xdist; a file's tests stay on one worker, so a module's fixtures are
+# built once): the tiny models' small matrices gain little from a second thread, two processes use both cores.
+# The nine-run family parity test takes about an hour: `make test-parity` runs it.
+TEST_WORKERS ?= 2
 test: venv browser
-	$(BIN)/python -m pytest -q --durations=30
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=30 -m "not parity" -n $(TEST_WORKERS) --dist loadfile
+
+test-parity: venv
+	$(BIN)/python -m pytest -q -m parity tests/test_family_parity.py
 
 clean:
 	rm -rf runs .pytest_cache

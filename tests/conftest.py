@@ -33,7 +33,12 @@ def codetune_home(tmp_path_factory):
 
     CODETUNE_TEST_HOME=DIR reuses a cache across sessions (a developer's shortcut; CI never sets it).
     """
-    home = os.environ.get("CODETUNE_TEST_HOME") or tmp_path_factory.mktemp("codetune-home")
+    home = os.environ.get("CODETUNE_TEST_HOME")
+    if not home and os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest -n: the workers' temp folders share a parent, and the tiny builds lock (tiny.py)
+        home = tmp_path_factory.getbasetemp().parent / "codetune-home"
+        home.mkdir(exist_ok=True)
+    home = home or tmp_path_factory.mktemp("codetune-home")
     os.environ["CODETUNE_HOME"] = str(home)
     return home
 

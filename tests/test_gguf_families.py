@@ -32,11 +32,35 @@ FAMILIES = ["qwen2", "llama"]
 CODE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass Config:\n    def __init__(self"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(codetune_home):
-    from codetune.tiny import ensure_tiny_model
+# The builtins share one plain shape (4 KV heads, untied, rope base 10^4: families.tiny_shape); the export is
+# checked on the shapes the hub's small models have: GQA (4 heads over 2 KV heads of 16), the tied head and
+# rope base 10^6 of Qwen2.5-1.5B. Random weights (seed 0) and the builtin's tokenizer.
+VARIANTS = {
+    "qwen2": dict(tie_word_embeddings=True, rope_theta=1e6),
+    "llama": dict(tie_word_embeddings=False, rope_theta=1e4),
+}
 
-    return {name: ensure_tiny_model(f"builtin:tiny-{name}") for name in FAMILIES}
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+
+    from codetune.families import families, tiny_shape
+    from codetune.tiny import build_tiny_tokenizer
+
+    dirs = {}
+    for name in FAMILIES:
+        tok = build_tiny_tokenizer(family=families()[name])
+        shape = tiny_shape(tok, hidden_size=64, intermediate_size=128, num_key_value_heads=2, **VARIANTS[name])
+        config = importlib.import_module(f"codetune.families.{name}").full_config(**shape)
+        torch.manual_seed(0)
+        out = tmp_path_factory.mktemp(f"gguf-{name}") / "model"
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+        tok.save_pretrained(out)
+        dirs[name] = out
+    return dirs
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +160,7 @@ def test_tensors_names_shapes_and_values(exported, tiny_dirs, family):
     f32 = {name: np.asarray(t.data) for name, t in tensors.items()}
     f16 = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(exported[family, "f16"]).tensors}
 
-    tied = family == "qwen2"  # the tiny Qwen2 ties its head to the embedding, like the small Qwen2.5 models
+    tied = family == "qwen2"  # tied here, like the small Qwen2.5 models (VARIANTS)
     head = set() if tied else {"output.weight"}
     assert set(tensors) == {"token_embd.weight", "output_norm.weight", *head} | _block_names(2, biases=tied)
     assert ("lm_head.weight" in state) is not tied

@@ -269,6 +269,16 @@ def ensure_tiny_model(name: str = TINY_MODEL) -> Path:
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    # Two commands (or two test workers) that need it at once: one builds, the other waits and reuses it
+    with FileLock(str(target.parent / f".{stem}-{family.tiny.version}.lock")):
+        if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+            return target
+        return _build_into(target, name, family, stem)
+
+
+def _build_into(target: Path, name: str, family: Family, stem: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=target.parent))
     progress = BuildProgress()
     progress.say(f"building {name} once into {target}")

@@ -34,19 +34,8 @@ def full_config(**overrides):
     return Phi3Config(**base)
 
 
-def tiny_config(tokenizer, *, hidden_size: int = 128, layers: int = 2):
-    # wider than the other tiny builtins, with full attention heads: the demo's model
-    return full_config(
-        **tiny_shape(
-            tokenizer,
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=layers,
-            num_key_value_heads=4,
-            original_max_position_embeddings=1024,
-            sliding_window=None,
-        )
-    )
+def tiny_config(tokenizer):
+    return full_config(**tiny_shape(tokenizer, original_max_position_embeddings=1024, sliding_window=None))
 
 
 def _gguf_block(hp):
@@ -121,7 +110,6 @@ FAMILY = Family(
         chat_template=PHI3,
         config=tiny_config,
         version="v6",  # v6: 2,048 tokens, and the starter families as regenerated
-        pretrain_steps=600,
         stop_tokens=("<|end|>",),
     ),
     gguf_plan=GGUF_PLAN,

@@ -32,7 +32,6 @@ def full_config(**overrides):
 
 
 def tiny_config(tokenizer):
-    # GQA (4 heads, 2 KV heads) and tied embeddings, like the small Qwen2.5 models.
     return full_config(**tiny_shape(tokenizer))
 
 
@@ -65,8 +64,7 @@ FAMILY = Family(
         pad_token="<|endoftext|>",
         chat_template=QWEN2,
         config=tiny_config,
-        version="v3",  # v3: 2,048 tokens, and the starter families as regenerated
-        pretrain_steps=200,
+        version="v4",  # v4: tiny_shape's width 128, 4 KV heads, untied, 600 pre-training steps
         stop_tokens=("<|endoftext|>",),
     ),
     gguf_plan=GGUF_PLAN,

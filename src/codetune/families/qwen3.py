@@ -74,8 +74,7 @@ FAMILY = Family(
         pad_token="<|endoftext|>",
         chat_template=QWEN3,
         config=tiny_config,
-        version="v1",
-        pretrain_steps=200,
+        version="v2",  # v2: tiny_shape's width 128, 4 KV heads, untied, 600 pre-training steps
         stop_tokens=("<|endoftext|>",),
     ),
     gguf_plan=GGUF_PLAN,
