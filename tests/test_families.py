@@ -253,3 +253,22 @@ def test_qwen3_answers_without_thinking(codetune_home):
     thinking = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=True)
     assert thinking.endswith("<|im_start|>assistant\n")
     assert tok.convert_tokens_to_ids("<think>") != tok.unk_token_id  # one token each, as in Qwen3's vocabulary
+
+
+def test_a_generation_prompt_that_ends_on_a_token_training_never_had_there_is_named():
+    """The tiny Llama once had GPT-2's split: its prompt ended on one "\\n\\n" token where every trained row had
+    two "\\n", and one training seed of three answered nothing at all. Llama 3's own split (as the hub's
+    tokenizer.json has it) keeps the prompt a token prefix of the conversation; the check tells them apart."""
+    import dataclasses
+
+    from codetune.families import families
+    from codetune.model import prompt_boundary
+    from codetune.tiny import build_tiny_tokenizer
+
+    llama = families()["llama"]
+    gpt2_split = dataclasses.replace(llama, tiny=dataclasses.replace(llama.tiny, split_regex=None))
+    found = prompt_boundary(build_tiny_tokenizer(family=gpt2_split))
+    assert found is not None and "['ĊĊ']" in found and "['Ċ', 'Ċ']" in found
+    assert prompt_boundary(build_tiny_tokenizer(family=llama)) is None
+    for name in ("phi3", "qwen3"):
+        assert prompt_boundary(build_tiny_tokenizer(family=families()[name])) is None, name

@@ -126,10 +126,11 @@ def test_metadata_reads_back(exported, tiny_dirs, family):
     if family == "llama":  # what the converter adds for llama: the vocab size, and head_dim (config.json has it)
         assert _field(r, "llama.vocab_size") == config.vocab_size
         assert _field(r, "llama.attention.key_length") == _field(r, "llama.attention.value_length") == 16
-    # the vocabulary: byte-level BPE, one entry per embedding row. The tiny tokenizer.json files both say
-    # GPT-2's split, but transformers loads a qwen2 folder's as Qwen2Tokenizer, with Qwen2's split
+    # the vocabulary: byte-level BPE, one entry per embedding row. The tiny Qwen2's tokenizer.json says GPT-2's
+    # split, but transformers loads a qwen2 folder's as Qwen2Tokenizer, with Qwen2's split; the tiny Llama's
+    # says Llama 3's own (families/llama.py), whole words unmerged, as the hub's does
     assert _field(r, "tokenizer.ggml.model") == "gpt2"
-    assert _field(r, "tokenizer.ggml.pre") == {"qwen2": "qwen2", "llama": "gpt-2"}[family]
+    assert _field(r, "tokenizer.ggml.pre") == {"qwen2": "qwen2", "llama": "llama-bpe"}[family]
     tokens = _field(r, "tokenizer.ggml.tokens")
     assert len(tokens) == config.vocab_size == 2048
     assert tokens == tok.convert_ids_to_tokens(list(range(len(tok))))

@@ -222,6 +222,25 @@ def check_chat_template(tokenizer) -> None:
         raise RecipeError("tokenizer.chat_template: a sample conversation renders without its messages' text")
 
 
+def prompt_boundary(tokenizer) -> str | None:
+    """Whether the generation prompt's tokens begin the trained conversation's tokens. When they do not, the
+    prompt ends on a token the trained answers never had there (the tiny Llama with GPT-2's split: its prompt
+    ended on one "\\n\\n" token, its training rows on two "\\n"), and a fine-tune may answer nothing at all.
+    None when they do; else what differs, for a warning."""
+    text = tokenizer.apply_chat_template(SAMPLE_CONVERSATION, tokenize=False)
+    prompt = tokenizer.apply_chat_template(SAMPLE_CONVERSATION[:1], tokenize=False, add_generation_prompt=True)
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not text.startswith(prompt) or whole[: len(head)] == head:
+        return None
+    at = next(i for i, (a, b) in enumerate(zip(head, whole, strict=False)) if a != b) if head else 0
+    shown = tokenizer.convert_ids_to_tokens
+    return (
+        f"the chat template's generation prompt ends on tokens {shown(head[at:])} where a trained conversation has "
+        f"{shown(whole[at : len(head) + 1])}: generation starts from a token boundary training never showed"
+    )
+
+
 def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
     """The ids of ``stop_tokens``; none named: the tokenizer's eos (a model family codetune does not know)."""
     if not stop_tokens:

@@ -96,9 +96,20 @@ def build_tiny_tokenizer(vocab_size: int = 2048, family: Family | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from tokenizers import Regex
+
     spec = (family or _phi3.FAMILY).tiny
-    tok = Tokenizer(models.BPE(unk_token=spec.unk_token))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if spec.split_regex is None:  # GPT-2's split
+        tok = Tokenizer(models.BPE(unk_token=spec.unk_token))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:  # the family's own split, as its hub tokenizer.json has it (Llama 3: whole words in the vocabulary unmerged)
+        tok = Tokenizer(models.BPE(unk_token=spec.unk_token, ignore_merges=True))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(spec.split_regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -34,6 +34,7 @@ from .loss import add_lean_loss
 from .model import (
     attach_lora,
     check_chat_template,
+    prompt_boundary,
     check_lora_targets_from_config,
     check_model_source,
     check_sharded_qlora,
@@ -662,6 +663,9 @@ def check(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: boo
     start_over = not resume and check_fresh(run_dir, overwrite)
     tokenizer = load_tokenizer(recipe)
     check_chat_template(tokenizer)
+    boundary = prompt_boundary(tokenizer)
+    if boundary is not None and say is not None:
+        say(f"warning: {boundary}")
     stop_token_ids(tokenizer, recipe.generation.stop_tokens)  # evaluation's stop tokens exist, before training
     check_lora_targets_from_config(recipe, resolve_model_path(recipe.model.name_or_path))
     matches = data_matches(recipe, run_dir)

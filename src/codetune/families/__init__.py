@@ -40,6 +40,10 @@ class TinySpec:
     pretrain_steps: int = 600  # the same for every family (parity: README, "Model families")
     # Special tokens of the family that generation must stop on, besides the eos.
     stop_tokens: tuple[str, ...] = ()
+    # The split regex of the family's hub tokenizer.json, where transformers does not put it back itself (it
+    # does for Qwen2's); None: GPT-2's. It decides where a prompt's last token ends: with GPT-2's, Llama 3's
+    # generation prompt (ending "\n\n") ends on a token its trained answers never had there.
+    split_regex: str | None = None
 
 
 @dataclass(frozen=True)

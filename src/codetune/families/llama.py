@@ -20,6 +20,13 @@ SPECIAL_TOKENS = (
 )
 
 
+# Llama 3's tokenizer.json split: letters, digits in runs of up to three, and every run of newlines one piece
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def full_config(**overrides):
     """Llama-3.2-1B's architecture (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 128256)."""
     from transformers import LlamaConfig
@@ -106,7 +113,8 @@ FAMILY = Family(
         pad_token="<|finetune_right_pad_id|>",
         chat_template=LLAMA3,
         config=tiny_config,
-        version="v4",  # v4: tiny_shape's width 128, 4 KV heads, 600 pre-training steps
+        version="v5",  # v5: Llama 3's split regex (v4: tiny_shape's width 128, 4 KV heads, 600 pre-training steps)
+        split_regex=LLAMA3_SPLIT,
         stop_tokens=("<|end_of_text|>",),
     ),
     gguf_plan=GGUF_PLAN,
