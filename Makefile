@@ -53,12 +53,9 @@ vllm-env:
 	$(VLLM_VENV)/bin/pip install -q vllm
 	@echo "vLLM is in $(VLLM_VENV): codetune serve RUN --engine vllm --vllm $(VLLM_VENV)"
 
-# Two workers of one thread each (pytest-xdist; a file's tests stay on one worker, so a module's fixtures are
-# built once): the tiny models' small matrices gain little from a second thread, two processes use both cores.
-# The nine-run family parity test takes about an hour: `make test-parity` runs it.
-TEST_WORKERS ?= 2
+# The nine-run family parity test takes over an hour: `make test-parity` runs it.
 test: venv browser
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=30 -m "not parity" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q --durations=30 -m "not parity"
 
 test-parity: venv
 	$(BIN)/python -m pytest -q -m parity tests/test_family_parity.py

@@ -27,15 +27,6 @@ needs_phi3_tokenizer = _needs(PHI3_TOKENIZER / "tokenizer.json")
 needs_mbpp = _needs(MBPP_JSONL)
 
 
-# The longest files (the demo's three fine-tunes, the README walk) start first: under `pytest -n 2 --dist
-# loadfile` a long file that starts last keeps one worker busy alone at the end.
-SLOW_FIRST = ("test_demo.py", "test_readme.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: SLOW_FIRST.index(item.path.name) if item.path.name in SLOW_FIRST else len(SLOW_FIRST))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def codetune_home(tmp_path_factory):
     """One cache per test session, so the tiny model is built once and never read from a user's cache.
@@ -44,7 +35,8 @@ def codetune_home(tmp_path_factory):
     """
     home = os.environ.get("CODETUNE_TEST_HOME")
     if not home and os.environ.get("PYTEST_XDIST_WORKER"):
-        # pytest -n: the workers' temp folders share a parent, and the tiny builds lock (tiny.py)
+        # pytest -n (pytest-xdist, if installed): the workers' temp folders share a parent, and the tiny
+        # builds lock (tiny.py), so each tiny model is built once
         home = tmp_path_factory.getbasetemp().parent / "codetune-home"
         home.mkdir(exist_ok=True)
     home = home or tmp_path_factory.mktemp("codetune-home")

@@ -233,7 +233,7 @@ def prompt_boundary(tokenizer) -> str | None:
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not text.startswith(prompt) or whole[: len(head)] == head:
         return None
-    at = next(i for i, (a, b) in enumerate(zip(head, whole, strict=False)) if a != b) if head else 0
+    at = next((i for i, (a, b) in enumerate(zip(head, whole, strict=False)) if a != b), min(len(head), len(whole)))
     shown = tokenizer.convert_ids_to_tokens
     return (
         f"the chat template's generation prompt ends on tokens {shown(head[at:])} where a trained conversation has "
