@@ -146,20 +146,19 @@ def mbpp_train_tasks(source: str, *, hold_back_every: int = 3) -> list[RewardTas
     """MBPP's train split as reward tasks (the mbpp suite's prompt: the text and its asserts), never a test row.
     The rewarded asserts are shown in the prompt, as MBPP's format has them; held-back ones are not."""
     from .suites._benchmarks import load_mbpp
-    from .suites.mbpp import mbpp_prompt
+    from .suites.mbpp import entry_point_of, mbpp_prompt
 
     tasks = []
     for r in load_mbpp(source, test_only=False):
         if int(r["task_id"]) not in MBPP_TRAIN_IDS:
             continue
         tests = [t for t in r["test_list"] if t.strip()]
-        match = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", tests[0]) if tests else None
         task = Task(
             suite="rl",
             task_id=f"mbpp/{r['task_id']}",
             prompt=[],
             reference=r["code"].replace("\r\n", "\n"),
-            entry_point=match.group(1) if match else None,
+            entry_point=entry_point_of(tests),
             setup=(r.get("test_setup_code") or "").replace("\r\n", "\n"),
         )
         rt = RewardTask.split(task, tests, hold_back_every=hold_back_every)

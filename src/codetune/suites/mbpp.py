@@ -16,18 +16,23 @@ def mbpp_prompt(text: str, tests: list[str]) -> str:
     return f"{text}\nYour code should pass these tests:\n\n" + "\n".join(tests)
 
 
+def entry_point_of(tests: list[str]) -> str | None:
+    """The function an MBPP task's first assert calls (``assert f(...)``, ``assert not (f(...))``)."""
+    match = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", tests[0]) if tests else None
+    return match.group(1) if match else None
+
+
 def mbpp_tasks(source: str) -> list[Task]:
     tasks = []
     for r in load_mbpp(source, test_only=True):
         tests = list(r["test_list"])
-        match = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", tests[0]) if tests else None
         tasks.append(
             Task(
                 suite="mbpp",
                 task_id=f"mbpp/{r['task_id']}",
                 prompt=[{"role": "user", "content": mbpp_prompt(r["text"], tests)}],
                 reference=r["code"].replace("\r\n", "\n"),
-                entry_point=match.group(1) if match else None,
+                entry_point=entry_point_of(tests),
                 tests="\n".join(tests) + "\n",
                 setup=(r.get("test_setup_code") or "").replace("\r\n", "\n"),
             )
