@@ -49,8 +49,11 @@ def parity_run(family: str, seed: int, root: Path, *, score_base: bool) -> dict:
     train_s = time.perf_counter() - t0
     results = evaluate(run, ["starter-family"], recipe=recipe, compare_base=score_base)["results"]
     summary = json.loads((run / "train_summary.json").read_text())
+    from codetune.families import family_named
+
     return {
         "family": family,
+        "tiny_version": family_named(family).tiny.version,
         "seed": seed,
         "run": str(run),
         "steps": summary["global_step"],

@@ -44,6 +44,33 @@ def codetune_home(tmp_path_factory):
     return home
 
 
+# Pre-training steps of the other families' tiny builtins in this session (theirs are 600).
+QUICK_PRETRAIN_STEPS = 60
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quick_family_builtins(codetune_home):
+    """Builds every tiny builtin but Phi-3's with QUICK_PRETRAIN_STEPS pre-training steps; yields the real builder.
+
+    The demo's tests need what the tiny Phi-3 learns, so it is built as users get it. The other families'
+    tests check how the pipeline treats each family (templates, masks, stop tokens, resume, merge, serve),
+    which a briefly pre-trained base shows as well, at a tenth of the build (about 2 minutes each on
+    2 cores). What every family learns is tests/test_family_parity.py's claim: it builds them in full,
+    in a cache of its own."""
+    import codetune.tiny as tiny
+
+    real = tiny.build_tiny_model
+
+    def quick(out_dir, family=None, *, pretrain_steps=None, **kwargs):
+        if family is not None and family.name != "phi3" and pretrain_steps is None:
+            pretrain_steps = QUICK_PRETRAIN_STEPS
+        return real(out_dir, family, pretrain_steps=pretrain_steps, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiny, "build_tiny_model", quick)
+        yield real
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(codetune_home):
     from codetune.tiny import ensure_tiny_model

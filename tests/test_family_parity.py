@@ -1,10 +1,10 @@
-"""Every tiny family learns what the demo shows for tiny Phi-3: `codetune run tiny-cpu` with only
-model.name_or_path swapped fine-tunes the family's builtin into one that passes at least 30 points more of
-the held-out starter-family tasks than its base, for every training seed.
+"""Every tiny family learns what the demo shows: `codetune run tiny-cpu`, with only model.name_or_path
+swapped for the other families, fine-tunes the family's builtin into one that passes at least 30 points more
+of the held-out starter-family tasks than its base, for every training seed.
 
-Nine full tiny-cpu fine-tunes (3 families x 3 seeds, 1,320 to 2,280 steps each): about an hour on 2 CPU
-cores, so `make test` leaves them out (`-m "not parity"`) and `make test-parity` runs them. The Phi-3 row
-of the same claim is tests/test_demo.py, in every `make test`.
+Twelve full tiny-cpu fine-tunes (4 families x 3 seeds, 1,320 to 2,280 steps each): over an hour on 2 CPU
+cores, so `make test` leaves them out (`-m "not parity"`) and `make test-parity` runs them. `make test`
+runs the demo's own seed of the Phi-3 row (tests/test_demo.py).
 """
 
 import json
@@ -23,26 +23,20 @@ MIN_GAIN = 30.0  # points of pass@1, fine-tuned over base, on starter-family: te
 pytestmark = pytest.mark.parity
 
 
-# Measured (BENCHMARKS.md): the tiny Llama's held-out pass@1 is under the bar (GPT-2's split: 31.8 / 15.9 / 0.0
-# over seeds 1 / 2 / 3; Llama 3's split: 9.1 and 29.5 for seeds 1 and 3). strict: the mark fails the test once
-# Llama passes, so it cannot outlive the fault.
-KNOWN_SHORT = {"llama": "tiny Llama under the 30-point bar on some seeds (BENCHMARKS.md); issue 22"}
-
-
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_SHORT[f], strict=True)) if f in KNOWN_SHORT else f
-        for f in tiny_families()
-        if f != "phi3"
-    ],
-)
-def family_seeds(request, tmp_path_factory, codetune_home):
+@pytest.fixture(scope="module", params=tiny_families())
+def family_seeds(request, tmp_path_factory, quick_family_builtins):
     """tiny-cpu on ``builtin:tiny-<family>`` once per seed, nothing set but the model and the seed
-    (benchmarks/family_parity.py's runs, the same function); the base is scored once: the same model every seed."""
+    (benchmarks/family_parity.py's runs, the same function); the base is scored once: the same model every seed.
+    The builtins are built as users get them (conftest builds quick ones for the rest of the suite), in a
+    cache of this test's own."""
+    import codetune.tiny as tiny
+
     family = request.param
     root = tmp_path_factory.mktemp(f"parity-{family}")
-    return family, {seed: parity_run(family, seed, root, score_base=seed == SEEDS[0]) for seed in SEEDS}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiny, "build_tiny_model", quick_family_builtins)
+        mp.setenv("CODETUNE_HOME", str(tmp_path_factory.mktemp("parity-home")))
+        return family, {seed: parity_run(family, seed, root, score_base=seed == SEEDS[0]) for seed in SEEDS}
 
 
 def test_every_tiny_family_gains_on_held_out_family_members_for_every_seed(family_seeds):

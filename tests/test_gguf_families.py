@@ -32,9 +32,10 @@ FAMILIES = ["qwen2", "llama"]
 CODE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass Config:\n    def __init__(self"]
 
 
-# The builtins share one plain shape (4 KV heads, untied, rope base 10^4: families.tiny_shape); the export is
-# checked on the shapes the hub's small models have: GQA (4 heads over 2 KV heads of 16), the tied head and
-# rope base 10^6 of Qwen2.5-1.5B. Random weights (seed 0) and the builtin's tokenizer.
+# The builtins share one plain shape (4 KV heads, rope base 10^4: families.tiny_shape; the Llama's head tied, the
+# others' not); the export is checked on the shapes the hub's small models have: GQA (4 heads over 2 KV heads of
+# 16), the tied head and rope base 10^6 of Qwen2.5-1.5B, an untied Llama (Llama 3.1 8B; tied: tied_llama_dir).
+# Random weights (seed 0) and the builtin's tokenizer.
 VARIANTS = {
     "qwen2": dict(tie_word_embeddings=True, rope_theta=1e6),
     "llama": dict(tie_word_embeddings=False, rope_theta=1e4),

@@ -27,21 +27,29 @@ def test_tiny_model_is_a_phi3_with_phi3_special_tokens(tiny_dir):
 def test_tiny_model_is_cached_and_rebuilt_identically(tiny_dir, tmp_path, monkeypatch, capsys):
     assert ensure_tiny_model() == tiny_dir  # second call reuses the cache
     assert capsys.readouterr().err == ""
-    monkeypatch.setenv("CODETUNE_HOME", str(tmp_path))
-    again = ensure_tiny_model()
-    assert again != tiny_dir
-    # the build takes a while: it says what it is doing, in plain lines when stderr is not a terminal
-    err = capsys.readouterr().err
-    assert "tiny model: training its tokenizer" in err and "tiny model: built" in err
-    assert f"once into {again} (" in err  # whole lines, never wrapped at 80 columns in a log
-    steps = [line for line in err.splitlines() if "pre-training step" in line]
-    assert 5 <= len(steps) <= 12 and "| loss " in steps[0] and re.search(r"step (\d+)/\1 ", steps[-1])
-    assert "\x1b[" not in err
+    # two builds in two fresh caches, each with 60 pre-training steps (the cached one took 600: the same code)
+    import codetune.tiny as tiny
+
+    build = tiny.build_tiny_model
+    monkeypatch.setattr(tiny, "build_tiny_model", lambda out, family=None, **kw: build(out, family, pretrain_steps=60, **kw))
+    builds = []
+    for home in ("a", "b"):
+        monkeypatch.setenv("CODETUNE_HOME", str(tmp_path / home))
+        builds.append(ensure_tiny_model())
+        assert builds[-1] != tiny_dir
+        # the build takes a while: it says what it is doing, in plain lines when stderr is not a terminal
+        err = capsys.readouterr().err
+        assert "tiny model: training its tokenizer" in err and "tiny model: built" in err
+        assert f"once into {builds[-1]} (" in err  # whole lines, never wrapped at 80 columns in a log
+        steps = [line for line in err.splitlines() if "pre-training step" in line]
+        assert 5 <= len(steps) <= 12 and "| loss " in steps[0] and re.search(r"step (\d+)/\1 ", steps[-1])
+        assert "\x1b[" not in err
+    again, other = builds
     assert (again / "tokenizer.json").read_text() == (tiny_dir / "tokenizer.json").read_text()
     from safetensors.torch import load_file
 
-    a, b = load_file(again / "model.safetensors"), load_file(tiny_dir / "model.safetensors")
-    assert a.keys() == b.keys()
+    a, b = load_file(again / "model.safetensors"), load_file(other / "model.safetensors")
+    assert a.keys() == b.keys() == load_file(tiny_dir / "model.safetensors").keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 

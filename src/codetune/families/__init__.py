@@ -122,7 +122,7 @@ class FamilyError(CodetuneError):
 def tiny_shape(tokenizer, **overrides) -> dict:
     """The config fields every tiny builtin shares, so that every family's tiny model learns what the demo
     shows (README, "Model families"): 2 layers of width 128 (MLP 256), 4 heads with 4 KV heads, rope base
-    10,000, a head of its own (untied), 1,024 positions, the vocabulary padded to a multiple of 64 and the
+    10,000, a head of its own (untied; the tiny Llama ties it, families/llama.py says why), 1,024 positions, the vocabulary padded to a multiple of 64 and the
     tokenizer's own bos/eos/pad ids. At width 64 with 2 KV heads and rope base 10^6, the tiny Qwen2 passed
     none of the held-out tasks the tiny Phi-3 passed half of. A family's ``tiny_config`` passes these to its
     config class, with its own ``overrides``."""
