@@ -1,11 +1,10 @@
 """Regenerate the family rows of the starter set (src/codetune/assets/starter.jsonl).
 
-A family is one kind of task asked many times over with other names, parameter names, constants
-and constant types: "multiply every number in `prices` by 3", "... in `xs` by 0.5". The random
-train/test split of `codetune prepare` puts some members of each family in the test split: they
-are held out, but their family was taught, so a fine-tune that learned the family solves them
-while its base does not (the `starter-family` evaluation suite). The 184 hand-written tasks have no
-family; held out, they are the `starter-novel` suite.
+The families and their generator live in ``codetune.family_tasks`` (the ``starter-fresh`` suite and
+``rl.tasks: fresh`` draw more members from them). The random train/test split of `codetune prepare` puts
+some members of each family in the test split: they are held out, but their family was taught, so a
+fine-tune that learned the family solves them while its base does not (the `starter-family` evaluation
+suite). The 184 hand-written tasks have no family; held out, they are the `starter-novel` suite.
 
 Deterministic (a fixed seed): running it twice writes the same file. Every reference is run on its
 tests here; tests/test_starter.py runs them again, and checks that a stub fails each test list.
@@ -16,255 +15,17 @@ tests here; tests/test_starter.py runs them again, and checks that a stub fails 
 from __future__ import annotations
 
 import json
-import random
-import re
 from pathlib import Path
 
+from codetune.family_tasks import starter_rows
+
 STARTER = Path(__file__).resolve().parents[1] / "src" / "codetune" / "assets" / "starter.jsonl"
-MEMBERS = 40  # per family; about a tenth of them land in the held-out split
-SEED = 15
-
-NOUNS = ["prices", "scores", "values", "weights", "counts", "sizes", "marks", "totals", "levels", "ages",
-         "speeds", "points", "amounts", "readings", "heights", "ranks", "costs", "votes", "loads", "steps"]
-PARAMS_LIST = ["values", "nums", "items", "data", "xs", "numbers", "seq", "vals", "arr", "lst", "row", "col"]
-PARAMS_NUM = ["n", "x", "value", "num", "k", "m", "a", "number", "v", "q", "z", "t"]
-PARAMS_STR = ["s", "text", "word", "name", "line", "label", "token", "msg", "title", "code"]
-WORDS = ["ab", "pre", "tmp", "log", "x", "data", "id", "re", "un", "sub", "py", "dev", "test", "max"]
-KEYS = ["name", "id", "size", "color", "mode", "level", "user", "port", "host", "kind", "rate", "unit"]
-VERBS = ["Write", "Create", "Implement", "Define"]
-# A function's name is a verb of this pool and a noun, whatever its family: a family's own verbs
-# ("scale", "boost") would let a model guess the name from the task's wording instead of reading it.
-NAME_VERBS = ["calc", "make", "do", "apply", "run", "build", "process", "handle", "solve", "compute",
-              "transform", "get", "fn", "eval", "go", "task", "my", "new", "next", "main", "core", "basic",
-              "simple", "quick"]
-
-
-def _ints(r: random.Random, lo: int, hi: int) -> int:
-    return r.randint(lo, hi)
-
-
-def _num(r: random.Random) -> int | float:
-    # the type is part of what varies: most constants are ints, some floats
-    return r.randint(2, 9) if r.random() < 0.7 else r.choice([0.5, 1.5, 2.5, 0.25, 3.5])
-
-
-def _lists(r: random.Random) -> list[list[int]]:
-    return [[r.randint(-5, 12) for _ in range(r.randint(3, 5))] for _ in range(2)] + [[]]
-
-
-# Each family: (parameter pool, constant maker, instruction, solution, test inputs).
-# An instruction has at most 12 words after the function's name (unique to its member), so two
-# members never share 13 consecutive words: `codetune prepare` drops a training row that shares a
-# 13-word n-gram with a test prompt, and would otherwise drop the taught members as leaks.
-MAX_WORDS_AFTER_NAME = 12
-
-
-def fam_scale(r):
-    k = _num(r)
-    return dict(
-        params=PARAMS_LIST,
-        text="returns a list with every number of {p} times {k!r}.",
-        body="return [x * {k!r} for x in {p}]",
-        k=k,
-        inputs=lambda: [(v,) for v in _lists(r)],
-    )
-
-
-def fam_shift(r):
-    k = _num(r)
-    return dict(
-        params=PARAMS_LIST,
-        text="returns a list of each number of {p} plus {k!r}.",
-        body="return [x + {k!r} for x in {p}]",
-        k=k,
-        inputs=lambda: [(v,) for v in _lists(r)],
-    )
-
-
-def fam_above(r):
-    k = r.randint(0, 8) if r.random() < 0.7 else r.choice([2.5, 4.5, 0.5])
-    return dict(
-        params=PARAMS_LIST,
-        text="returns the numbers of {p} greater than {k!r}, in order.",
-        body="return [x for x in {p} if x > {k!r}]",
-        k=k,
-        inputs=lambda: [(v,) for v in _lists(r)] + [([k, k + 1, k - 1],)],
-    )
-
-
-def fam_divisible(r):
-    k = r.randint(2, 13)
-    return dict(
-        params=PARAMS_NUM,
-        text="returns True if the integer {p} is divisible by {k!r}.",
-        body="return {p} % {k!r} == 0",
-        k=k,
-        inputs=lambda: [(k * r.randint(1, 9),), (k * r.randint(1, 9) + 1,), (0,), (k * r.randint(10, 20) + 1,)],
-    )
-
-
-def fam_power(r):
-    k = r.randint(2, 6)
-    return dict(
-        params=PARAMS_NUM,
-        text="returns the number {p} raised to the power {k!r}.",
-        body="return {p} ** {k!r}",
-        k=k,
-        inputs=lambda: [(r.randint(2, 9),), (r.randint(-4, -1),), (1,)],
-    )
-
-
-def fam_repeat(r):
-    k = r.randint(2, 8)
-    return dict(
-        params=PARAMS_STR,
-        text="returns the string {p} repeated {k!r} times.",
-        body="return {p} * {k!r}",
-        k=k,
-        inputs=lambda: [(r.choice(WORDS),), (r.choice(WORDS) + "!",), ("",)],
-    )
-
-
-def fam_prefix(r):
-    k = r.choice(WORDS)
-    return dict(
-        params=PARAMS_STR,
-        text="returns True if the string {p} starts with {k!r}.",
-        body="return {p}.startswith({k!r})",
-        k=k,
-        inputs=lambda: [(k + r.choice(WORDS),), (r.choice("qwz") + k,), (k,), ("",)],
-    )
-
-
-def fam_count(r):
-    k = r.randint(0, 9) if r.random() < 0.6 else r.choice(["a", "b", "x", "ok", "no"])
-    if isinstance(k, int):
-        gen = lambda: [r.choice([k, k, 1, 2, 3, 4]) for _ in range(r.randint(3, 6))]  # noqa: E731
-    else:
-        gen = lambda: [r.choice([k, k, "c", "d", "yes"]) for _ in range(r.randint(3, 6))]  # noqa: E731
-    return dict(
-        params=PARAMS_LIST,
-        text="returns how many times {k!r} occurs in the list {p}.",
-        body="return {p}.count({k!r})",
-        k=k,
-        inputs=lambda: [(gen(),), (gen(),), ([],)],
-    )
-
-
-def fam_lookup(r):
-    k = r.choice(KEYS)
-    d = r.choice([0, -1, None, "", "unknown", 1])
-
-    def dicts():
-        return [({k: r.randint(1, 99), "other": 5},), ({"zzz": 1},), ({k: "v" + str(r.randint(1, 9))},)]
-
-    return dict(
-        params=["d", "config", "record", "row", "options", "entry", "mapping", "info", "obj", "settings"],
-        text="returns {p}[{k!r}], or " + repr(d) + " when the key is missing.",
-        body="return {p}.get({k!r}, " + repr(d) + ")",
-        k=k,
-        inputs=dicts,
-        # a stub returns None: with a None default the missing-key test alone would not catch it
-        ok=lambda: d is not None,
-    )
-
-
-def fam_cap(r):
-    k = r.randint(5, 100) if r.random() < 0.7 else r.choice([1.5, 9.5, 0.5])
-    return dict(
-        params=PARAMS_NUM,
-        text="returns the smaller of {p} and {k!r}.",
-        body="return min({p}, {k!r})",
-        k=k,
-        inputs=lambda: [(k + r.randint(1, 9),), (k - r.randint(1, 3),), (k,)],
-    )
-
-
-def fam_long_words(r):
-    k = r.randint(2, 8)
-
-    def sentences():
-        words = ["a", "to", "cat", "tree", "house", "garden", "planet", "yes", "bottle", "no"]
-        return [(" ".join(r.choice(words) for _ in range(r.randint(4, 7))),) for _ in range(3)] + [("",)]
-
-    return dict(
-        params=PARAMS_STR,
-        text="returns the words of the string {p} longer than {k!r} characters.",
-        body="return [w for w in {p}.split() if len(w) > {k!r}]",
-        k=k,
-        inputs=sentences,
-    )
-
-
-FAMILIES = {
-    "scale": fam_scale,
-    "shift": fam_shift,
-    "above": fam_above,
-    "divisible": fam_divisible,
-    "power": fam_power,
-    "repeat": fam_repeat,
-    "prefix": fam_prefix,
-    "count": fam_count,
-    "lookup": fam_lookup,
-    "cap": fam_cap,
-    "long-words": fam_long_words,
-}
-
-
-def _solution(name: str, param: str, body: str) -> str:
-    return f"def {name}({param}):\n    {body}\n"
-
-
-def make_rows(first_id: int) -> list[dict]:
-    r = random.Random(SEED)
-    rows = []
-    used_names: set[str] = set()
-    for family, make in FAMILIES.items():
-        seen: set[tuple] = set()
-        while sum(1 for row in rows if row["family"] == family) < MEMBERS:
-            spec = make(r)
-            if not spec.get("ok", lambda: True)():
-                continue
-            verb = r.choice(NAME_VERBS)
-            name = f"{verb}_{r.choice(NOUNS)}"
-            param = r.choice(spec["params"])
-            if name in used_names or (param, repr(spec["k"])) in seen:
-                continue
-            body = spec["body"].format(p=param, k=spec["k"])
-            code = _solution(name, param, body)
-            scope: dict = {}
-            exec(code, scope)  # noqa: S102 - our own generated reference
-            tests, outs = [], set()
-            for args in spec["inputs"]():
-                expected = scope[name](*args)
-                tests.append(f"assert {name}({', '.join(map(repr, args))}) == {expected!r}")
-                outs.add(repr(expected))
-            if len(outs) < 2 or "None" in outs:  # a constant answer must not pass the tests
-                continue
-            seen.add((param, repr(spec["k"])))
-            used_names.add(name)
-            text = spec["text"].format(p=param, k=spec["k"])
-            words_after = re.findall(r"\w+", text.lower())
-            assert len(words_after) + 1 <= MAX_WORDS_AFTER_NAME, (family, text)
-            verb_word = r.choice(VERBS)
-            rows.append(
-                {
-                    "task_id": f"starter/{first_id + len(rows)}",
-                    "family": family,
-                    "instruction": f"{verb_word} a Python function {name}({param}) that {text}",
-                    "input": "",
-                    "output": code,
-                    "entry_point": name,
-                    "test_list": tests,
-                }
-            )
-    return rows
 
 
 def main() -> None:
     lines = STARTER.read_text(encoding="utf-8").splitlines()
     hand = [json.loads(line) for line in lines if line.strip() and "family" not in json.loads(line)]
-    rows = hand + make_rows(len(hand))
+    rows = hand + starter_rows(len(hand))
     STARTER.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     print(f"{len(hand)} hand-written tasks + {len(rows) - len(hand)} family tasks -> {STARTER}")
 

@@ -192,7 +192,7 @@ def test_rl_tasks_from_a_file_or_mbpp_train_and_a_bad_source_is_refused(tmp_path
     from codetune.recipe import load_recipe
     from codetune.rl import rl_tasks
 
-    with pytest.raises(RecipeError, match=r"rl.tasks: use trained, mbpp-train or a .jsonl file"):
+    with pytest.raises(RecipeError, match=r"rl.tasks: use trained, fresh, mbpp-train or a .jsonl file"):
         load_recipe("tiny-cpu", ["rl.tasks=starter"])
     missing = tmp_path / "none.jsonl"
     with pytest.raises(RecipeError, match=f"rl.tasks: file not found: {re.escape(str(missing))}"):

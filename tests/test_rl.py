@@ -69,6 +69,22 @@ def test_rewards_that_differ_within_a_group_move_the_weights(run, monkeypatch):
     assert lines[0]["reward_std"] > 0 and lines[0]["grad_norm"] > 0
 
 
+def test_fresh_rl_tasks_are_new_members_of_the_taught_families_in_turn(run):
+    from codetune.data import trained_task_ids
+    from codetune.family_tasks import fresh_rl_rows
+    from codetune.starter import load_starter
+
+    family = {r["task_id"]: r.get("family") for r in load_starter()}
+    taught = sorted({family[t] for t in trained_task_ids(run) if family[t]})
+    recipe = load_recipe(run / "recipe.yaml", ["rl.tasks=fresh", "rl.max_tasks=25"])
+    tasks = rl_tasks(recipe, run)
+    assert len(tasks) == 25 and all(t.task.task_id.startswith("fresh/") for t in tasks)
+    # a family after another, in turn: the first 25 hold every taught family
+    of = {r["entry_point"]: r["family"] for r in fresh_rl_rows(3, families=taught)}
+    assert {of[t.task.entry_point] for t in tasks} == set(taught) and len(taught) == 11
+    assert all(len(t.rewarded) >= 2 and len(t.heldback) == 1 for t in tasks)
+
+
 def test_rl_tasks_are_the_runs_training_tasks_with_held_back_tests(run):
     from codetune.data import trained_task_ids
 
@@ -158,6 +174,8 @@ def test_eval_scores_the_rl_adapter_into_rl_eval_and_leaves_the_sft_results(run)
 
 
 def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapters(tmp_path, monkeypatch):
+    """tiny-cpu-rl, shortened (its SFT to 20 steps, GRPO to 2, no difficulty filter: a model trained 20 steps
+    passes nothing, so the filter would keep no task); its GRPO tasks are fresh members of the taught families."""
     run = tmp_path / "run"
     settings = [
         "training.max_steps=20",
@@ -167,12 +185,17 @@ def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapte
         "evaluation.batch_size=64",
         "evaluation.compare_base=false",
         "evaluation.suites=[starter-family]",
+        "rl.filter_samples=0",
+        "rl.save_steps=null",
         *QUICK,
     ]
-    res = runner.invoke(app, ["run", "tiny-cpu", "--run-dir", str(run), *sum((["--set", s] for s in settings), [])])
+    res = runner.invoke(app, ["run", "tiny-cpu-rl", "--run-dir", str(run), *sum((["--set", s] for s in settings), [])])
     assert res.exit_code == 0, res.output
     assert "rl step 2 |" in res.output and "after GRPO (rl/adapter):" in res.output
     assert json.loads((run / "rl" / "rl_summary.json").read_text())["steps"] == 2
+    recipe = load_recipe(run / "recipe.yaml")
+    fresh = [t.task.task_id for t in rl_tasks(recipe, run)]
+    assert recipe.rl.tasks == "fresh" and len(fresh) == 4 and all(t.startswith("fresh/") for t in fresh)
     sft = json.loads((run / "eval" / "summary.json").read_text())
     rl = json.loads((run / "rl" / "eval" / "summary.json").read_text())
     assert "starter-family" in rl["results"]["fine-tuned"] and rl["adapter_sha256"] != sft["adapter_sha256"]

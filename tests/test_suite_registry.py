@@ -69,8 +69,8 @@ def doubled(tmp_path, monkeypatch):
 
 
 def test_shipped_suites_come_from_the_registry_in_their_order():
-    assert suites.suite_names() == ["rouge", "humaneval", "mbpp", "starter", "starter-family", "starter-novel"]
-    assert suites.executed_suites() == ["humaneval", "mbpp", "starter", "starter-family", "starter-novel"]
+    assert suites.suite_names() == ["rouge", "humaneval", "mbpp", "starter", "starter-family", "starter-novel", "starter-fresh"]
+    assert suites.executed_suites() == ["humaneval", "mbpp", "starter", "starter-family", "starter-novel", "starter-fresh"]
     assert suites.decontamination_sources() == ["humaneval", "mbpp"]
 
 
@@ -79,7 +79,7 @@ def test_a_suite_the_registry_does_not_know_is_refused_in_one_line_naming_the_fi
         load_recipe("tiny-cpu", ["evaluation.suites=[rouge, doubled]"])
     msg = str(err.value)
     assert "\n" not in msg and "evaluation.suites" in msg and "'doubled'" in msg
-    assert "allowed: rouge, humaneval, mbpp, starter, starter-family, starter-novel" in msg
+    assert "allowed: rouge, humaneval, mbpp, starter, starter-family, starter-novel, starter-fresh" in msg
     with pytest.raises(RecipeError, match=r"data\.decontaminate: unknown decontamination source\(s\) 'starter'; "
                        r"allowed: test, humaneval, mbpp"):  # fmt: skip
         load_recipe("tiny-cpu", ["data.decontaminate=[test, starter]"])

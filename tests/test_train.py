@@ -457,3 +457,24 @@ def test_cli_train_prints_plain_progress_when_not_a_terminal(tmp_path, tiny_dir)
         timeout=600,
     )
     assert again.returncode == 2 and "already holds a training run" in again.stderr
+
+
+def test_lora_init_from_starts_from_that_adapter_and_refuses_another_shape_before_any_work(tiny_run, tmp_path):
+    """`lora.init_from`: more training of an adapter (benchmarks/rl_gain.py's SFT control continues the SFT one)."""
+    from safetensors.torch import load_file
+
+    start = load_file(tiny_run / "adapter" / "adapter_model.safetensors")
+    settings = ["training.max_steps=1", "training.learning_rate=1e-12", "training.eval_steps=null", "training.save_strategy=no"]
+    train(load_recipe("tiny-cpu", [*settings, f"lora.init_from={tiny_run / 'adapter'}"]), tmp_path / "more")
+    more = load_file(tmp_path / "more" / "adapter" / "adapter_model.safetensors")
+    assert more.keys() == start.keys()
+    for k in start:
+        torch.testing.assert_close(more[k], start[k], rtol=0, atol=1e-6, msg=k)
+    train(load_recipe("tiny-cpu", settings), tmp_path / "fresh")  # without it: fresh LoRA weights
+    fresh = load_file(tmp_path / "fresh" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.allclose(fresh[k], start[k]) for k in start)
+    with pytest.raises(RecipeError, match=r"lora.init_from: .* has LoRA rank 64, the recipe's lora.r is 8"):
+        train(load_recipe("tiny-cpu", [*settings, "lora.r=8", f"lora.init_from={tiny_run / 'adapter'}"]), tmp_path / "r8")
+    with pytest.raises(RecipeError, match=r"lora.init_from: .*nowhere is not a readable LoRA adapter folder"):
+        train(load_recipe("tiny-cpu", [*settings, f"lora.init_from={tmp_path / 'nowhere'}"]), tmp_path / "none")
+    assert not (tmp_path / "r8").exists() and not (tmp_path / "none").exists()  # refused before anything was written

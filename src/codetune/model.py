@@ -486,9 +486,41 @@ def attach_lora(model, recipe: Recipe, *, gradient_checkpointing: bool, bf16: bo
         model.enable_input_require_grads()
     torch.manual_seed(recipe.training.seed)  # LoRA's A matrices are random: same seed, same start
     model = get_peft_model(model, peft_lora_config(recipe.lora))
+    if recipe.lora.init_from is not None:
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        path = check_init_from(recipe, model)
+        missing = set_peft_model_state_dict(model, load_peft_weights(str(path), device="cpu")).unexpected_keys
+        if missing:
+            raise RecipeError(f"lora.init_from: {path} has weights for modules this model's LoRA lacks: {missing[:3]}")
     if lora_in_bf16(model, recipe, bf16):
         cast_lora_like_trl_0_8_6(model)
     return model
+
+
+def check_init_from(recipe: Recipe, model=None) -> Path:
+    """``lora.init_from``'s folder, when it is an adapter of the recipe's rank and (given ``model``, a PEFT model)
+    targets the modules the recipe's LoRA has; RecipeError naming the field otherwise."""
+    from .errors import CodetuneError
+    from .rundir import ADAPTER_CONFIG
+    from .runfiles import read_adapter_config
+
+    path = Path(recipe.lora.init_from or "").expanduser()
+    try:
+        config = read_adapter_config(path / ADAPTER_CONFIG)
+    except CodetuneError as exc:
+        raise RecipeError(f"lora.init_from: {path} is not a readable LoRA adapter folder ({exc})") from None
+    if config is None:
+        raise RecipeError(f"lora.init_from: {path} is not a readable LoRA adapter folder (no {ADAPTER_CONFIG})")
+    if config.get("r") != recipe.lora.r:
+        raise RecipeError(f"lora.init_from: {path} has LoRA rank {config.get('r')}, the recipe's lora.r is {recipe.lora.r}")
+    if model is not None:
+        theirs, ours = set(config.get("target_modules") or ()), set(model.peft_config["default"].target_modules)
+        if theirs != ours:
+            raise RecipeError(
+                f"lora.init_from: {path} targets {sorted(theirs)}, the recipe's LoRA targets {sorted(ours)}"
+            )
+    return path
 
 
 def lora_in_bf16(model, recipe: Recipe, bf16: bool) -> bool:

@@ -208,6 +208,11 @@ class LoraConfig(_Section):
     # them (fp32). bfloat16: what TRL 0.8.6's SFTTrainer did when training in bf16 on a 4-bit base
     # (peft_module_casting_to_bf16): LoRA weights, embeddings and lm_head in bf16, norms in fp32.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    init_from: str | None = Field(
+        None,
+        description="A LoRA adapter folder to start from instead of fresh LoRA weights (more training of an adapter "
+        "on other data); its r and target modules must be this recipe's",
+    )
 
     @model_validator(mode="after")
     def _targets_not_empty(self) -> LoraConfig:
@@ -340,7 +345,9 @@ class RLConfig(_Section):
 
     tasks: str = Field(
         "trained",
-        description="trained: the starter tasks of the run's training split, with their tests; mbpp-train: "
+        description="trained: the starter tasks of the run's training split, with their tests; fresh: new members "
+        "of the task families the run was taught, none of them a starter row or a starter-fresh task "
+        "(codetune.family_tasks; 20 per family, or rl.max_tasks in all); mbpp-train: "
         "MBPP's train split (ids 601-974, never a test row) from evaluation.mbpp_source; or a .jsonl file of "
         "tasks (prompt, tests, optional task_id, entry_point, setup: docs/rl.md)",
     )
@@ -386,9 +393,9 @@ class RLConfig(_Section):
     @field_validator("tasks")
     @classmethod
     def _tasks_source(cls, value: str) -> str:
-        if value in ("trained", "mbpp-train") or value.endswith(".jsonl"):
+        if value in ("trained", "fresh", "mbpp-train") or value.endswith(".jsonl"):
             return value
-        raise ValueError(f"use trained, mbpp-train or a .jsonl file of tasks (got {value!r})")
+        raise ValueError(f"use trained, fresh, mbpp-train or a .jsonl file of tasks (got {value!r})")
 
 
 class EvaluationConfig(_Section):

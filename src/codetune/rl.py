@@ -42,11 +42,17 @@ class RLResult:
 
 def rl_tasks(recipe: Recipe, run_dir: Path) -> list[RewardTask]:
     """The tasks ``rl.tasks`` names, each with its tests split into rewarded and held-back ones: the run's
-    trained starter tasks, MBPP's train split, or a task file (a bad line: RecipeError naming it)."""
+    trained starter tasks, fresh members of its taught families, MBPP's train split, or a task file (a bad
+    line: RecipeError naming it)."""
     cfg = recipe.rl or RLConfig()
     every = cfg.hold_back_every
     if cfg.tasks == "trained":
-        tasks = _trained_tasks(recipe, run_dir, every)
+        from .starter import load_starter
+
+        trained = trained_task_ids(run_dir)
+        tasks = _row_tasks(recipe, sorted((r for r in load_starter() if r["task_id"] in trained), key=_id), every)
+    elif cfg.tasks == "fresh":
+        tasks = _row_tasks(recipe, _fresh_rows(run_dir, cfg.max_tasks), every)
     elif cfg.tasks == "mbpp-train":
         tasks = mbpp_train_tasks(recipe.evaluation.mbpp_source, hold_back_every=every)
     else:
@@ -57,16 +63,37 @@ def rl_tasks(recipe: Recipe, run_dir: Path) -> list[RewardTask]:
             tasks = load_task_file(path, hold_back_every=every)
         except ValueError as exc:
             raise RecipeError(f"rl.tasks: {exc}") from None
-    tasks = sorted(tasks, key=lambda t: t.task.task_id) if cfg.tasks == "trained" else tasks
     return tasks[: cfg.max_tasks] if cfg.max_tasks is not None else tasks
 
 
-def _trained_tasks(recipe: Recipe, run_dir: Path, every: int) -> list[RewardTask]:
+def _id(row: dict) -> str:
+    return row["task_id"]
+
+
+FRESH_PER_FAMILY = 20  # rl.tasks: fresh without rl.max_tasks
+
+
+def _fresh_rows(run_dir: Path, max_tasks: int | None) -> list[dict]:
+    """Fresh members of the families the run was taught (family_tasks.fresh_rl_rows), one family after another
+    in turn, so that the first ``max_tasks`` hold every family."""
+    from .family_tasks import fresh_rl_rows
     from .starter import load_starter
 
     trained = trained_task_ids(run_dir)
+    taught = sorted({r["family"] for r in load_starter() if r["task_id"] in trained and r.get("family")})
+    if not taught:
+        return []
+    per_family = -(-max_tasks // len(taught)) if max_tasks is not None else FRESH_PER_FAMILY
+    by_family: dict[str, list[dict]] = {}
+    for row in fresh_rl_rows(per_family, families=taught):
+        by_family.setdefault(row["family"], []).append(row)
+    return [rows[i] for i in range(per_family) for rows in by_family.values()]
+
+
+def _row_tasks(recipe: Recipe, rows: list[dict], every: int) -> list[RewardTask]:
+    """Starter-schema rows as reward tasks, prompted as training formats an instruction."""
     tasks = []
-    for r in (r for r in load_starter() if r["task_id"] in trained):
+    for r in rows:
         task = Task(
             suite="rl",
             task_id=r["task_id"],
@@ -96,7 +123,7 @@ def check(recipe: Recipe, run_dir: Path) -> Checked:
     tasks = rl_tasks(recipe, run_dir)
     if not tasks:
         raise RecipeError(
-            f"rl.tasks trained: {run_dir} trained on no task with tests (starter rows); RL needs prompts with tests"
+            f"rl.tasks {cfg.tasks}: {run_dir} trained on no task with tests (starter rows); RL needs prompts with tests"
         )
     if len(tasks) < cfg.prompts_per_step:
         raise RecipeError(f"rl.prompts_per_step {cfg.prompts_per_step} is more than the {len(tasks)} tasks there are")

@@ -34,6 +34,7 @@ from .loss import add_lean_loss
 from .model import (
     attach_lora,
     check_chat_template,
+    check_init_from,
     prompt_boundary,
     check_lora_targets_from_config,
     check_model_source,
@@ -668,6 +669,8 @@ def check(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: boo
         say(f"warning: {boundary}")
     stop_token_ids(tokenizer, recipe.generation.stop_tokens)  # evaluation's stop tokens exist, before training
     check_lora_targets_from_config(recipe, resolve_model_path(recipe.model.name_or_path))
+    if recipe.lora.init_from is not None:
+        check_init_from(recipe)
     matches = data_matches(recipe, run_dir)
     if resume and not matches and rd.complete_checkpoints():
         raise RecipeError(f"cannot resume {run_dir}: its data or model settings differ from this recipe")
