@@ -53,7 +53,7 @@ vllm-env:
 	$(VLLM_VENV)/bin/pip install -q vllm
 	@echo "vLLM is in $(VLLM_VENV): codetune serve RUN --engine vllm --vllm $(VLLM_VENV)"
 
-# The nine-run family parity test takes over an hour: `make test-parity` runs it.
+# The twelve-run family parity test (4 families x 3 seeds) takes over an hour: `make test-parity` runs it.
 test: venv browser
 	$(BIN)/python -m pytest -q --durations=30 -m "not parity"
 
