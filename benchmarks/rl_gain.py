@@ -12,7 +12,8 @@ families, rewarded by the sandbox's verdict), four arms scored on the same held-
 
 Held-out: `starter-fresh` (220 fresh members of the taught families, none a starter row, none an RL task)
 greedy, and pass@1 from --samples completions per task (the unbiased estimator; temperature 0.5, GRPO's);
-`starter-family` greedy (base, sft, rl: the control's run has no starter training split to hold out from).
+`starter-family`, `starter-novel` and ROUGE-L greedy for base, sft and rl (the control's run has no starter
+training split to hold these out from).
 The paired per-task bootstrap resamples tasks and averages the per-task differences over seeds.
 The held-back tests' pass rate beside the rewarded ones' comes from GRPO's own log (rl/metrics.jsonl).
 
@@ -20,8 +21,8 @@ The held-back tests' pass rate beside the rewarded ones' comes from GRPO's own l
     python benchmarks/rl_gain.py --seed 1 --samples 0   # greedy only
     python benchmarks/rl_gain.py --table            # gather what benchmarks/results/rl_gain/ holds
 
-Each seed's arms write benchmarks/results/rl_gain/seed<N>.json; the table and the intervals go to
-benchmarks/results/rl_gain.json.
+Each seed's arms write benchmarks/results/rl_gain/seed<N>.json (--out); the table and the intervals go to
+benchmarks/results/rl_gain.json (the --out folder's name, .json).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 SEEDS = (1, 2, 3)
 RECIPE = "tiny-cpu-rl"
 QUIET = ["training.eval_steps=null", "training.save_strategy=no"]  # neither changes a weight
+# base, sft and rl; the control only starter-fresh (its run has no starter split: nothing to hold out from)
+SUITES = ["starter-fresh", "starter-family", "starter-novel", "rouge"]
 
 
 def _eval(source, suites, recipe, out, samples: int) -> dict[str, dict]:
@@ -49,8 +52,8 @@ def _eval(source, suites, recipe, out, samples: int) -> dict[str, dict]:
     from codetune.recipe import load_recipe
 
     greedy = evaluate(source, suites, recipe=recipe, out_dir=out / "greedy", compare_base=False)["results"]
-    scores = {s: {"greedy": r["pass@1"], "tasks": r["tasks"]} for s, r in greedy["fine-tuned"].items()}
-    per_task = {s: _per_task(out / "greedy" / f"{s}.jsonl") for s in suites}
+    scores = {s: _score(r) for s, r in greedy["fine-tuned"].items()}
+    per_task = {s: _per_task(out / "greedy" / f"{s}.jsonl") for s in suites if s != "rouge"}
     if samples:
         sampled_recipe = load_recipe(
             recipe,
@@ -62,6 +65,13 @@ def _eval(source, suites, recipe, out, samples: int) -> dict[str, dict]:
     return {"scores": scores, "per_task": per_task}
 
 
+def _score(result: dict) -> dict:
+    """pass@1 of an executed suite; ROUGE-L for rouge."""
+    if "pass@1" in result:
+        return {"greedy": result["pass@1"], "tasks": result["tasks"]}
+    return {"greedy_rougeL": result["rougeL"], "samples": result.get("samples")}
+
+
 def _per_task(path: Path) -> dict[str, float]:
     """Each task's share of passing completions in an eval's per-sample lines."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -71,7 +81,7 @@ def _per_task(path: Path) -> dict[str, float]:
     return {t: sum(v) / len(v) for t, v in passed.items()}
 
 
-def _control(recipe, run: Path, out: Path, seed: int) -> tuple[Path, float]:
+def _control(recipe, run: Path, out: Path, seed: int, settings: list[str]) -> tuple[Path, float]:
     """More SFT from the SFT adapter on GRPO's prompts (the tasks its filter kept) with their reference answers."""
     from codetune.pipeline import train
     from codetune.recipe import load_recipe
@@ -80,6 +90,7 @@ def _control(recipe, run: Path, out: Path, seed: int) -> tuple[Path, float]:
     rates = json.loads((run / "rl" / "filter.json").read_text())["rates"] if (run / "rl" / "filter.json").is_file() else None
     tasks = [t for t in rl_tasks(recipe, run) if rates is None or 0.0 < rates.get(t.task.task_id, 0.0) < 1.0]
     rows = [{"instruction": t.task.prompt[0]["content"], "input": "", "output": t.task.reference} for t in tasks]
+    out.mkdir(parents=True, exist_ok=True)
     data = out / "control.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = recipe.rl
@@ -89,6 +100,7 @@ def _control(recipe, run: Path, out: Path, seed: int) -> tuple[Path, float]:
         RECIPE,
         [
             *QUIET,
+            *settings,
             f"training.seed={seed}",
             f"data.source={data}",
             "data.split.test_size=1",  # one row aside: the split needs a test row
@@ -117,31 +129,31 @@ def _gap(run: Path) -> dict:
     return {"rewarded_pass_rate": 100 * rewarded, "heldback_pass_rate": 100 * held, "gap": 100 * (rewarded - held)}
 
 
-def seed_run(seed: int, root: Path, samples: int, score_base: bool) -> dict:
+def seed_run(seed: int, root: Path, samples: int, score_base: bool, settings: list[str] = ()) -> dict:
     from codetune.evaluate import evaluate
     from codetune.pipeline import train
     from codetune.recipe import load_recipe
     from codetune.rl import rl
     from codetune.source import Source
 
-    recipe = load_recipe(RECIPE, [*QUIET, f"training.seed={seed}"])
+    recipe = load_recipe(RECIPE, [*QUIET, *settings, f"training.seed={seed}"])
     run = root / f"seed-{seed}"
     times = {}
     t0 = time.perf_counter()
     train(recipe, run)
     times["sft_s"] = time.perf_counter() - t0
-    arms = {"sft": _eval(run, ["starter-fresh", "starter-family"], recipe, run / "bench-sft", samples)}
+    arms = {"sft": _eval(run, SUITES, recipe, run / "bench-sft", samples)}
     if score_base:
-        base = evaluate(run, ["starter-fresh", "starter-family"], recipe=recipe, out_dir=run / "bench-base", compare_base=True)
+        base = evaluate(run, SUITES, recipe=recipe, out_dir=run / "bench-base", compare_base=True)
         arms["base"] = {
-            "scores": {s: {"greedy": r["pass@1"], "tasks": r["tasks"]} for s, r in base["results"]["base"].items()},
-            "per_task": {s: _per_task(run / "bench-base" / "base" / f"{s}.jsonl") for s in ("starter-fresh", "starter-family")},
+            "scores": {s: _score(r) for s, r in base["results"]["base"].items()},
+            "per_task": {s: _per_task(run / "bench-base" / "base" / f"{s}.jsonl") for s in SUITES if s != "rouge"},
         }
     t0 = time.perf_counter()
     result = rl(recipe, run)
     times["rl_s"] = time.perf_counter() - t0
-    arms["rl"] = _eval(Source.of(run, stage="rl"), ["starter-fresh", "starter-family"], recipe, run / "bench-rl", samples)
-    control, times["control_s"] = _control(recipe, run, root / f"control-{seed}", seed)
+    arms["rl"] = _eval(Source.of(run, stage="rl"), SUITES, recipe, run / "bench-rl", samples)
+    control, times["control_s"] = _control(recipe, run, root / f"control-{seed}", seed, list(settings))
     arms["control"] = _eval(control, ["starter-fresh"], recipe, control / "bench", samples)
     return {
         "seed": seed,
@@ -217,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, action="append", help="default: 1 2 3")
     ap.add_argument("--samples", type=int, default=16, help="completions per task for sampled pass@1 (0: greedy only)")
     ap.add_argument("--root", type=Path, default=None, help="where the runs go (default: a folder under /tmp)")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe setting for every arm (a smoke run: --set training.max_steps=20 ...)")
     ap.add_argument("--table", action="store_true", help="only gather what the results folder holds")
     ap.add_argument("--out", type=Path, default=RESULTS / "rl_gain")
     args = ap.parse_args(argv)
@@ -226,7 +240,8 @@ def main(argv=None) -> int:
 
         root = args.root or Path(tempfile.mkdtemp(prefix="rl-gain-"))
         for seed in args.seed or SEEDS:
-            row = seed_run(seed, root, args.samples, score_base=seed == (args.seed or SEEDS)[0])
+            row = seed_run(seed, root, args.samples, score_base=seed == (args.seed or SEEDS)[0], settings=args.settings)
+            row["settings"] = args.settings
             row.update(threads=os.environ.get("OMP_NUM_THREADS"), machine=platform.machine(),
                        measured=datetime.now(UTC).isoformat(timespec="seconds"))
             (args.out / f"seed{seed}.json").write_text(json.dumps(row, indent=2) + "\n")
@@ -235,7 +250,7 @@ def main(argv=None) -> int:
     text, gathered = table(rows)
     print(text)
     print(json.dumps(gathered["intervals"], indent=2))
-    (RESULTS / "rl_gain.json").write_text(json.dumps(gathered, indent=2) + "\n")
+    (args.out.parent / f"{args.out.name}.json").write_text(json.dumps(gathered, indent=2) + "\n")
     return 0
 
 

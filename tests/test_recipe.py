@@ -11,10 +11,21 @@ runner = CliRunner()
 def test_shipped_recipes_load_and_validate():
     names = shipped_recipes()
     assert set(names) == {
-        "phi3-mini-python-seed", "phi3-mini-python", "qwen2.5-coder-1.5b-python", "qwen3-1.7b-python", "tiny-cpu"
+        "phi3-mini-python-seed", "phi3-mini-python", "qwen2.5-coder-1.5b-python", "qwen3-1.7b-python", "tiny-cpu",
+        "tiny-cpu-rl",
     }  # fmt: skip
     for name in names:
         assert load_recipe(name).name == name
+
+
+def test_tiny_cpu_rl_is_tiny_cpu_then_grpo():
+    """Its description says the SFT half is tiny-cpu's knob for knob: only the suites (starter-fresh added) and rl differ."""
+    sft, rl = load_recipe("tiny-cpu").model_dump(), load_recipe("tiny-cpu-rl").model_dump()
+    assert rl["evaluation"].pop("suites") == [*sft["evaluation"].pop("suites"), "starter-fresh"]
+    for recipe in (sft, rl):
+        recipe.pop("name"), recipe.pop("description")
+    assert sft.pop("rl") is None and rl.pop("rl")["tasks"] == "fresh"
+    assert rl == sft
 
 
 def test_seed_recipe_is_the_reference_run():
