@@ -124,6 +124,8 @@ def check(recipe: Recipe, run_dir: Path) -> Checked:
     if not tasks:
         raise RecipeError(
             f"rl.tasks {cfg.tasks}: {run_dir} trained on no task with tests (starter rows); RL needs prompts with tests"
+            if cfg.tasks != "fresh"
+            else f"rl.tasks fresh: {run_dir} was taught no starter task family; fresh members exist only for those"
         )
     if len(tasks) < cfg.prompts_per_step:
         raise RecipeError(f"rl.prompts_per_step {cfg.prompts_per_step} is more than the {len(tasks)} tasks there are")
