@@ -20,6 +20,7 @@ The held-back tests' pass rate beside the rewarded ones' comes from GRPO's own l
     python benchmarks/rl_gain.py                    # seeds 1 2 3, 16 samples: hours on 2 cores
     python benchmarks/rl_gain.py --seed 1 --samples 0   # greedy only
     python benchmarks/rl_gain.py --table            # gather what benchmarks/results/rl_gain/ holds
+    python benchmarks/rl_gain.py --rescore --root DIR --samples 16   # sampled pass@1 again, from DIR's runs
 
 Each seed's arms write benchmarks/results/rl_gain/seed<N>.json (--out); the table and the intervals go to
 benchmarks/results/rl_gain.json (the --out folder's name, .json).
@@ -54,15 +55,40 @@ def _eval(source, suites, recipe, out, samples: int) -> dict[str, dict]:
     greedy = evaluate(source, suites, recipe=recipe, out_dir=out / "greedy", compare_base=False)["results"]
     scores = {s: _score(r) for s, r in greedy["fine-tuned"].items()}
     per_task = {s: _per_task(out / "greedy" / f"{s}.jsonl") for s in suites if s != "rouge"}
+    arm = {"scores": scores, "per_task": per_task}
     if samples:
-        sampled_recipe = load_recipe(
-            recipe,
-            [f"evaluation.n_samples={samples}", "generation.do_sample=true", "generation.temperature=0.5", "evaluation.k=[1]"],
-        )
-        res = evaluate(source, ["starter-fresh"], recipe=sampled_recipe, out_dir=out / "sampled", compare_base=False)
-        scores["starter-fresh"]["sampled"] = res["results"]["fine-tuned"]["starter-fresh"]["pass@1"]
-        per_task["starter-fresh sampled"] = _per_task(out / "sampled" / "starter-fresh.jsonl")
-    return {"scores": scores, "per_task": per_task}
+        _sampled(arm, source, recipe, out, samples)
+    return arm
+
+
+def _sampled(arm: dict, source, recipe, out: Path, samples: int) -> None:
+    """pass@1 on starter-fresh from ``samples`` completions per task at GRPO's temperature, into ``arm``."""
+    from codetune.evaluate import evaluate
+    from codetune.recipe import load_recipe
+
+    sampled_recipe = load_recipe(
+        recipe,
+        [f"evaluation.n_samples={samples}", "generation.do_sample=true", "generation.temperature=0.5", "evaluation.k=[1]"],
+    )
+    res = evaluate(source, ["starter-fresh"], recipe=sampled_recipe, out_dir=out / "sampled", compare_base=False, overwrite=True)
+    arm["scores"]["starter-fresh"]["sampled"] = res["results"]["fine-tuned"]["starter-fresh"]["pass@1"]
+    arm["per_task"]["starter-fresh sampled"] = _per_task(out / "sampled" / "starter-fresh.jsonl")
+
+
+def rescore(row: dict, root: Path, samples: int) -> dict:
+    """A seed's sampled pass@1 again, with ``samples`` completions per task, from the runs ``seed_run`` left in
+    ``root`` (the adapters are not trained again)."""
+    from codetune.recipe import load_recipe
+    from codetune.source import Source
+
+    run = root / f"seed-{row['seed']}"
+    recipe = load_recipe(run / "recipe.yaml")
+    sources = {"sft": (run, run / "bench-sft"), "rl": (Source.of(run, stage="rl"), run / "bench-rl")}
+    sources["control"] = (root / f"control-{row['seed']}" / "control", root / f"control-{row['seed']}" / "control" / "bench")
+    for arm, (source, out) in sources.items():
+        _sampled(row["arms"][arm], source, recipe, out, samples)
+    row["samples"] = samples
+    return row
 
 
 def _score(result: dict) -> dict:
@@ -232,10 +258,18 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe setting for every arm (a smoke run: --set training.max_steps=20 ...)")
     ap.add_argument("--table", action="store_true", help="only gather what the results folder holds")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the sampled pass@1 again with --samples, from the runs in --root (nothing trained)")
     ap.add_argument("--out", type=Path, default=RESULTS / "rl_gain")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.table:
+    if args.rescore:
+        for seed in args.seed or SEEDS:
+            path = args.out / f"seed{seed}.json"
+            row = rescore(json.loads(path.read_text()), args.root, args.samples)
+            path.write_text(json.dumps(row, indent=2) + "\n")
+            print(f"seed {seed}: " + ", ".join(f"{k} {v['scores']['starter-fresh'].get('sampled', float('nan')):.1f}" for k, v in row["arms"].items()), flush=True)
+    elif not args.table:
         import tempfile
 
         root = args.root or Path(tempfile.mkdtemp(prefix="rl-gain-"))

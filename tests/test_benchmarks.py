@@ -57,3 +57,23 @@ def test_step_clock_leaves_the_first_step_out(monkeypatch):
         stats["real_tokens"] = tokens
         clock.on_step_end(None, None, None)
     assert clock.steady() == (500.0, 1.0)
+
+
+def test_rl_gain_interval_is_paired_over_tasks_and_averaged_over_seeds():
+    import rl_gain
+
+    def row(seed, rl, sft):
+        return {"seed": seed, "arms": {"rl": {"per_task": {"starter-fresh": rl}}, "sft": {"per_task": {"starter-fresh": sft}}}}
+
+    tasks = [f"t{i}" for i in range(40)]
+    same = {t: float(i % 2) for i, t in enumerate(tasks)}
+    assert rl_gain.bootstrap([row(1, same, same)], "rl", "sft", "starter-fresh") == {
+        "mean": 0.0, "interval_95": [0.0, 0.0], "tasks": 40, "seeds": 1
+    }  # fmt: skip
+    # seed 1 passes every task where SFT passes half, seed 2 changes nothing: a quarter on average, paired per task
+    better = {t: 1.0 for t in tasks}
+    out = rl_gain.bootstrap([row(1, better, same), row(2, same, same)], "rl", "sft", "starter-fresh")
+    assert out["mean"] == 25.0 and out["seeds"] == 2 and 0 < out["interval_95"][0] <= 25.0 <= out["interval_95"][1]
+    # tasks one arm lacks are left out, not counted as failures
+    fewer = {t: v for t, v in better.items() if t != "t0"}
+    assert rl_gain.bootstrap([row(1, fewer, same)], "rl", "sft", "starter-fresh")["tasks"] == 39
