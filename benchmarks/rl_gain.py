@@ -111,10 +111,12 @@ def _control(recipe, run: Path, out: Path, seed: int, settings: list[str]) -> tu
     """More SFT from the SFT adapter on GRPO's prompts (the tasks its filter kept) with their reference answers."""
     from codetune.pipeline import train
     from codetune.recipe import load_recipe
-    from codetune.rl import rl_tasks
+    from codetune.rl import filter_kept, rl_tasks
+    from codetune.rundir import RunDir
 
-    rates = json.loads((run / "rl" / "filter.json").read_text())["rates"] if (run / "rl" / "filter.json").is_file() else None
-    tasks = [t for t in rl_tasks(recipe, run) if rates is None or 0.0 < rates.get(t.task.task_id, 0.0) < 1.0]
+    tasks = rl_tasks(recipe, run)
+    kept = filter_kept(tasks, RunDir(run))
+    tasks = kept if kept is not None else tasks  # no filter: GRPO trained on every task
     rows = [{"instruction": t.task.prompt[0]["content"], "input": "", "output": t.task.reference} for t in tasks]
     out.mkdir(parents=True, exist_ok=True)
     data = out / "control.jsonl"
@@ -146,7 +148,9 @@ def _control(recipe, run: Path, out: Path, seed: int, settings: list[str]) -> tu
 
 def _gap(run: Path) -> dict:
     """The rewarded and held-back tests' pass rates over GRPO's steps (rl/metrics.jsonl)."""
-    rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from codetune.rundir import RunDir
+
+    rows = [json.loads(line) for line in RunDir(run).rl_metrics.read_text().splitlines() if line.strip()]
     both = [r for r in rows if r.get("rewarded_pass_rate") is not None and r.get("heldback_pass_rate") is not None]
     if not both:
         return {}

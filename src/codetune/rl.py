@@ -354,9 +354,9 @@ def _resume_point(rd: RunDir, resume: bool, console) -> Path | None:
     return done[-1]
 
 
-def _resumed_filter(tasks: list[RewardTask], rd: RunDir) -> list[RewardTask] | None:
-    """The tasks an interrupted run's difficulty filter kept (rl/filter.json), so a resumed run trains on the
-    same ones; None when it wrote none."""
+def filter_kept(tasks: list[RewardTask], rd: RunDir) -> list[RewardTask] | None:
+    """The tasks the run's difficulty filter kept (rl/filter.json): a resumed run trains on the same ones, and
+    benchmarks/rl_gain.py's control on their reference answers; None when it wrote none."""
     if not rd.rl_filter.is_file():
         return None
     rates = json.loads(rd.rl_filter.read_text())["rates"]
@@ -376,7 +376,7 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None, resume: bool = False) -> 
     rd.rl.mkdir(exist_ok=True)
     resume_from = _resume_point(rd, resume, console)
     log = _Log(rd.rl_metrics, console)
-    kept = _resumed_filter(tasks, rd) if resume_from is not None and cfg.filter_samples else None
+    kept = filter_kept(tasks, rd) if resume_from is not None and cfg.filter_samples else None
     filtered = _filter(model, tokenizer, recipe, tasks, rd, console) if cfg.filter_samples and kept is None else None
     tasks = kept if kept is not None else filtered.kept if filtered is not None else tasks
     trainer = _trainer(model, tokenizer, recipe, rd, tasks, stops, log)
@@ -399,4 +399,4 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None, resume: bool = False) -> 
     return RLResult(Path(run_dir), rd.rl_adapter, summary["steps"], len(tasks), wall, summary)
 
 
-__all__ = ["Checked", "Filtered", "RLResult", "check", "codetune_rollouts", "difficulty_filter", "rl", "rl_tasks"]
+__all__ = ["Checked", "Filtered", "RLResult", "check", "codetune_rollouts", "difficulty_filter", "filter_kept", "rl", "rl_tasks"]

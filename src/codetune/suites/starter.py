@@ -18,21 +18,22 @@ def prompt(row: dict, formatting: str = "clean") -> str:
     return user_content(row["instruction"], row["input"], formatting)
 
 
+def row_task(row: dict, suite: str, formatting: str = "clean") -> Task:
+    """A starter-schema row (the starter set's, or a fresh family member) as a task of ``suite``."""
+    return Task(
+        suite=suite,
+        task_id=row["task_id"],
+        prompt=[{"role": "user", "content": prompt(row, formatting)}],
+        reference=row["output"],
+        entry_point=row["entry_point"],
+        tests="\n".join(row["test_list"]) + "\n",
+    )
+
+
 def starter_tasks(exclude: set[str] | None = None, formatting: str = "clean") -> list[Task]:
     from ..starter import load_starter
 
-    return [
-        Task(
-            suite="starter",
-            task_id=r["task_id"],
-            prompt=[{"role": "user", "content": prompt(r, formatting)}],
-            reference=r["output"],
-            entry_point=r["entry_point"],
-            tests="\n".join(r["test_list"]) + "\n",
-        )
-        for r in load_starter()
-        if r["task_id"] not in (exclude or set())
-    ]
+    return [row_task(r, "starter", formatting) for r in load_starter() if r["task_id"] not in (exclude or set())]
 
 
 def trained_and_formatting(recipe, folder: Path | None) -> tuple[set[str], str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._base import Suite, Task
-from .starter import prompt, trained_and_formatting
+from .starter import prompt, row_task, trained_and_formatting
 
 NAME = "starter-fresh"
 
@@ -21,18 +21,7 @@ def fresh_tasks(trained: set[str], formatting: str = "clean") -> list[Task]:
 
     family = {r["task_id"]: r.get("family") for r in load_starter()}
     taught = {family[t] for t in trained if family.get(t)} if trained else None
-    return [
-        Task(
-            suite=NAME,
-            task_id=r["task_id"],
-            prompt=[{"role": "user", "content": prompt(r, formatting)}],
-            reference=r["output"],
-            entry_point=r["entry_point"],
-            tests="\n".join(r["test_list"]) + "\n",
-        )
-        for r in fresh_eval_rows()
-        if taught is None or r["family"] in taught
-    ]
+    return [row_task(r, NAME, formatting) for r in fresh_eval_rows() if taught is None or r["family"] in taught]
 
 
 def load(recipe, folder: Path | None) -> list[Task]:
