@@ -27,6 +27,16 @@ needs_phi3_tokenizer = _needs(PHI3_TOKENIZER / "tokenizer.json")
 needs_mbpp = _needs(MBPP_JSONL)
 
 
+# The longest files start first: under `make test`'s two xdist workers (`--dist loadfile
+# --no-loadscope-reorder`) a long file that starts last keeps one worker busy alone at the end.
+SLOW_FIRST = ("test_demo.py", "test_readme.py", "test_cli_sweep.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def codetune_home(tmp_path_factory):
     """One cache per test session, so the tiny model is built once and never read from a user's cache.

@@ -13,7 +13,7 @@ The README's conventions, which this test reads:
 
 Everything else runs as written, with the environment ``make`` gives (HF_HUB_OFFLINE=1) and the
 ``codetune`` command on PATH. One thing is added to make it quick: ``CODETUNE_SET`` (README, "Recipes")
-caps every training at a few steps and every answer at a few tokens; the commands are the README's own.
+caps every training (and GRPO) at a few steps and every answer at a few tokens; the commands are the README's own.
 """
 
 from __future__ import annotations
@@ -40,6 +40,14 @@ QUICK = " ".join(
         "generation.max_new_tokens=16",
         "evaluation.samples=4",
         "evaluation.compare_base=false",
+        # GRPO, where a recipe has it (CODETUNE_SET's rl.* items never add the stage to one without)
+        "rl.max_steps=2",
+        "rl.num_generations=2",
+        "rl.prompts_per_step=2",
+        "rl.max_completion_length=16",
+        "rl.max_tasks=4",
+        "rl.filter_samples=0",
+        "rl.save_steps=null",
     ]
 )
 

@@ -148,6 +148,21 @@ def test_cli_recipes_and_show_roundtrip(tmp_path):
     assert load_recipe(path) == resolved
 
 
+def test_codetune_set_shortens_grpo_where_a_recipe_has_it_and_never_adds_the_stage(monkeypatch):
+    monkeypatch.setenv("CODETUNE_SET", "training.max_steps=3 rl.max_steps=2")
+
+    def shown(*args):
+        res = runner.invoke(app, ["recipe", "show", *args])
+        assert res.exit_code == 0, res.output
+        return Recipe.model_validate(yaml.safe_load(res.stdout))
+
+    plain = shown("tiny-cpu")
+    assert plain.training.max_steps == 3 and plain.rl is None  # a quick setting adds no GRPO stage
+    assert shown("tiny-cpu-rl").rl.max_steps == 2
+    added = shown("tiny-cpu", "--set", "rl.tasks=fresh")  # the command's own --set adds it: then it is shortened
+    assert added.rl.tasks == "fresh" and added.rl.max_steps == 2
+
+
 def test_cli_bad_override_exits_2_with_the_field():
     res = runner.invoke(app, ["recipe", "show", "tiny-cpu", "--set", "training.batch_size=zero"])
     assert res.exit_code == 2

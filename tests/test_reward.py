@@ -129,6 +129,27 @@ def test_a_sandbox_failure_is_masked_not_scored_zero(palindrome, monkeypatch):
     assert fn(prompts=[None], completions=[CORRECT], task_id=["starter/0"]) == [None]
 
 
+def test_the_format_reward_pays_for_form_and_never_unmasks(palindrome, monkeypatch):
+    fn = reward_function({"starter/0": palindrome}, format_weight=0.1)
+    empty = "def is_palindrome(s):\n    pass\n"  # the right function, wrong behaviour
+    other = "def palindrome(s):\n    return s.lower() == s.lower()[::-1]\n"  # right behaviour, wrong name
+    broken_syntax = CHEATS["a syntax error so that no test runs"]
+    answers = [CORRECT, empty, other, "no code here", broken_syntax]
+    got = fn(prompts=[None] * 5, completions=answers, task_id=["starter/0"] * 5)
+    assert got == [pytest.approx(1.1), pytest.approx(0.1), 0.0, 0.0, 0.0]
+    # a cheat that defines the function earns the format part and nothing of the tests'
+    (cheat,) = score([palindrome], [CHEATS["equal to anything"]])
+    assert cheat.value == 0.0 and cheat.formed
+    with pytest.raises(ValueError, match="format_weight"):
+        reward_function({"starter/0": palindrome}, format_weight=2.0)
+
+    def broken(programs, limits, workers=None):
+        return [Verdict(False, "error", "sandbox error: no free uid", 0.0, "", "") for _ in programs]
+
+    monkeypatch.setattr(reward_mod, "run_programs", broken)
+    assert fn(prompts=[None], completions=[CORRECT], task_id=["starter/0"]) == [None]  # masked, whatever its form
+
+
 def test_splitting_tests_and_the_signals():
     task = Task(suite="x", task_id="x/1", prompt=[], entry_point="f")
     assert RewardTask.split(task, ["a", "b"]).heldback == ()  # too few to hold one back

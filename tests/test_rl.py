@@ -32,7 +32,8 @@ def run(tiny_run, tmp_path):
 
 
 def test_rl_trains_the_adapter_and_logs_every_step(run):
-    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in QUICK), [])])
+    settings = [*QUICK, "rl.format_reward=0.5"]
+    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in settings), [])])
     assert res.exit_code == 0, res.output
     assert "rl step 1 |" in res.output and "rl step 2 |" in res.output
     sft = load_file(run / "adapter" / "adapter_model.safetensors")
@@ -42,10 +43,14 @@ def test_rl_trains_the_adapter_and_logs_every_step(run):
     assert [line["step"] for line in lines] == [1, 2]
     for line in lines:
         assert line["completions"] == 4 and sum(line["verdicts"].values()) == 4
-        assert 0.0 <= line["reward"] <= 1.0 and "frac_reward_zero_std" in line
+        assert 0.0 <= line["reward"] <= 1.5 and "frac_reward_zero_std" in line
         assert line["heldback_pass_rate"] is not None  # every starter task holds a test back
+        # TRL's reward is the tests' (all_pass: 1 or 0) plus 0.5 for each well-formed answer
+        assert line["masked"] == 0 and 0.0 <= line["formed_rate"] <= 1.0
+        assert line["reward"] == pytest.approx(line["rewarded_pass_rate"] + 0.5 * line["formed_rate"])
     summary = json.loads((run / "rl" / "rl_summary.json").read_text())
     assert summary["steps"] == 2 and summary["tasks"] == 4 and summary["rl"]["num_generations"] == 2
+    assert summary["rl"]["format_reward"] == 0.5
     # the run's own recipe and SFT adapter are untouched
     assert load_recipe(run / "recipe.yaml").rl is None
 
@@ -105,6 +110,9 @@ def test_rl_refuses_what_cannot_work_before_a_model_loads(run, tmp_path):
     empty.mkdir()
     res = runner.invoke(app, ["rl", str(empty)])
     assert res.exit_code == 2 and "Traceback" not in res.output
+    # CODETUNE_SET's rl.* items apply (this one is refused by name) and its other items are the other stages'
+    res = runner.invoke(app, ["rl", str(run)], env={"CODETUNE_SET": "training.max_steps=6 rl.prompts_per_step=100000"})
+    assert res.exit_code == 2 and "rl.prompts_per_step 100000 is more than" in res.output
     assert not (run / "rl").exists()
 
 
@@ -202,7 +210,7 @@ def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapte
     assert load_recipe(run / "recipe.yaml").rl.max_steps == 2  # the run's recipe keeps its rl: section
     card = (run / "README.md").read_text()
     section = card.split("## Reinforcement learning (GRPO)", 1)[1].split("\n## ", 1)[0]
-    assert "2 steps on 4 tasks" in section and "`all_pass`" in section
+    assert "2 steps on 4 tasks" in section and "`all_pass`" in section and "parses" not in section  # no format reward
     sft_score = sft["results"]["fine-tuned"]["starter-family"]["pass@1"]
     rl_score = rl["results"]["fine-tuned"]["starter-family"]["pass@1"]
     assert f"| starter-family | {sft_score:.2f} | {rl_score:.2f} |" in section
@@ -221,12 +229,13 @@ def test_codetune_run_runs_grpo_when_the_recipe_has_rl_and_evaluates_both_adapte
         return lambda prompts, completions, task_id, **kw: [float(i % 2) for i in range(len(completions))]
 
     monkeypatch.setattr(rl_mod, "reward_function", alternating)
-    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in QUICK), [])])
+    res = runner.invoke(app, ["rl", str(run), *sum((["--set", s] for s in [*QUICK, "rl.format_reward=0.25"]), [])])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["card", str(run), "--overwrite"])
     assert res.exit_code == 0, res.output
     section = (run / "README.md").read_text().split("## Reinforcement learning (GRPO)", 1)[1].split("\n## ", 1)[0]
     assert "Not evaluated after GRPO" in section and "| starter-family |" not in section
+    assert "plus 0.25 for an answer whose code parses and defines the task's function" in section
     res = runner.invoke(app, ["report", str(run), "--overwrite"])
     assert res.exit_code == 0, res.output
     assert "Not evaluated after GRPO" in (run / "report.html").read_text().split("<section id=rl>", 1)[1]

@@ -410,8 +410,13 @@ def _rl_section(run_dir: Path, summary: dict | None) -> list[str]:
         f"{tasks} tasks, {cfg.get('num_generations')} completions per prompt, {cfg.get('prompts_per_step')} "
         f"prompts per step, temperature {cfg.get('temperature')}, learning rate {cfg.get('learning_rate')}, "
         f"loss `{cfg.get('loss_type')}`, beta {cfg.get('beta')}. The reward is `{cfg.get('reward')}` of the task's "
-        "tests run in codetune's sandbox, eval's own scoring path; every "
-        f"{_n(cfg.get('hold_back_every'))}th test is held back, measured and never rewarded.",
+        "tests run in codetune's sandbox, eval's own scoring path"
+        + (
+            f", plus {cfg['format_reward']} for an answer whose code parses and defines the task's function"
+            if cfg.get("format_reward")
+            else ""
+        )
+        + f"; every {_n(cfg.get('hold_back_every'))}th test is held back, measured and never rewarded.",
         "",
     ]
     if kept:

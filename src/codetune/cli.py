@@ -161,22 +161,39 @@ def _check_text(option: str, value: str) -> None:
 
 
 def _load(recipe: str, overrides: list[str] | None) -> Recipe:
-    return load_recipe(recipe, _overrides(overrides))
+    return load_recipe(recipe, _overrides(overrides, recipe))
 
 
-def _overrides(set_: list[str] | None) -> list[str]:
+def _section(item: str) -> str:
+    return item.split("=", 1)[0].strip().split(".", 1)[0]
+
+
+def _overrides(set_: list[str] | None, recipe: str | None = None) -> list[str]:
     """The ``--set`` items of a command that starts from a RECIPE: those in the environment variable
     CODETUNE_SET first (separated by spaces, quoted as in a shell), then the command's own. For a quick
-    run of every command as written, ``CODETUNE_SET='training.max_steps=8'`` (tests/test_readme.py)."""
+    run of every command as written, ``CODETUNE_SET='training.max_steps=8'`` (tests/test_readme.py).
+
+    CODETUNE_SET's ``rl.*`` items apply only to a recipe that has an ``rl:`` section (its own or from the
+    command's ``--set``): a quick setting shortens GRPO where there is one, and never adds the stage."""
     import shlex
 
     try:
         extra = shlex.split(os.environ.get("CODETUNE_SET", ""))
     except ValueError as exc:
         raise InputError(f"CODETUNE_SET: {exc}: give FIELD=VALUE items separated by spaces") from None
+    own = list(set_ or [])
+    if recipe is not None and any(_section(i) == "rl" for i in extra) and not _has_rl(recipe, own):
+        extra = [i for i in extra if _section(i) != "rl"]
     if extra and os.environ.get("LOCAL_RANK", "0") == "0":  # once under `accelerate launch`
         console.print(f"note: CODETUNE_SET adds --set {' '.join(extra)}", highlight=False, markup=False)
-    return [*extra, *(set_ or [])]
+    return [*extra, *own]
+
+
+def _has_rl(recipe: str, own: list[str]) -> bool:
+    try:
+        return load_recipe(recipe, own, resolve=False).rl is not None
+    except CodetuneError:
+        return True  # the real load names what is wrong
 
 
 def _version(value: bool) -> None:
@@ -240,7 +257,7 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
     model's family says `family`, with its value and the family as a comment."""
     from .recipe import annotated_yaml
 
-    _emit(annotated_yaml(load_recipe(recipe, _overrides(set_), resolve=False)))
+    _emit(annotated_yaml(load_recipe(recipe, _overrides(set_, recipe), resolve=False)))
 
 
 def _print_prepared(result) -> None:
@@ -302,7 +319,7 @@ def prepare_cmd(
 def _pipeline(recipe: str, run_dir: Path | None, set_: list[str] | None, stages, **kwargs):
     from .pipeline import run
 
-    return run(recipe, run_dir, overrides=_overrides(set_), stages=stages, console=console, **kwargs)
+    return run(recipe, run_dir, overrides=_overrides(set_, recipe), stages=stages, console=console, **kwargs)
 
 
 def _print_trained(result) -> None:
@@ -564,10 +581,11 @@ def rl_cmd(run_dir: RunDirArg, set_: SetOpt = None, resume: ResumeOpt = False) -
     """GRPO on a trained run's adapter, rewarded by the sandbox's verdict (writes RUN_DIR/rl/; docs/rl.md)."""
     from .rl import rl
 
-    overrides = _overrides(set_)
-    other = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("rl.")]
+    other = [o for o in set_ or [] if _section(o) != "rl"]
     if other:
         _fail(f"--set {other[0]!r}: a trained run keeps its recipe; `codetune rl` takes rl.* settings only")
+    # CODETUNE_SET's other items are for the other stages
+    overrides = [o for o in _overrides(set_) if _section(o) == "rl"]
     rd = RunDir(run_dir)
     rd.require_adapter()
     recipe = load_recipe(rd.recipe_file)

@@ -365,6 +365,13 @@ class RLConfig(_Section):
         "static cache on CPU) through the trainer's rollout hook; trl: GRPOTrainer's own generation",
     )
     reward: Literal["all_pass", "pass_fraction"] = "all_pass"
+    format_reward: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of a format reward added to the tests' (0: none): 1 when the answer's code parses and "
+        "defines the task's function. It pays for form, not behaviour (an empty function earns it): keep it small",
+    )
     hold_back_every: int = Field(3, ge=2, description="Every n-th test of a task is measured, never rewarded")
     num_generations: int = Field(4, ge=2, le=64, description="Completions per prompt: one group")
     prompts_per_step: int = Field(2, gt=0, description="Groups per optimizer step")

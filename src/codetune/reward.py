@@ -13,6 +13,10 @@ Three things a reward needs beyond eval's pass/fail:
   program's; its reward is None, which TRL's GRPOTrainer leaves out of the group's baseline;
 - **held-back tests**: a task's tests are split into the rewarded ones and held-back ones that are only
   measured, so that learning the visible tests rather than the task shows as a gap between the two;
+- **an optional format reward**: a weight (``rl.format_reward``) times 1 when the answer's code parses and
+  defines the task's function, added to the tests' reward. It pays for form, not behaviour (an empty
+  function earns it), so it stays small beside the tests' reward, and every check of cheating reads the
+  tests' part (``Reward.value``);
 - **signals**: code that reaches for the harness's ways in (``sys.exit``, ``__eq__`` overrides, frame or gc
   introspection, ``/proc``, descriptors) is counted, never rewarded or punished, so a drift towards them
   is seen in the metrics even though the sandbox fails it.
@@ -20,6 +24,7 @@ Three things a reward needs beyond eval's pass/fail:
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -78,11 +83,23 @@ class Reward:
     heldback: bool | None  # the held-back tests passed; None: the task holds none back, or masked
     signals: tuple[str, ...]
     code: str
+    formed: bool = False  # the code parses and defines the task's function (the format reward's test)
 
 
 def signals(code: str) -> tuple[str, ...]:
     """The names of SIGNALS that ``code`` matches, in SIGNALS' order."""
     return tuple(name for name, pattern in SIGNALS.items() if pattern.search(code))
+
+
+def well_formed(code: str, entry_point: str | None) -> bool:
+    """The code parses and defines ``entry_point`` at its top level (any statement, without one named)."""
+    try:
+        body = ast.parse(code).body
+    except (SyntaxError, ValueError):  # ValueError: a null byte
+        return False
+    if not entry_point:
+        return bool(body)
+    return any(isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == entry_point for node in body)
 
 
 def _programs(rt: RewardTask, code: str, kind: RewardKind) -> list[Program]:
@@ -122,11 +139,12 @@ def score(
         ran = ran_of[id(rt), code]
         rewarded, held = (ran[:-1], ran[-1]) if rt.heldback else (ran, None)
         status = next((v.status for v in rewarded if v.status == "error"), None) or _worst(rewarded)
+        formed = well_formed(code, rt.task.entry_point)
         if status == "error" or (held is not None and held.status == "error"):
-            rewards.append(Reward(None, "error", None, signals(code), code))
+            rewards.append(Reward(None, "error", None, signals(code), code, formed))
             continue
         value = sum(v.passed for v in rewarded) / len(rewarded)
-        rewards.append(Reward(value, status, None if held is None else held.passed, signals(code), code))
+        rewards.append(Reward(value, status, None if held is None else held.passed, signals(code), code, formed))
     return rewards
 
 
@@ -224,18 +242,25 @@ def reward_function(
     *,
     kind: RewardKind = "all_pass",
     limits: Limits = EVAL_LIMITS,
+    format_weight: float = 0.0,
     on_scored: Callable[[list[Reward]], None] | None = None,
 ) -> Callable[..., list[float | None]]:
     """A reward function as TRL's GRPOTrainer calls it: ``f(prompts, completions, task_id=[...], **kw)``,
     the dataset's ``task_id`` column naming each row's task. Chat completions (a list of messages) are
-    read as their last message's text. ``on_scored`` sees every batch's rewards (metrics, tests)."""
+    read as their last message's text. ``on_scored`` sees every batch's rewards (metrics, tests).
+
+    The tests' reward plus ``format_weight`` for a well-formed answer, in one function rather than TRL's
+    ``reward_weights`` over two: TRL leaves a completion out of its group's baseline only when every
+    function returns None, and a masked completion must stay masked whatever its form."""
+    if not 0.0 <= format_weight <= 1.0:
+        raise ValueError(f"format_weight {format_weight}: use 0 to 1")
 
     def execution_reward(prompts: list[Any], completions: list[Any], task_id: list[str], **_: Any):
         texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
         rewards = score([tasks_by_id[t] for t in task_id], texts, kind=kind, limits=limits)
         if on_scored is not None:
             on_scored(rewards)
-        return [r.value for r in rewards]
+        return [None if r.value is None else r.value + format_weight * r.formed for r in rewards]
 
     return execution_reward
 
@@ -252,4 +277,5 @@ __all__ = [
     "reward_function",
     "score",
     "signals",
+    "well_formed",
 ]

@@ -217,6 +217,7 @@ class _Log:
             verdicts=dict(Counter(r.verdict for r in rewards)),
             rewarded_pass_rate=sum(r.value == 1.0 for r in measured) / len(measured) if measured else None,
             heldback_pass_rate=sum(bool(r.heldback) for r in measured) / len(measured) if measured else None,
+            formed_rate=sum(r.formed for r in rewards) / len(rewards) if rewards else None,
             signals=dict(Counter(s for r in rewards for s in r.signals)),
         )
         append_line(self.path, json.dumps(row) + "\n")
@@ -311,7 +312,9 @@ def _trainer(model, tokenizer, recipe: Recipe, rd: RunDir, tasks: list[RewardTas
                 log.line(logs, state.global_step)
 
     dataset = Dataset.from_list([{"prompt": t.task.prompt, "task_id": t.task.task_id} for t in tasks])
-    reward = reward_function({t.task.task_id: t for t in tasks}, kind=cfg.reward, on_scored=log.scored)
+    reward = reward_function(
+        {t.task.task_id: t for t in tasks}, kind=cfg.reward, format_weight=cfg.format_reward, on_scored=log.scored
+    )
     # TRL tells a finished completion from a truncated one by the model's eos ids: the recipe's stop tokens
     model.generation_config.eos_token_id = stops
     rollout = codetune_rollouts(model, tokenizer, recipe) if cfg.rollouts == "codetune" else None
