@@ -77,3 +77,12 @@ def test_rl_gain_interval_is_paired_over_tasks_and_averaged_over_seeds():
     # tasks one arm lacks are left out, not counted as failures
     fewer = {t: v for t, v in better.items() if t != "t0"}
     assert rl_gain.bootstrap([row(1, fewer, same)], "rl", "sft", "starter-fresh")["tasks"] == 39
+
+
+def test_rl_variant_changes_grpo_only(tmp_path, capsys):
+    import rl_variant
+
+    for settings in ([], ["--set", "training.max_steps=5"], ["--set", "rl.temperature=0.3", "--set", "lora.r=4"]):
+        with pytest.raises(SystemExit) as exc:
+            rl_variant.main(["--root", str(tmp_path), "--seed", "1", "--name", "x", *settings])
+        assert exc.value.code == 2 and "rl.* only" in capsys.readouterr().err

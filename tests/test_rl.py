@@ -110,6 +110,14 @@ def test_rl_refuses_what_cannot_work_before_a_model_loads(run, tmp_path):
     empty.mkdir()
     res = runner.invoke(app, ["rl", str(empty)])
     assert res.exit_code == 2 and "Traceback" not in res.output
+    # TRL's vLLM server mode needs vLLM in this process, which codetune's pins rule out: said before any work,
+    # by `codetune rl` and by `codetune run` before its SFT
+    res = runner.invoke(app, ["rl", str(run), "--set", "rl.rollouts=vllm"])
+    assert res.exit_code == 2 and "imports vLLM in the training process" in res.output
+    assert "transformers<5.21" in res.output
+    fresh = tmp_path / "fresh-run"
+    res = runner.invoke(app, ["run", "tiny-cpu-rl", "--run-dir", str(fresh), "--set", "rl.rollouts=vllm"])
+    assert res.exit_code == 2 and "rl.rollouts vllm" in res.output and not fresh.exists()
     # CODETUNE_SET's rl.* items apply (this one is refused by name) and its other items are the other stages'
     res = runner.invoke(app, ["rl", str(run)], env={"CODETUNE_SET": "training.max_steps=6 rl.prompts_per_step=100000"})
     assert res.exit_code == 2 and "rl.prompts_per_step 100000 is more than" in res.output
@@ -258,6 +266,16 @@ def test_codetune_rollouts_end_with_their_stop_token_or_run_to_the_limit(tiny_ru
     texts = session.generate([[{"role": "user", "content": f"Write f{i}."}] for i in range(6)] * 2, cfg)
     decoded = [loaded.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
     assert decoded == texts  # the same answers eval would score
+
+
+def test_vllm_rollouts_map_to_trls_server_mode():
+    from codetune.recipe import RLConfig
+    from codetune.rl import _config
+    from codetune.rundir import RunDir
+
+    cfg = _config(RLConfig(rollouts="vllm", vllm_server="http://gpu-box:8001"), RunDir("/tmp/unused"), [2], cuda=True)
+    assert (cfg.use_vllm, cfg.vllm_mode, cfg.vllm_server_base_url) == (True, "server", "http://gpu-box:8001")
+    assert not _config(RLConfig(), RunDir("/tmp/unused"), [2], cuda=False).use_vllm
 
 
 def test_trls_own_generation_is_still_a_choice(run):

@@ -359,10 +359,14 @@ class RLConfig(_Section):
         description="Difficulty filter: sample each task this many times with the starting policy (at rl.temperature) "
         "and keep those it passes sometimes but not always (0: keep every task; groups without reward spread teach nothing)",
     )
-    rollouts: Literal["codetune", "trl"] = Field(
+    rollouts: Literal["codetune", "trl", "vllm"] = Field(
         "codetune",
         description="codetune: the completions come from codetune's batched generation (sorted batches, waves, a "
-        "static cache on CPU) through the trainer's rollout hook; trl: GRPOTrainer's own generation",
+        "static cache on CPU) through the trainer's rollout hook; trl: GRPOTrainer's own generation; vllm: TRL's "
+        "vLLM server mode (rl.vllm_server), which needs vLLM importable in the training process (docs/rl.md)",
+    )
+    vllm_server: str = Field(
+        "http://127.0.0.1:8000", description="rl.rollouts vllm: the vLLM server's base URL (TRL's vllm_server_base_url)"
     )
     reward: Literal["all_pass", "pass_fraction"] = "all_pass"
     format_reward: float = Field(

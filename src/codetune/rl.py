@@ -127,10 +127,27 @@ def check(recipe: Recipe, run_dir: Path) -> Checked:
             if cfg.tasks != "fresh"
             else f"rl.tasks fresh: {run_dir} was taught no starter task family; fresh members exist only for those"
         )
+    if cfg.rollouts == "vllm" and (why := vllm_blocker()):
+        raise RecipeError(why)
     if len(tasks) < cfg.prompts_per_step:
         raise RecipeError(f"rl.prompts_per_step {cfg.prompts_per_step} is more than the {len(tasks)} tasks there are")
     tokenizer = load_tokenizer(recipe)
     return Checked(tasks, tokenizer, stop_token_ids(tokenizer, recipe.generation.stop_tokens))
+
+
+def vllm_blocker() -> str | None:
+    """Why TRL's vLLM server mode cannot run in this environment, or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return None
+    # Measured against vLLM 0.33.0's metadata (2026-12-03): transformers>=5.16.1,<5.21.0 and torch==2.14.0
+    return (
+        "rl.rollouts vllm: TRL's vLLM server mode imports vLLM in the training process (its client pushes the new "
+        "weights to the server over NCCL), and vLLM cannot be installed in codetune's environment: vLLM 0.33.0 needs "
+        "transformers<5.21 and torch 2.14.0, codetune pins transformers 5.24.0 and torch 2.13.0. Use rl.rollouts "
+        "codetune (codetune's batched generation, on a GPU as well); docs/rl.md, 'The GPU path'"
+    )
 
 
 @dataclass
@@ -259,6 +276,11 @@ def _config(cfg: RLConfig, rd: RunDir, stops: list[int], cuda: bool):
         bf16=False,
         disable_tqdm=True,
         generation_kwargs={"eos_token_id": stops},
+        **(
+            {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": cfg.vllm_server}
+            if cfg.rollouts == "vllm"
+            else {}
+        ),
     )
 
 
@@ -402,4 +424,15 @@ def rl(recipe: Recipe, run_dir: Path, *, console=None, resume: bool = False) -> 
     return RLResult(Path(run_dir), rd.rl_adapter, summary["steps"], len(tasks), wall, summary)
 
 
-__all__ = ["Checked", "Filtered", "RLResult", "check", "codetune_rollouts", "difficulty_filter", "filter_kept", "rl", "rl_tasks"]
+__all__ = [
+    "Checked",
+    "Filtered",
+    "RLResult",
+    "check",
+    "codetune_rollouts",
+    "difficulty_filter",
+    "filter_kept",
+    "rl",
+    "rl_tasks",
+    "vllm_blocker",
+]
