@@ -56,7 +56,7 @@ vllm-env:
 # Two workers of one thread each (pytest-xdist): a file's tests stay on one worker, so a module's fixtures are
 # built once, and files start in the order tests/conftest.py gives them (the longest first: with xdist's
 # default reordering by test count, the demo's fine-tune and the README walk ran last, one worker idle).
-# Measured on 2 cores: 16.5 minutes against 25 serial (README.md, "Tests").
+# Measured on a clean clone, 2 cores: 18.6 minutes of pytest against 25 serial (README.md, "Tests").
 # The twelve-run family parity test (4 families x 3 seeds) takes over an hour: `make test-parity` runs it.
 TEST_WORKERS ?= 2
 test: venv browser
