@@ -8,6 +8,7 @@ that learns the rewarded tests rather than the task is caught by the held-back o
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,11 @@ def test_the_format_reward_pays_for_form_and_never_unmasks(palindrome, monkeypat
     # a cheat that defines the function earns the format part and nothing of the tests'
     (cheat,) = score([palindrome], [CHEATS["equal to anything"]])
     assert cheat.value == 0.0 and cheat.formed
+    # a body completing a given preamble is judged with it
+    preamble = 'def is_palindrome(s):\n    """Is s a palindrome, case aside?"""\n'
+    stub = RewardTask(replace(palindrome.task, preamble=preamble), palindrome.rewarded)
+    (body,) = score([stub], ["```python\n    return s.lower() == s.lower()[::-1]\n```"])
+    assert body.formed and body.value == 1.0
     with pytest.raises(ValueError, match="format_weight"):
         reward_function({"starter/0": palindrome}, format_weight=2.0)
 

@@ -7,7 +7,7 @@ candidate's calls cross a pipe as plain data and the verdict travels on a descri
 holds (docs/sandbox.md): exiting early, results equal to anything, reading the tests from frames, writing
 to descriptors and planting files all fail there, and so they earn nothing here.
 
-Three things a reward needs beyond eval's pass/fail:
+What a reward needs beyond eval's pass/fail:
 
 - **masking**: a verdict of ``error`` is the sandbox's failure (no free uid, a full disk), not the
   program's; its reward is None, which TRL's GRPOTrainer leaves out of the group's baseline;
@@ -139,7 +139,8 @@ def score(
         ran = ran_of[id(rt), code]
         rewarded, held = (ran[:-1], ran[-1]) if rt.heldback else (ran, None)
         status = next((v.status for v in rewarded if v.status == "error"), None) or _worst(rewarded)
-        formed = well_formed(code, rt.task.entry_point)
+        # a completion of a given preamble (HumanEval's style) is judged with it, as it runs
+        formed = well_formed(f"{rt.task.preamble}\n{code}" if rt.task.preamble else code, rt.task.entry_point)
         if status == "error" or (held is not None and held.status == "error"):
             rewards.append(Reward(None, "error", None, signals(code), code, formed))
             continue
