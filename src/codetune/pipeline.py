@@ -18,8 +18,8 @@ from typing import Any
 from .card import write_card
 from .evaluate import evaluate
 from .prepare import PrepareResult, prepare
-from .recipe import Recipe, RecipeError, load_recipe, run_recipe, save_recipe
-from .rl import RLResult, vllm_blocker
+from .recipe import Recipe, load_recipe, run_recipe, save_recipe
+from .rl import RLResult, check_rollouts
 from .rl import rl as rl_stage
 from .rundir import RunDir
 from .source import Source
@@ -126,8 +126,8 @@ def _check(recipe: Recipe, rd: Path, stages: Sequence[str], resume: bool, overwr
     (which also refuses a trained run without ``overwrite``); for prepare alone, that the run directory
     may be written and, when it has trained, that ``overwrite`` allows starting it over. GRPO's own checks
     need the trained adapter; what needs none (rollouts that cannot run here) is checked now, not after SFT."""
-    if "rl" in stages and recipe.rl is not None and recipe.rl.rollouts == "vllm" and (why := vllm_blocker()):
-        raise RecipeError(why)
+    if "rl" in stages and recipe.rl is not None:
+        check_rollouts(recipe.rl)
     if "train" in stages:
         return check(recipe, rd, resume=resume, overwrite=overwrite, say=say)
     return None  # prepare alone checks the run directory and the tokenizer itself, before any work

@@ -127,12 +127,18 @@ def check(recipe: Recipe, run_dir: Path) -> Checked:
             if cfg.tasks != "fresh"
             else f"rl.tasks fresh: {run_dir} was taught no starter task family; fresh members exist only for those"
         )
-    if cfg.rollouts == "vllm" and (why := vllm_blocker()):
-        raise RecipeError(why)
+    check_rollouts(cfg)
     if len(tasks) < cfg.prompts_per_step:
         raise RecipeError(f"rl.prompts_per_step {cfg.prompts_per_step} is more than the {len(tasks)} tasks there are")
     tokenizer = load_tokenizer(recipe)
     return Checked(tasks, tokenizer, stop_token_ids(tokenizer, recipe.generation.stop_tokens))
+
+
+def check_rollouts(cfg: RLConfig) -> None:
+    """Rollouts that cannot run in this environment are refused, with the reason (needs no trained run, so
+    ``codetune run`` calls it before SFT too)."""
+    if cfg.rollouts == "vllm" and (why := vllm_blocker()):
+        raise RecipeError(why)
 
 
 def vllm_blocker() -> str | None:
@@ -429,6 +435,7 @@ __all__ = [
     "Filtered",
     "RLResult",
     "check",
+    "check_rollouts",
     "codetune_rollouts",
     "difficulty_filter",
     "filter_kept",
